@@ -1,0 +1,35 @@
+"""What a worker publishes about itself in Redis, for the API (defaults, readiness, metrics)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class EngineStats(BaseModel):
+    """Counters since the worker started; the API exports them to Prometheus."""
+
+    unet_calls: int = 0
+    unet_rows: int = 0  # sum over UNet calls of the rows in the call (CFG counts 2 per image)
+    unet_requests: int = 0  # sum over UNet calls of the requests sharing the call
+    max_requests_per_call: int = 0
+    last_batch_rows: int = 0
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    jobs_canceled: int = 0
+    images_generated: int = 0
+
+
+class WorkerInfo(BaseModel):
+    name: str
+    model: str
+    native_width: int
+    native_height: int
+    size_multiple: int = 8  # width and height must be multiples of this
+    device: str
+    dtype: str
+    max_batch_rows: int
+    slots: int
+    started_at: float
+    heartbeat_at: float
+    heartbeat_interval_s: float
+    stats: EngineStats = Field(default_factory=EngineStats)
