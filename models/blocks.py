@@ -1,0 +1,260 @@
+"""Layers shared by the UNet and the VAE: timestep embedding, resnet, down/upsampling, attention.
+
+Attribute names mirror diffusers' state-dict keys (`norm1`, `conv1`, `time_emb_proj`, `to_q`,
+`to_out.0`, `ff.net.0.proj`, ...), so a diffusers checkpoint loads with `strict=True` and no
+remapping. Only inference is implemented: there is no dropout. The forwards keep the input's
+memory format (contiguous or channels_last), branch only on shapes and dtypes (never on tensor
+values), and so are fit for torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# LayerNorm eps inside transformer blocks and GroupNorm eps before `proj_in`: diffusers' fixed
+# values, not read from the UNet config
+TRANSFORMER_LAYER_NORM_EPS = 1e-5
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+
+
+def timestep_embedding(
+    timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) float32 of (possibly fractional) timesteps, one per row.
+
+    Frequency i of the `dim // 2` is `max_period ** (-i / (dim // 2 - freq_shift))`, as in DDPM and
+    diffusers' `get_timestep_embedding` (same operation order, so the same float32 rounding).
+    Output order is [cos, sin] when `flip_sin_to_cos` (SD), else [sin, cos].
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    exponent = exponent / (half - freq_shift)
+    angles = timesteps[:, None].float() * torch.exp(exponent)[None, :]  # (B, half)
+    parts = (
+        (torch.cos(angles), torch.sin(angles)) if flip_sin_to_cos else (torch.sin(angles), torch.cos(angles))
+    )
+    emb = torch.cat(parts, dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP from the sinusoidal timestep embedding to the embedding every resnet receives."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, t_emb: Tensor) -> Tensor:  # (B, in_channels) -> (B, time_embed_dim)
+        return self.linear_2(F.silu(self.linear_1(t_emb)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus the (optionally 1x1-projected) input; output scale 1.
+
+    `temb` given to forward must already be SiLU-activated (diffusers applies that SiLU inside
+    every resnet; the UNet does it once for all of them). `temb_channels=None` (VAE): no time input.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(temb)[:, :, None, None]  # (B, Cout, 1, 1) broadcast over pixels
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `padding=0` pads right/bottom by one first (the VAE encoder's asymmetric
+    padding, from the original CompVis code); the UNet uses `padding=1`."""
+
+    def __init__(self, channels: int, padding: int) -> None:
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling then a 3x3 conv.
+
+    `size` (the skip connection's (H, W) in the UNet) makes odd latent sizes work: 5 -> 9 instead
+    of 10, exactly as diffusers' `upsample_size`. Without it, the size doubles.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(
+        self, x: Tensor, size: tuple[int, int] | None = None
+    ) -> Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        # nearest-upsample kernels have failed on large batches / outputs over 2**31 elements with
+        # non-contiguous inputs (diffusers issue 984, pytorch issue 141831); the copy is rarely needed
+        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
+            x = x.contiguous()
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+def multihead_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, upcast: bool = False
+) -> Tensor:
+    """Scaled dot-product attention over `heads` heads: (B, Lq, H*D), (B, Lk, H*D) x2 -> (B, Lq, H*D).
+
+    `mask` is a bool key mask broadcastable to (B, H, Lq, Lk), True = attend. With `upcast` and
+    float16 inputs the attention runs in float32 (SD 2.x overflows float16 there); otherwise it
+    runs in the input dtype.
+    """
+    b, lq, inner = q.shape
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d).transpose(1, 2)  # (B, H, Lq, D), a view
+    k = k.reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, Lk, D)
+    v = v.reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, Lk, D)
+    if upcast and q.dtype == torch.float16:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, D)
+    return out.transpose(1, 2).reshape(b, lq, inner)  # (B, Lq, H*D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (`context_dim=None`) or cross-attention; q/k/v without bias."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.upcast = upcast
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a Dropout
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        # x (B, L, C); context (B, Lc, Cc) or None for self-attention; mask bool (B, 1, 1, Lc)
+        context = x if context is None else context
+        out = multihead_attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask, self.upcast
+        )
+        return self.to_out[0](out)  # (B, L, C)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: one matmul to 2*dim_out, split in value and gate, value * gelu(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., dim_in) -> (..., dim_out)
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with 4x inner width; `net.0` and `net.2` as in diffusers (`net.1` is its Dropout)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, C) -> (B, L, C)
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention on the text, GEGLU feed-forward; residual each."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:  # x (B, L, C)
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context, mask) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: GroupNorm, project in, transformer blocks over the H*W pixels as tokens,
+    project out, add the input. Projections are 1x1 convs (SD 1.x) or linears (SD 2.x)."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        num_layers: int,
+        groups: int,
+        use_linear_projection: bool,
+        upcast: bool,
+    ) -> None:
+        super().__init__()
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        if use_linear_projection:
+            self.proj_in: nn.Module = nn.Linear(channels, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim, upcast) for _ in range(num_layers)]
+        )
+        if use_linear_projection:
+            self.proj_out: nn.Module = nn.Linear(channels, channels)
+        else:
+            self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        # x (B, C, H, W); context (B, Lc, Cc); mask bool (B, 1, 1, Lc) or None
+        b, c, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)
+        # (B, C, H, W) -> (B, H*W, C): a copy for contiguous input, a view for channels_last
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)
+        if self.use_linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.use_linear_projection:
+            h = self.proj_out(h)
+        # back to (B, C, H, W) as a view with channels_last strides; the 1x1 conv and the residual
+        # add read it as is (no .contiguous() copy), and the add writes in x's memory format
+        h = h.view(b, height, width, c).permute(0, 3, 1, 2)
+        if not self.use_linear_projection:
+            h = self.proj_out(h)
+        return x + h
