@@ -1,0 +1,93 @@
+"""The FastAPI application: `create_app(settings)` builds one; `service.app:app` is the default one.
+
+`uvicorn service.app:app` builds the default app on first access of `app` (module __getattr__),
+so importing this module (tests, tools) reads no environment and connects to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.auth import Authenticator
+from service.body_limit import BodyLimitMiddleware
+from service.deps import Services
+from service.errors import CatchAllMiddleware, install_error_handlers
+from service.jobs import JobStore
+from service.metrics import ApiMetrics, RequestMetricsMiddleware
+from service.openapi_docs import API_DESCRIPTION
+from service.redis_clients import connect
+from service.routes import jobs, ops, txt2img
+from service.settings import ConfigurationError, Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+
+
+def configure_logging(level: str) -> None:
+    """Give the service's loggers a handler when the server (uvicorn) configured none for the root."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("service").setLevel(level)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    clients = connect(settings)
+    services = Services(
+        settings=settings,
+        redis=clients,
+        store=JobStore(clients.sync, settings),
+        metrics=ApiMetrics(),
+        auth=Authenticator(settings.api_keys),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info(
+            "API ready: queue limit %d, auth %s",
+            settings.max_queue_depth,
+            "on" if services.auth.enabled else "off",
+        )
+        yield
+        await clients.close()
+
+    app = FastAPI(
+        title="Stable Diffusion txt2img API",
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app, settings.retry_after_s)
+    routers = [txt2img.build_router(settings), jobs.router, ops.router]
+    for router in routers:
+        app.include_router(router)
+    # Added innermost first: metrics see every answer, including 413s and the catch-all's 500s.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(CatchAllMiddleware)
+    routes = [*app.router.routes, *(route for router in routers for route in router.routes)]
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, routes=routes)
+    return app
+
+
+_default_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`service.app.app`: the app built from the environment, created on first access."""
+    global _default_app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _default_app is None:
+        try:
+            _default_app = create_app(get_settings())
+        except ConfigurationError as error:
+            # A clean exit with the message, rather than a traceback, is what an operator needs here.
+            raise SystemExit(f"sd-api: {error}") from None
+    return _default_app

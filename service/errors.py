@@ -1,0 +1,109 @@
+"""Every error answer is JSON with a clear `detail`; none carries a traceback or internals.
+
+- 422: FastAPI's `detail` list, each item `{loc, msg, type}`; `loc` names the field and `msg` the bound.
+- 404/409: unknown job or image, conflicting operation. 503: Redis unreachable (with Retry-After).
+- 500: anything unexpected, logged with its traceback and answered without it (CatchAllMiddleware).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.jobs import ImageNotFound, JobConflict, JobNotFound
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, depth: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"the queue is full ({depth} jobs waiting, limit {limit}); retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+def validation_error(field: str, message: str, error_type: str) -> RequestValidationError:
+    """A 422 in FastAPI's shape for a check pydantic cannot do alone (it needs Redis or several fields)."""
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": error_type}])
+
+
+def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only loc/msg/type: `input` would echo whole prompts, `ctx` may hold exceptions.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            {"detail": jsonable_encoder(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+        )
+
+    @app.exception_handler(JobNotFound)
+    async def _no_job(request: Request, exc: JobNotFound) -> JSONResponse:
+        return _detail(404, "job not found: unknown id, expired, or created with another API key")
+
+    @app.exception_handler(ImageNotFound)
+    async def _no_image(request: Request, exc: ImageNotFound) -> JSONResponse:
+        return _detail(404, str(exc))
+
+    @app.exception_handler(JobConflict)
+    async def _conflict(request: Request, exc: JobConflict) -> JSONResponse:
+        return _detail(409, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return _detail(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(RedisError)
+    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            log.warning("Redis unreachable on %s %s: %s", request.method, request.url.path, exc)
+            detail = "the job store (Redis) is unreachable; retry later"
+        else:
+            log.error("Redis error on %s %s: %r", request.method, request.url.path, exc)
+            detail = "the job store (Redis) failed to answer; retry later"
+        return _detail(503, detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class CatchAllMiddleware:
+    """Answers JSON 500 for any exception the handlers above did not take, and logs it once.
+
+    A pure ASGI middleware rather than an `Exception` handler: Starlette re-raises after such a
+    handler, so the traceback would be logged twice and the request metrics would miss the 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # too late for a clean answer: the server closes the connection
+                raise
+            await _detail(500, "internal server error (logged)")(scope, receive, send)

@@ -1,0 +1,192 @@
+"""Prometheus metrics of one app instance (own registry, so tests can build several apps).
+
+- requests by route template, method and status (middleware below);
+- jobs submitted/rejected; finished jobs' run and queue-wait durations and images, counted once
+  per job by whichever API process first sees the job finished (a Redis SET NX marker);
+- at scrape time, read from Redis: queue depth, running jobs, live workers, and each live
+  worker's published EngineStats (batch sizes) as per-worker gauges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from fastapi.routing import APIRoute
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from schemas.jobs import JobStatus
+from schemas.workers import WorkerInfo
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+JOB_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+# Gauges exported per live worker: (metric suffix, EngineStats field, help)
+WORKER_STATS = (
+    ("unet_calls", "unet_calls", "UNet calls since the worker started"),
+    ("unet_rows", "unet_rows", "Sum of rows over UNet calls (CFG counts 2 per image)"),
+    ("unet_requests", "unet_requests", "Sum of requests sharing each UNet call"),
+    ("max_requests_per_call", "max_requests_per_call", "Most requests that shared one UNet call"),
+    ("last_batch_rows", "last_batch_rows", "Rows in the latest UNet call"),
+    ("images_generated", "images_generated", "Images the worker generated since it started"),
+    ("jobs_succeeded", "jobs_succeeded", "Jobs the worker finished"),
+    ("jobs_failed", "jobs_failed", "Jobs the worker failed"),
+    ("jobs_canceled", "jobs_canceled", "Jobs the worker canceled"),
+)
+
+
+@dataclass
+class QueueState:
+    """What the scrape read from Redis; redis_up False leaves the other values out."""
+
+    redis_up: bool
+    queue_depth: int = 0
+    jobs_running: int = 0
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+
+class QueueStateCollector(Collector):
+    """Turns the QueueState read just before a scrape into gauges."""
+
+    def __init__(self) -> None:
+        self.state = QueueState(redis_up=False)
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state
+        yield GaugeMetricFamily(
+            "sd_redis_up", "1 if Redis answered the last scrape", value=int(state.redis_up)
+        )
+        if not state.redis_up:
+            return
+        yield GaugeMetricFamily("sd_queue_depth", "Jobs waiting in the queue", value=state.queue_depth)
+        yield GaugeMetricFamily("sd_jobs_running", "Jobs a worker is running", value=state.jobs_running)
+        yield GaugeMetricFamily(
+            "sd_workers_alive", "Workers with a fresh heartbeat", value=len(state.workers)
+        )
+        now_s = time.time()
+        labels = ["worker", "model"]
+        families = {
+            "heartbeat_age": GaugeMetricFamily(
+                "sd_worker_heartbeat_age_seconds", "Seconds since the worker's heartbeat", labels=labels
+            ),
+            "max_batch_rows": GaugeMetricFamily(
+                "sd_worker_max_batch_rows", "Largest UNet batch the worker admits", labels=labels
+            ),
+            "slots": GaugeMetricFamily("sd_worker_slots", "Jobs the worker takes at once", labels=labels),
+        }
+        stats = {
+            attr: GaugeMetricFamily(f"sd_worker_{suffix}", help_text, labels=labels)
+            for suffix, attr, help_text in WORKER_STATS
+        }
+        for info in state.workers:
+            values = [info.name, info.model]
+            families["heartbeat_age"].add_metric(values, max(now_s - info.heartbeat_at, 0.0))
+            families["max_batch_rows"].add_metric(values, info.max_batch_rows)
+            families["slots"].add_metric(values, info.slots)
+            for attr, family in stats.items():
+                family.add_metric(values, getattr(info.stats, attr))
+        yield from families.values()
+        yield from stats.values()
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "sd_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=registry
+        )
+        self.request_seconds = Histogram(
+            "sd_http_request_duration_seconds",
+            "Time to answer a request",
+            ["method", "route"],
+            registry=registry,
+        )
+        self.jobs_submitted = Counter("sd_jobs_submitted", "Jobs accepted (202)", registry=registry)
+        self.jobs_rejected = Counter("sd_jobs_rejected", "Jobs refused", ["reason"], registry=registry)
+        self.jobs_finished = Counter("sd_jobs_finished", "Jobs seen finished", ["status"], registry=registry)
+        self.job_run_seconds = Histogram(
+            "sd_job_run_seconds", "Start to end of finished jobs", ["status"], buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.job_queue_wait_seconds = Histogram(
+            "sd_job_queue_wait_seconds", "Enqueue to start of finished jobs", buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.images_generated = Counter("sd_images_generated", "Images of succeeded jobs", registry=registry)
+        self.queue_state = QueueStateCollector()
+        registry.register(self.queue_state)
+        ProcessCollector(registry=registry)
+
+    def observe_finished(
+        self, status: JobStatus, queue_wait_s: float | None, run_s: float | None, images: int
+    ) -> None:
+        """Count one finished job (the caller makes sure this happens once per job)."""
+        self.jobs_finished.labels(status.value).inc()
+        if queue_wait_s is not None:
+            self.job_queue_wait_seconds.observe(max(queue_wait_s, 0.0))
+        if run_s is not None:
+            self.job_run_seconds.labels(status.value).observe(max(run_s, 0.0))
+        self.images_generated.inc(images)
+
+    def render(self, state: QueueState) -> bytes:
+        # Scrapes are rendered on the event loop one at a time, so setting state here cannot interleave.
+        self.queue_state.state = state
+        return generate_latest(self.registry)
+
+
+class RouteTemplates:
+    """Names a request by its route's path template, so label values stay bounded.
+
+    The router records the matched route in the scope; requests answered before routing (413)
+    are matched here against the same routes' patterns.
+    """
+
+    def __init__(self, routes: Iterable[BaseRoute]) -> None:
+        self._patterns = [
+            (route.path_regex, route.path) for route in routes if isinstance(route, Route | APIRoute)
+        ]
+
+    def __call__(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None and isinstance(getattr(route, "path", None), str):
+            return route.path
+        path = scope.get("path", "")
+        for regex, template in self._patterns:
+            if regex.match(path):
+                return template
+        return "unmatched"
+
+
+class RequestMetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: Iterable[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.route_template = RouteTemplates(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status_code = 500  # if the app raises before answering, the server answers 500
+        start = time.perf_counter()
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            route = self.route_template(scope)
+            method = scope.get("method", "")
+            method = method if method in KNOWN_METHODS else "OTHER"  # bounded label values
+            self.metrics.requests.labels(method, route, str(status_code)).inc()
+            self.metrics.request_seconds.labels(method, route).observe(time.perf_counter() - start)

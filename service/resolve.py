@@ -1,0 +1,60 @@
+"""From a validated request to the GenerationParams a worker runs: defaults, seed, cross-field checks."""
+
+from __future__ import annotations
+
+import secrets
+
+from schemas.jobs import SEED_MAX, GenerationParams
+from schemas.workers import WorkerInfo
+from service.errors import validation_error
+from service.schemas import Txt2ImgRequestBase
+from service.settings import Settings
+
+
+def resolve_params(
+    request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None
+) -> GenerationParams:
+    """Fill width/height from the served model (or the fallback while none is alive), pick a seed,
+    and check what needs more than one field; a violation is a 422 naming the field."""
+    given = request.model_dump(exclude_unset=True)
+    native_w, native_h = (
+        (worker.native_width, worker.native_height)
+        if worker
+        else (settings.fallback_width, settings.fallback_height)
+    )
+    width = request.width if request.width is not None else native_w
+    height = request.height if request.height is not None else native_h
+
+    if worker is not None and worker.size_multiple > 1:
+        for name, value in (("width", width), ("height", height)):
+            if name in given and value % worker.size_multiple:
+                raise validation_error(
+                    name,
+                    f"Input should be a multiple of {worker.size_multiple} for model {worker.model}",
+                    "multiple_of",
+                )
+    pixels = width * height
+    user_sized = [name for name in ("height", "width") if given.get(name) is not None]
+    # The model's own native size is trusted; the limit guards sizes a client chose.
+    if user_sized and pixels > settings.max_pixels:
+        raise validation_error(
+            user_sized[0],
+            f"width x height should be at most {settings.max_pixels} pixels (got {width} x {height} = {pixels})",
+            "too_many_pixels",
+        )
+
+    seed = request.seed
+    if seed is None:
+        # Leave room so that every image's seed (seed + index) stays within 32 bits.
+        seed = secrets.randbelow(SEED_MAX - request.num_images + 2)
+    return GenerationParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=width,
+        height=height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        eta=request.eta,
+        seed=seed,
+        num_images=request.num_images,
+    )

@@ -1,0 +1,131 @@
+"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{index}.png, DELETE /v1/jobs/{id}.
+
+Plain `def` routes: RQ is synchronous, so FastAPI runs them in its thread pool.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
+
+from schemas.jobs import JobStatus
+from service.deps import Owner, ServicesDep
+from service.job_status import TERMINAL
+from service.jobs import JobSnapshot
+from service.openapi_docs import error_responses
+from service.schemas import (
+    JOB_VIEW_EXAMPLE,
+    ImageLink,
+    JobError,
+    JobView,
+    Progress,
+    ResolvedRequest,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+PNG_RESPONSE = {
+    "description": "The PNG (generation parameters in its `parameters` text chunk).",
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {
+        "Cache-Control": {
+            "description": "private, max-age=<seconds left>, immutable",
+            "schema": {"type": "string"},
+        },
+        "ETag": {"description": "Stable per job and index", "schema": {"type": "string"}},
+    },
+}
+
+
+def image_url(job_id: str, index: int) -> str:
+    return f"/v1/jobs/{job_id}/images/{index}.png"
+
+
+def job_view(snap: JobSnapshot) -> JobView:
+    params = snap.params
+    result = snap.result
+    return JobView(
+        id=snap.id,
+        status=snap.status,
+        queue_position=snap.queue_position,
+        progress=Progress(step=snap.step, total_steps=snap.total_steps),
+        request=ResolvedRequest(**params.model_dump()),
+        model=result.model if result else None,
+        images=[ImageLink(index=i.index, seed=i.seed, url=image_url(snap.id, i.index)) for i in result.images]
+        if result
+        else [],
+        error=JobError(type=snap.error[0], message=snap.error[1]) if snap.error else None,
+        cancel_requested=snap.cancel_requested,
+        created_at=snap.created_at,
+        started_at=snap.started_at,
+        finished_at=snap.finished_at,
+    )
+
+
+def _count_if_first_seen_finished(services: ServicesDep, snap: JobSnapshot) -> None:
+    if snap.status not in TERMINAL or not services.store.first_time_seen_finished(snap.id):
+        return
+    wait_s = run_s = None
+    if snap.started_at and snap.created_at:
+        wait_s = (snap.started_at - snap.created_at).total_seconds()
+    if snap.started_at and snap.finished_at:
+        run_s = (snap.finished_at - snap.started_at).total_seconds()
+    images = len(snap.result.images) if snap.result else 0
+    services.metrics.observe_finished(snap.status, wait_s, run_s, images)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    summary="A job's status, queue position, progress, images and error",
+    responses={
+        200: {"content": {"application/json": {"example": JOB_VIEW_EXAMPLE}}},
+        **error_responses(401, 404, 503),
+    },
+)
+def get_job(job_id: str, owner: Owner, services: ServicesDep) -> JobView:
+    snap = services.store.snapshot(services.store.find(job_id, owner))
+    _count_if_first_seen_finished(services, snap)
+    return job_view(snap)
+
+
+@router.get(
+    "/{job_id}/images/{index}.png",
+    response_class=Response,
+    summary="One generated PNG",
+    responses={
+        200: PNG_RESPONSE,
+        304: {"description": "Not modified (If-None-Match matched the ETag)."},
+        **error_responses(401, 404, 503),
+    },
+)
+def get_image(job_id: str, index: int, owner: Owner, services: ServicesDep, request: Request) -> Response:
+    store = services.store
+    data, ttl_s = store.image(store.find(job_id, owner), index)
+    etag = f'"{job_id}-{index}"'  # a job's images never change: the id and index identify the bytes
+    headers = {"Cache-Control": f"private, max-age={ttl_s}, immutable", "ETag": etag}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(content=data, media_type="image/png", headers=headers)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobView,
+    summary="Cancel a job",
+    description="Queued: removed at once (200, `canceled`). Running: stops at its next step (202). "
+    "Already canceled: no-op (200). Succeeded or failed: 409.",
+    responses={
+        200: {"description": "Canceled (or already was).", "content": {"application/json": {"example": {
+            **JOB_VIEW_EXAMPLE, "status": "canceled", "images": [], "model": None, "cancel_requested": True,
+            "progress": {"step": 0, "total_steps": 30}, "started_at": None}}}},
+        202: {"description": "Running: cancel requested, it stops at its next step.", "model": JobView},
+        **error_responses(401, 404, 409, 503),
+    },
+)  # fmt: skip
+def cancel_job(job_id: str, owner: Owner, services: ServicesDep) -> JSONResponse:
+    store = services.store
+    outcome = store.cancel(store.find(job_id, owner))
+    view = job_view(outcome.snapshot)
+    code = status.HTTP_200_OK if view.status is JobStatus.CANCELED else status.HTTP_202_ACCEPTED
+    return JSONResponse(view.model_dump(mode="json"), status_code=code)

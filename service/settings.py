@@ -1,0 +1,134 @@
+"""The API's configuration: environment variables read once at start-up into one Settings object.
+
+Every variable but REDIS_URL carries the `SD_` prefix. Invalid values stop the process at start-up
+with a message that names the variable and the allowed range.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SIZE_MULTIPLE = 8  # the VAE downsamples by 8: width and height must be multiples of it
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SD_", populate_by_name=True, frozen=True, extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", description="Redis holding queue and images"
+    )
+    redis_socket_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="per Redis command; a dead Redis fails fast"
+    )
+    redis_connect_timeout_s: float = Field(1.0, gt=0, le=60, description="per Redis connection attempt")
+    redis_max_connections: int = Field(64, ge=4, le=10_000, description="sync pool size (thread-pool routes)")
+
+    # Empty: no authentication. Keys are secrets: never logged, compared in constant time.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description="comma-separated API keys")
+
+    max_queue_depth: int = Field(100, ge=1, description="queued jobs beyond which POST answers 429")
+    retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of 429 and 503 answers")
+    max_body_bytes: int = Field(65_536, ge=1024, le=16 * 2**20, description="request body limit (413 beyond)")
+
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="prompt and negative_prompt length")
+    min_size: int = Field(64, ge=SIZE_MULTIPLE, description="smallest width/height in pixels")
+    max_size: int = Field(1024, ge=SIZE_MULTIPLE, le=16_384, description="largest width/height in pixels")
+    max_pixels: int = Field(1024 * 1024, ge=SIZE_MULTIPLE**2, description="largest width x height")
+    max_num_images: int = Field(8, ge=1, le=64, description="images per request")
+    fallback_width: int = Field(512, description="default width while no live worker publishes its model")
+    fallback_height: int = Field(512, description="default height while no live worker publishes its model")
+    default_steps: int = Field(50, ge=1, le=150, description="steps when the request leaves them out")
+    default_guidance_scale: float = Field(7.5, ge=0, le=30, description="guidance when left out")
+
+    result_ttl_s: int = Field(3600, ge=1, description="how long results, errors and PNGs stay in Redis")
+    job_timeout_s: int = Field(600, ge=1, description="RQ job_timeout: longest run of one job")
+    job_retries: int = Field(1, ge=0, le=10, description="RQ Retry(max=...) when a worker dies mid-job")
+    worker_stale_s: float = Field(30.0, gt=0, description="a worker whose heartbeat is older is not alive")
+
+    log_level: str = Field("INFO", description="level of the service's own loggers")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Settings:
+        problems = []
+        for name in ("min_size", "max_size", "fallback_width", "fallback_height"):
+            if getattr(self, name) % SIZE_MULTIPLE:
+                problems.append(
+                    f"SD_{name.upper()}={getattr(self, name)} must be a multiple of {SIZE_MULTIPLE}"
+                )
+        if self.min_size > self.max_size:
+            problems.append(f"SD_MIN_SIZE={self.min_size} must be <= SD_MAX_SIZE={self.max_size}")
+        if self.max_pixels < self.min_size**2:
+            problems.append(
+                f"SD_MAX_PIXELS={self.max_pixels} must be >= SD_MIN_SIZE squared ({self.min_size**2})"
+            )
+        for name in ("fallback_width", "fallback_height"):
+            if not self.min_size <= getattr(self, name) <= self.max_size:
+                problems.append(
+                    f"SD_{name.upper()}={getattr(self, name)} must lie in [SD_MIN_SIZE, SD_MAX_SIZE] = "
+                    f"[{self.min_size}, {self.max_size}]"
+                )
+        if self.fallback_width * self.fallback_height > self.max_pixels:
+            problems.append(
+                f"SD_FALLBACK_WIDTH x SD_FALLBACK_HEIGHT must be <= SD_MAX_PIXELS={self.max_pixels}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ConfigurationError(RuntimeError):
+    """The environment holds an invalid setting; the message names the variables."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad variable, named as in the environment, without echoing values (keys are secret)."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = "REDIS_URL" if field == "redis_url" else f"SD_{field.upper()}" if field else "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and `overrides`), or ConfigurationError with a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigurationError(describe_validation_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests build their own with load_settings() or clear the cache."""
+    return load_settings()
