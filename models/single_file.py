@@ -192,7 +192,7 @@ def _only_tensors(data: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_variant(state_dict: Mapping[str, Any]) -> str:
-    """ "sd1" (HF CLIP text tower) or "sd2" (OpenCLIP text tower) from an ldm state dict's keys."""
+    """The variant of an ldm state dict, from its keys: "sd1" (HF CLIP text tower) or "sd2" (OpenCLIP)."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise CheckpointError("SDXL checkpoints are not supported (only SD 1.x and SD 2.x)")
     if not any(k.startswith(UNET_PREFIX) for k in state_dict):
