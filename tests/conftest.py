@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -27,3 +28,19 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random SD 1.x- and 2.x-style models, each as a diffusers folder and as a single file
+    (keys "sd1", "sd1_file", "sd2", "sd2_file"), built once per session."""
+    from models.random_model import build_random_model
+
+    root = tmp_path_factory.mktemp("random-models")
+    paths: dict[str, Path] = {}
+    for variant in ("sd1", "sd2"):
+        paths[variant] = build_random_model(
+            variant, root / variant, seed=0, single_file=root / f"{variant}.safetensors"
+        )
+        paths[f"{variant}_file"] = root / f"{variant}.safetensors"
+    return paths

@@ -1,0 +1,247 @@
+"""Batched, step-wise text-to-image generation: the API the worker's engine drives.
+
+Several requests advance together. Requests whose latents have the same shape share every UNet
+call even when they are at different steps (one timestep, eta and guidance scale per row), and a
+request can join or leave between steps. A picture never depends on what else is in the batch:
+image i of a request with seed s draws its initial latent and its per-step eta noise from its own
+CPU generator seeded s + i, exactly as diffusers does when called with a list of CPU generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.ddim import ddim_step, guided_noise
+from models.stable_diffusion import StableDiffusion
+from models.text import PromptEncoder
+
+MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One txt2img request: `num_images` pictures of one prompt."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    seed: int = 0
+    num_images: int = 1
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance needs an unconditional pass only when the scale is > 1."""
+        return self.guidance_scale > 1.0
+
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+    def validate(self, model: StableDiffusion) -> None:
+        """Raise ValueError naming the first field out of its allowed range for this model."""
+        multiple = model.vae_scale_factor
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < multiple or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
+        limit = model.schedule.num_train_timesteps
+        checks = (
+            ("steps", self.steps, 1, limit),
+            ("guidance_scale", self.guidance_scale, 0.0, float("inf")),
+            ("eta", self.eta, 0.0, 1.0),
+            ("seed", self.seed, 0, MAX_SEED),
+            ("num_images", self.num_images, 1, float("inf")),
+        )
+        for name, value, low, high in checks:
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+@dataclass(eq=False)
+class ActiveImage:
+    """One image of a request on its way: its latent and where it is in its schedule.
+
+    Images, not requests, are the unit of batching, so a big request can be split over several
+    UNet calls (row limit, out-of-memory retries) without changing any pixel.
+    """
+
+    key: Hashable  # the caller's id of the request this image belongs to
+    index: int  # the image's index in its request
+    seed: int
+    request: GenerationRequest
+    latent: torch.Tensor  # (1, C, h, w) float32 on the model's device
+    generator: torch.Generator  # CPU generator seeded `seed`: initial latent, then eta noise
+    cond: torch.Tensor  # (L, D) prompt embedding, shared by the request's images
+    uncond: torch.Tensor | None  # (L, D) negative-prompt embedding; None without guidance
+    timesteps: torch.Tensor  # (steps,) int64 on the CPU
+    step_index: int = 0
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.latent.shape[1:])
+
+    @property
+    def rows(self) -> int:
+        """UNet rows this image adds to a step (2 with classifier-free guidance)."""
+        return 2 if self.uncond is not None else 1
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+
+class Sampler:
+    """Guided DDIM over batches of images, one step at a time, on one loaded model."""
+
+    def __init__(self, model: StableDiffusion, max_text_batch: int = 64) -> None:
+        self.model = model
+        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, max_text_batch)
+
+    @torch.no_grad()
+    def start(self, items: Sequence[tuple[Hashable, GenerationRequest]]) -> list[list[ActiveImage]]:
+        """Validate and admit requests: encode all their prompts in one batch, draw initial noise.
+
+        Returns the images of each request, in order.
+        """
+        for _, request in items:
+            request.validate(self.model)
+        pairs = self.prompts.encode_pairs(
+            [r.prompt for _, r in items], [r.negative_prompt if r.guided else None for _, r in items]
+        )
+        model, f = self.model, self.model.vae_scale_factor
+        result = []
+        for (key, request), (cond, uncond) in zip(items, pairs, strict=True):
+            shape = (1, model.latent_channels, request.height // f, request.width // f)
+            timesteps = model.schedule.timesteps(request.steps)
+            images = []
+            for index, seed in enumerate(request.seeds()):
+                generator = torch.Generator("cpu").manual_seed(seed)
+                latent = torch.randn(shape, generator=generator).to(model.device)
+                images.append(
+                    ActiveImage(key, index, seed, request, latent, generator, cond, uncond, timesteps)
+                )
+            result.append(images)
+        return result
+
+    @torch.no_grad()
+    def step(self, images: Sequence[ActiveImage]) -> None:
+        """Advance every image by one denoising step, with ONE UNet call.
+
+        All must have the same latent shape and none may be done. Rows: every image with its prompt
+        context, then the guided images again with their negative-prompt context. If anything
+        raises (e.g. out of memory), no image has changed: the step can be retried as it was.
+        """
+        if not images:
+            return
+        if len({i.latent_shape for i in images}) > 1:
+            raise ValueError("images in one UNet call must have the same latent shape")
+        if any(i.done for i in images):
+            raise ValueError("a finished image cannot take another step")
+        model = self.model
+
+        sample = torch.cat([i.latent for i in images])  # (R, C, h, w) float32
+        timesteps = torch.stack([i.timesteps[i.step_index] for i in images])  # (R,) int64
+        num_steps = torch.tensor([i.total_steps for i in images])
+        eta = torch.tensor([i.request.eta for i in images], dtype=torch.float32)
+        guidance = torch.tensor([i.request.guidance_scale for i in images], dtype=torch.float32)
+        guided_rows = torch.tensor(
+            [r for r, i in enumerate(images) if i.uncond is not None], dtype=torch.long
+        )
+
+        contexts = [i.cond for i in images] + [i.uncond for i in images if i.uncond is not None]
+        context, mask = _stack_contexts(contexts)
+        unet_input = torch.cat([sample, sample[guided_rows.to(sample.device)]]).to(model.dtype)
+        unet_t = torch.cat([timesteps, timesteps[guided_rows]]).to(model.device)
+        output = model.unet(unet_input, unet_t, context, mask).float()
+
+        rows = len(images)
+        noise_pred = output[:rows]
+        if len(guided_rows):
+            index = guided_rows.to(output.device)
+            noise_pred = noise_pred.index_put(
+                (index,), guided_noise(noise_pred[index], output[rows:], guidance[guided_rows])
+            )
+
+        noise = None
+        if any(i.request.eta > 0 for i in images):
+            # each image's noise from its own generator, as diffusers' scheduler draws it; saved
+            # states let a failed step be retried with the same noise
+            states = [i.generator.get_state() for i in images]
+            try:
+                noise = torch.cat(
+                    [
+                        torch.randn((1, *i.latent_shape), generator=i.generator)
+                        if i.request.eta > 0
+                        else torch.zeros((1, *i.latent_shape))
+                        for i in images
+                    ]
+                )
+                updated = ddim_step(model.schedule, noise_pred, sample, timesteps, num_steps, eta, noise)
+            except BaseException:
+                for image, state in zip(images, states, strict=True):
+                    image.generator.set_state(state)
+                raise
+        else:
+            updated = ddim_step(model.schedule, noise_pred, sample, timesteps, num_steps, eta)
+
+        for row, image in enumerate(images):
+            image.latent = updated[row : row + 1]
+            image.step_index += 1
+
+    @torch.no_grad()
+    def decode(self, images: Sequence[ActiveImage], max_batch: int = 8) -> list[np.ndarray]:
+        """Decode finished images to (H, W, 3) uint8 arrays, in order; at most `max_batch` latents
+        per VAE call, so memory stays bounded."""
+        result: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for position, image in enumerate(images):
+            by_shape.setdefault(image.latent_shape, []).append(position)
+        for positions in by_shape.values():
+            for start in range(0, len(positions), max_batch):
+                chunk = positions[start : start + max_batch]
+                decoded = self.decode_latents(torch.cat([images[p].latent for p in chunk]))
+                for p, array in zip(chunk, decoded, strict=True):
+                    result[p] = array
+        return result  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """(N, C, h, w) latents -> (N, H, W, 3) uint8, as diffusers' pipeline post-processes them."""
+        vae = self.model.vae
+        scaled = (latents / vae.config.scaling_factor).to(self.model.vae_dtype)
+        image = (vae.decode(scaled).float() / 2 + 0.5).clamp(0, 1)
+        return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack (L_i, D) contexts into (B, L, D). Shorter ones (fewer prompt chunks) are zero-padded and
+    masked out of the cross-attention, so padding changes nothing; no mask when all lengths agree."""
+    lengths = [c.shape[0] for c in contexts]
+    longest = max(lengths)
+    if all(n == longest for n in lengths):
+        return torch.stack(contexts), None
+    context = contexts[0].new_zeros((len(contexts), longest, contexts[0].shape[1]))
+    mask = torch.zeros((len(contexts), longest), dtype=torch.bool, device=context.device)
+    for i, c in enumerate(contexts):
+        context[i, : c.shape[0]] = c
+        mask[i, : c.shape[0]] = True
+    return context, mask
+
+
+def generate(model: StableDiffusion, request: GenerationRequest) -> list[np.ndarray]:
+    """Run one request alone to the end: its images as (H, W, 3) uint8 arrays."""
+    sampler = Sampler(model)
+    (images,) = sampler.start([(0, request)])
+    while not images[0].done:
+        sampler.step(images)
+    return sampler.decode(images)

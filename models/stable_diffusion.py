@@ -1,0 +1,73 @@
+"""The loaded model: the three networks, the tokenizer and the noise schedule, held together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from models.ddim import DDIMSchedule
+from models.unet import UNet2DConditionModel
+from models.vae import AutoencoderKL
+
+
+@dataclass
+class StableDiffusion:
+    """UNet, KL autoencoder, CLIP text encoder + tokenizer and DDIM schedule of one checkpoint.
+
+    The VAE may run in another dtype than the UNet (e.g. float32 decode beside a float16 UNet).
+    """
+
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    schedule: DDIMSchedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's (and text encoder's) compute dtype."""
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at: the UNet's sample size in pixels."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return width * self.vae_scale_factor, height * self.vae_scale_factor
+
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+    ) -> StableDiffusion:
+        """Move every network (in place); the VAE takes `vae_dtype` when given, else `dtype`."""
+        self.unet.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=vae_dtype or dtype)
+        return self
+
+    def eval(self) -> StableDiffusion:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval().requires_grad_(False)
+        return self

@@ -1,0 +1,117 @@
+"""Command line for people without the service: one prompt in, PNGs out.
+
+    python -m models.txt2img --prompt "a red circle in the top left on a blue background" --out out.png
+
+Several images are written as FILE-0.png, FILE-1.png, ... Each PNG carries its generation
+parameters in A1111's `parameters` tEXt chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.default_model import default_model_path
+from models.loading import load_model
+from models.png import encode_png, format_parameters
+from models.sampler import GenerationRequest, generate
+from models.single_file import CheckpointError
+
+logger = logging.getLogger("models.txt2img")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.txt2img", description="Stable Diffusion text-to-image (DDIM, CFG)."
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="diffusers-format folder or single .safetensors/.ckpt (default: the embedded model)",
+    )
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--width", type=int, help="default: the model's native width")
+    parser.add_argument("--height", type=int, help="default: the model's native height")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, help="default: random (printed)")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--out", type=Path, required=True, help="output PNG path")
+    return parser.parse_args(argv)
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """FILE.png for one image; FILE-0.png, FILE-1.png, ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        logger.error("--device cuda: no CUDA device is available")
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
+    try:
+        model = load_model(args.model or default_model_path(), device=args.device, dtype=dtype)
+    except CheckpointError as err:
+        logger.error("cannot load the model: %s", err)
+        return 2
+    native_width, native_height = model.native_size
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width or native_width,
+        height=args.height or native_height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        seed=args.seed if args.seed is not None else random.randrange(2**32),
+        num_images=args.num_images,
+    )
+    try:
+        request.validate(model)
+    except ValueError as err:
+        logger.error("invalid argument: %s", err)
+        return 2
+
+    start = time.perf_counter()
+    images = generate(model, request)
+    elapsed = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path, image, seed in zip(output_paths(args.out, len(images)), images, request.seeds(), strict=True):
+        parameters = format_parameters(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            seed=seed,
+            width=request.width,
+            height=request.height,
+            model=model.name,
+            eta=request.eta,
+        )
+        path.write_bytes(encode_png(image, parameters))
+        logger.info("wrote %s (seed %d)", path, seed)
+    logger.info("%d image(s) in %.2f s", len(images), elapsed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
