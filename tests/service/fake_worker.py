@@ -1,0 +1,101 @@
+"""Real RQ, stand-in generation: RQ's own SimpleWorker runs queued jobs with `fake_txt2img`.
+
+This exercises the API's reading of what RQ records (statuses, results, failures, cancellation,
+timestamps) without a GPU or a model. It is not the worker: the end-to-end lifecycle test with the
+real worker lives with workers/. What it relies on is the contract the real worker follows:
+- progress: HSET progress_key(job_id) step/total_steps once per step;
+- PNG bytes at image_key(job_id, index) with a TTL, and the JobResult document as return value;
+- cancel: the engine checks cancel_key(job_id) between steps; on cancel the job function sets
+  `job.retries_left = 0` (no RQ retry) and raises JobCanceled.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import redis
+from PIL import Image
+from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams, ImageRef, JobResult
+from schemas.redis_keys import cancel_key, image_key, progress_key
+
+FAKE_MODEL = "fake-model"
+IMAGE_TTL_S = 600
+FAIL_PREFIX = "fail:"  # a prompt starting with this makes the job raise ValueError(rest of prompt)
+META_ERROR_PREFIX = "meta-error:"  # ... this sets job.meta["error"] = {type, message}, then raises
+
+# Called as on_step(job_id, step) after each step's progress is written (tests look at the API then).
+on_step: Callable[[str, int], None] | None = None
+
+
+class JobCanceled(Exception):
+    pass
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color=(seed % 256, 64, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fake_txt2img(params: dict) -> dict:
+    job = get_current_job()
+    assert job is not None
+    request = GenerationParams.model_validate(params)
+    if request.prompt.startswith(FAIL_PREFIX):
+        raise ValueError(request.prompt.removeprefix(FAIL_PREFIX).strip())
+    if request.prompt.startswith(META_ERROR_PREFIX):
+        job.meta["error"] = {
+            "type": "PromptRejected",
+            "message": request.prompt.removeprefix(META_ERROR_PREFIX),
+        }
+        job.save_meta()
+        raise RuntimeError("an internal detail the client should not see")
+    conn = job.connection
+    for step in range(1, request.steps + 1):
+        if conn.exists(cancel_key(job.id)):
+            job.retries_left = 0  # a cancel is final: RQ must not retry it
+            raise JobCanceled(f"canceled at step {step} of {request.steps}")
+        conn.hset(progress_key(job.id), mapping={"step": step, "total_steps": request.steps})
+        conn.expire(progress_key(job.id), IMAGE_TTL_S)
+        if on_step is not None:
+            on_step(job.id, step)
+    images = []
+    for index, seed in enumerate(request.image_seeds()):
+        key = image_key(job.id, index)
+        conn.set(key, png_bytes(request.width, request.height, seed), ex=IMAGE_TTL_S)
+        images.append(ImageRef(index=index, seed=seed, key=key))
+    return JobResult(model=FAKE_MODEL, images=images, timings={"run_s": 0.0}).model_dump()
+
+
+class FakeJob(Job):
+    """Resolves the contract's job function to fake_txt2img (the real one needs torch)."""
+
+    @property
+    def func(self):  # type: ignore[override]
+        if self.func_name == JOB_FUNCTION:
+            return fake_txt2img
+        return super().func
+
+
+class BurstWorker(SimpleWorker):
+    """SimpleWorker without the command channel: its pubsub thread costs up to 1 s to join on exit."""
+
+    def subscribe(self) -> None:
+        pass
+
+    def unsubscribe(self) -> None:
+        pass
+
+
+def run_queued_jobs(redis_url: str) -> None:
+    """Run every queued job to its end in this thread, as RQ does in a worker (burst mode)."""
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)
+    worker = BurstWorker([queue], connection=conn, serializer=JSONSerializer, job_class=FakeJob)
+    worker.work(burst=True, with_scheduler=False)
+    conn.close()
