@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_ASSETS = PACKAGE_DIR / "assets" / "clip_tokenizer"
-SINGLE_FILE_CONFIGS = {"sd1": PACKAGE_DIR / "configs" / "sd1", "sd2": PACKAGE_DIR / "configs" / "sd2"}
+SINGLE_FILE_CONFIGS = {"sd1": PACKAGE_DIR / "reference_configs" / "sd1", "sd2": PACKAGE_DIR / "reference_configs" / "sd2"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # Weight file names in a diffusers folder, by preference (fp16 variants last).

@@ -29,7 +29,7 @@ from models.tiny_configs import tiny_config
 
 VARIANTS = ["sd1", "sd2"]
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
-CONFIG_DIRS = {v: REPO_MODELS / "configs" / v for v in VARIANTS}
+CONFIG_DIRS = {v: REPO_MODELS / "reference_configs" / v for v in VARIANTS}
 TOKENIZER_ASSETS = REPO_MODELS / "assets" / "clip_tokenizer"
 
 Components = dict[str, dict[str, torch.Tensor]]
