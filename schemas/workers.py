@@ -17,6 +17,10 @@ class EngineStats(BaseModel):
     jobs_failed: int = 0
     jobs_canceled: int = 0
     images_generated: int = 0
+    jobs_requeued: int = 0  # handed back to the queue by a draining worker (SIGTERM)
+    oom_splits: int = 0  # out-of-memory errors answered by splitting a UNet call
+    call_rows_limit: int = 0  # current most rows per UNet call (halved by each out-of-memory split)
+    jobs_in_engine: int = 0  # jobs the engine holds now (running or waiting to join the batch)
 
 
 class WorkerInfo(BaseModel):

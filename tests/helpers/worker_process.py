@@ -1,0 +1,163 @@
+"""Real worker and janitor processes (`python -m workers.main`, `python -m workers.janitor`) for tests
+and benchmarks.
+
+    with WorkerProcess({"REDIS_URL": url, "SD_MODEL": str(model_dir)}) as worker:
+        ...  # started and ready: its slots listen on the queue
+    worker.stop()  # SIGTERM: drains; returns the exit status
+    worker.kill()  # SIGKILL: dies mid-batch
+
+Each process gets the current environment plus `env`, runs from the repository root, and logs to a
+temporary file (`logs()`). A worker is ready once it has published its WorkerInfo in Redis and all
+of its RQ slot workers are registered on the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Fast liveness for tests: a killed worker's jobs expire within a few seconds.
+TEST_WORKER_ENV = {
+    "SD_DEVICE": "cpu",
+    "SD_TORCH_THREADS": "1",
+    "SD_HEARTBEAT_INTERVAL_S": "0.5",
+    "SD_JOB_HEARTBEAT_TTL_S": "4",
+    "SD_LOG_LEVEL": "INFO",
+}
+
+
+class ProcessError(RuntimeError):
+    """The process did not come up; the message holds the end of its log."""
+
+
+class _ManagedProcess:
+    module = ""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = {**TEST_WORKER_ENV, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix=f"sd-{self.module}-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def launch(self) -> None:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def logs(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ProcessError(
+                f"{self.module} exited with code {self.proc.returncode}:\n{self.logs()[-4000:]}"
+            )
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it hangs. Returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 120.0):
+        raise NotImplementedError
+
+
+class WorkerProcess(_ManagedProcess):
+    module = "workers.main"
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env)
+        self.env.setdefault("SD_WORKER_NAME", f"test-worker-{uuid.uuid4().hex[:8]}")
+
+    @property
+    def name(self) -> str:
+        return self.env["SD_WORKER_NAME"]
+
+    def start(self, timeout_s: float = 120.0) -> WorkerProcess:
+        """Start and wait until ready (ProcessError if it exits or does not get ready in time)."""
+        self.launch()
+        client = redis.Redis.from_url(self.env.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                self._check_alive()
+                if self._ready(client):
+                    return self
+                time.sleep(0.1)
+        finally:
+            client.close()
+        self.kill()
+        raise ProcessError(f"worker not ready within {timeout_s} s:\n{self.logs()[-4000:]}")
+
+    def _ready(self, client: redis.Redis) -> bool:
+        from schemas.jobs import QUEUE_NAME
+        from schemas.redis_keys import worker_info_key
+
+        try:
+            info = client.get(worker_info_key(self.name))
+            if info is None:
+                return False
+            slots = int(self.env.get("SD_SLOTS", "0")) or 1
+            prefix = f"rq:worker:{self.name}.slot".encode()
+            registered = [k for k in client.smembers(f"rq:workers:{QUEUE_NAME}") if k.startswith(prefix)]
+            return len(registered) >= slots
+        except redis.RedisError:
+            return False
+
+
+class JanitorProcess(_ManagedProcess):
+    module = "workers.janitor"
+
+    def start(self, timeout_s: float = 60.0) -> JanitorProcess:
+        self.launch()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if "janitor: sweeping" in self.logs():
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise ProcessError(f"janitor did not start within {timeout_s} s:\n{self.logs()[-4000:]}")

@@ -1,0 +1,241 @@
+"""The engine in-process, on the tiny model, with in-memory stand-ins for Redis: batching, FIFO,
+splitting, fault isolation, out-of-memory, cancel, timeouts and drain."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from models.sampler import Sampler, generate
+from schemas.jobs import GenerationParams, ImageRef, JobResult
+from tests.workers.support import max_pixel_diff, params, wait_until
+from workers.engine import Engine, EngineConfig
+from workers.errors import JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
+from workers.submission import Submission, to_request
+
+
+class FakeProgress:
+    def __init__(self) -> None:
+        self.cancel: set[str] = set()
+        self.latest: dict[str, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+
+    def sync(self, progress: Mapping[str, tuple[int, int]]) -> set[str]:
+        with self.lock:
+            self.latest.update(progress)
+            return self.cancel & set(progress)
+
+
+class FakeResults:
+    def __init__(self) -> None:
+        self.pictures: dict[str, list[np.ndarray]] = {}
+        self.order: list[str] = []
+
+    def store(self, submission: Submission, pictures: Sequence[np.ndarray]) -> JobResult:
+        self.pictures[submission.job_id] = list(pictures)
+        self.order.append(submission.job_id)
+        seeds = submission.params.image_seeds()
+        return JobResult(
+            model="tiny",
+            images=[ImageRef(index=i, seed=s, key=f"{submission.job_id}:{i}") for i, s in enumerate(seeds)],
+        )
+
+
+class FaultySampler(Sampler):
+    """Prompts containing BOOM fail to encode; images of prompts containing STEPFAIL fail to step."""
+
+    def start(self, items):
+        if any("BOOM" in request.prompt for _, request in items):
+            raise RuntimeError("text encoder exploded")
+        return super().start(items)
+
+    def step(self, images):
+        if any("STEPFAIL" in image.request.prompt for image in images):
+            raise RuntimeError("UNet exploded")
+        return super().step(images)
+
+
+@pytest.fixture
+def make_engine(tiny_model) -> Iterator:
+    engines = []
+
+    def make(
+        max_batch_rows: int = 16, vae_batch: int = 2, faulty: bool = False, start: bool = True, **config
+    ) -> tuple[Engine, FakeResults, FakeProgress]:
+        results, progress = FakeResults(), FakeProgress()
+        engine = Engine(
+            tiny_model,
+            EngineConfig(max_batch_rows=max_batch_rows, vae_batch=vae_batch, idle_wait_s=0.05, **config),
+            results,
+            progress,
+            sampler_factory=FaultySampler if faulty else Sampler,
+        )
+        if start:
+            engine.start()
+        engines.append(engine)
+        return engine, results, progress
+
+    yield make
+    for engine in engines:
+        engine.drain(0)
+        engine.join(30)
+
+
+def submit(engine: Engine, job_id: str, timeout_s: float | None = None, **overrides) -> Submission:
+    submission = Submission(job_id, GenerationParams.model_validate(params(**overrides)), timeout_s=timeout_s)
+    engine.submit(submission)
+    return submission
+
+
+def finish(submissions: list[Submission], timeout_s: float = 120) -> None:
+    wait_until(lambda: all(s.finished for s in submissions), timeout_s, "submissions to end")
+
+
+def assert_alone_equal(tiny_model, results: FakeResults, submission: Submission) -> None:
+    alone = generate(tiny_model, to_request(submission.params))
+    got = results.pictures[submission.job_id]
+    assert len(got) == len(alone)
+    for picture, reference in zip(got, alone, strict=True):
+        assert max_pixel_diff(picture, reference) <= 1
+
+
+def test_concurrent_requests_share_calls_and_match_alone_runs(make_engine, tiny_model) -> None:
+    engine, results, _ = make_engine(max_batch_rows=16)
+    subs = [
+        submit(engine, "a", seed=1, steps=5, guidance_scale=7.5),
+        submit(engine, "b", seed=2, steps=8, guidance_scale=1.0),  # unguided: 1 row
+        submit(engine, "c", seed=3, steps=6, guidance_scale=3.0, num_images=2),
+        submit(engine, "d", seed=4, steps=4, width=48, height=64),  # another latent shape
+        submit(engine, "e", seed=5, steps=7, eta=0.5, negative_prompt="blurry"),
+    ]
+    finish(subs)
+    for sub in subs:
+        assert sub.error is None, sub.error
+        assert_alone_equal(tiny_model, results, sub)
+    stats = engine.stats()
+    assert stats.max_requests_per_call > 1
+    assert stats.jobs_succeeded == 5 and stats.images_generated == 6
+
+
+def test_admission_is_fifo_and_respects_the_row_budget(make_engine) -> None:
+    engine, results, _ = make_engine(max_batch_rows=2)  # one guided image at a time
+    subs = [submit(engine, name, seed=i, steps=3) for i, name in enumerate("pqrs")]
+    finish(subs)
+    assert results.order == ["p", "q", "r", "s"]
+    assert engine.stats().max_requests_per_call == 1
+
+
+def test_request_larger_than_the_budget_runs_alone_split(make_engine, tiny_model) -> None:
+    engine, results, _ = make_engine(max_batch_rows=4)
+    big = submit(engine, "big", num_images=3, steps=4)  # 6 rows > 4
+    small = submit(engine, "small", steps=3, seed=9)
+    finish([big, small])
+    assert big.error is None and small.error is None
+    assert results.order == ["big", "small"]  # strict FIFO: the small one waited
+    assert engine.stats().last_batch_rows <= 4
+    assert_alone_equal(tiny_model, results, big)
+
+
+def test_invalid_request_fails_alone(make_engine, tiny_model) -> None:
+    engine, results, _ = make_engine()
+    good = submit(engine, "good", seed=3)
+    bad = submit(engine, "bad", width=60)  # not a multiple of the VAE's 8
+    finish([good, bad])
+    assert isinstance(bad.error, RequestFailed) and bad.error.error_type == "InvalidRequest"
+    assert "width" in str(bad.error)
+    assert good.error is None
+    assert_alone_equal(tiny_model, results, good)
+
+
+def test_prompt_encoding_failure_is_isolated(make_engine, tiny_model, caplog) -> None:
+    engine, results, _ = make_engine(faulty=True, start=False)
+    subs = [
+        submit(engine, "ok1", seed=2),
+        submit(engine, "boom", prompt="BOOM"),
+        submit(engine, "ok2", seed=3),
+    ]
+    engine.start()  # all three are admitted together: the batched encoding fails, then each alone
+    finish(subs)
+    assert "starting 3 requests together failed" in caplog.text
+    assert isinstance(subs[1].error, RequestFailed) and subs[1].error.error_type == "PromptEncodingFailed"
+    for sub in (subs[0], subs[2]):
+        assert sub.error is None
+        assert_alone_equal(tiny_model, results, sub)
+
+
+def test_step_failure_is_isolated(make_engine, tiny_model) -> None:
+    engine, results, _ = make_engine(faulty=True)
+    subs = [
+        submit(engine, "ok1", seed=2),
+        submit(engine, "bad", prompt="STEPFAIL"),
+        submit(engine, "ok2", seed=3),
+    ]
+    finish(subs)
+    assert isinstance(subs[1].error, RequestFailed) and subs[1].error.error_type == "GenerationFailed"
+    for sub in (subs[0], subs[2]):
+        assert sub.error is None
+        assert_alone_equal(tiny_model, results, sub)
+
+
+def test_out_of_memory_halves_the_calls_and_loses_nothing(make_engine, tiny_model) -> None:
+    engine, results, _ = make_engine(max_batch_rows=16, test_oom_above_rows=2)
+    subs = [submit(engine, f"j{i}", seed=i, steps=4 + i) for i in range(3)]
+    subs.append(submit(engine, "pair", seed=7, num_images=2, steps=4))  # 4 rows: split per image
+    finish(subs)
+    for sub in subs:
+        assert sub.error is None, sub.error
+        assert_alone_equal(tiny_model, results, sub)
+    stats = engine.stats()
+    assert stats.oom_splits >= 1
+    assert stats.call_rows_limit <= 2
+
+
+def test_canceled_job_leaves_the_batch_and_others_finish(make_engine, tiny_model) -> None:
+    engine, results, progress = make_engine()
+    doomed = submit(engine, "doomed", steps=400)
+    other = submit(engine, "other", steps=10, seed=4)
+    wait_until(lambda: progress.latest.get("doomed", (0, 0))[0] >= 2, 60, "the doomed job to run")
+    with progress.lock:
+        progress.cancel.add("doomed")
+        asked_at = progress.latest["doomed"][0]
+    finish([doomed, other])
+    assert isinstance(doomed.error, JobCanceled)
+    assert progress.latest["doomed"][0] <= asked_at + 2
+    assert other.error is None
+    assert_alone_equal(tiny_model, results, other)
+    assert engine.stats().jobs_canceled == 1
+
+
+def test_timeout_is_enforced_between_steps(make_engine) -> None:
+    engine, _, _ = make_engine()
+    slow = submit(engine, "slow", steps=900, timeout_s=0.5)
+    quick = submit(engine, "quick", steps=3)
+    finish([slow, quick])
+    assert isinstance(slow.error, JobTimedOut)
+    assert "timed out after 0.5 s" in str(slow.error)
+    assert quick.error is None
+
+
+def test_drain_hands_unfinished_jobs_back_and_refuses_new_ones(make_engine) -> None:
+    engine, _, progress = make_engine()
+    long = submit(engine, "long", steps=900)
+    wait_until(lambda: progress.latest.get("long", (0, 0))[0] >= 1, 60, "the job to run")
+    engine.drain(0)
+    finish([long])
+    assert isinstance(long.error, WorkerShuttingDown)
+    with pytest.raises(WorkerShuttingDown):
+        submit(engine, "late")
+    assert engine.join(30)
+    assert engine.stats().jobs_requeued == 1
+
+
+def test_drain_lets_running_jobs_finish_within_the_deadline(make_engine) -> None:
+    engine, _, _ = make_engine()
+    job = submit(engine, "job", steps=5)
+    engine.drain(120)
+    finish([job])
+    assert job.error is None
+    assert engine.join(30)

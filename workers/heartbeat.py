@@ -1,0 +1,133 @@
+"""The worker's pulse, every SD_HEARTBEAT_INTERVAL_S, in one pipelined round trip:
+
+- SET worker_info_key(name) = WorkerInfo JSON (model, sizes, limits, engine counters), TTL of a few
+  beats, and ZADD WORKERS_ZSET name -> now: what the API serves defaults, /readyz and /metrics from;
+- keep every running job alive in RQ: its StartedJobRegistry entry, execution and job hash, and its
+  slot's worker key. RQ's SimpleWorker refreshes none of them during a job (only the forking
+  Worker's parent does), so without this a long job would look abandoned to the janitor, and with
+  the short TTL it is what lets a SIGKILLed worker's jobs expire quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from redis.exceptions import RedisError
+from rq.utils import now, utcformat
+
+from schemas.redis_keys import WORKERS_ZSET, worker_info_key
+from schemas.workers import EngineStats, WorkerInfo
+from workers.slots import SlotPool
+
+log = logging.getLogger(__name__)
+
+# Refresh a running job only while RQ still lists its execution as started: a beat that races the
+# job's end never brings back an entry RQ just removed (ZADD XX, and nothing else is touched).
+# KEYS: started registry, job hash, execution hash, execution registry
+# ARGV: execution composite key (job:execution), execution id, now (unix s), now (RQ text), ttl s
+_KEEP_JOB_ALIVE = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
+redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
+redis.call('HSET', KEYS[2], 'last_heartbeat', ARGV[4])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'last_heartbeat', ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+redis.call('ZADD', KEYS[4], 'XX', now + ttl + 60, ARGV[2])
+redis.call('EXPIRE', KEYS[4], ttl + 60)
+return 1
+"""
+
+INFO_TTL_BEATS = 5  # the info key outlives this many missed beats
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        client: redis.Redis,
+        info: WorkerInfo,
+        stats: Callable[[], EngineStats],
+        slots: SlotPool,
+        job_heartbeat_ttl_s: int,
+    ) -> None:
+        self.client = client
+        self.info = info
+        self._stats = stats
+        self._slots = slots
+        self._job_ttl_s = job_heartbeat_ttl_s
+        self._keep_alive = client.register_script(_KEEP_JOB_ALIVE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing_since: float | None = None
+
+    def start(self) -> None:
+        self.beat_safely()  # published before the first job is taken
+        self._thread = threading.Thread(target=self._run, name="sd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and say goodbye: the API stops counting this worker at once."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(WORKERS_ZSET, self.info.name)
+                pipe.delete(worker_info_key(self.info.name))
+                pipe.execute()
+        except RedisError as error:
+            log.warning(
+                "could not unregister worker %s (%s); its entry expires by itself", self.info.name, error
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.info.heartbeat_interval_s):
+            self.beat_safely()
+
+    def beat_safely(self) -> None:
+        try:
+            self.beat()
+        except RedisError as error:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning(
+                    "heartbeat failed (%s); retrying every %g s", error, self.info.heartbeat_interval_s
+                )
+            return
+        if self._failing_since is not None:
+            log.info("heartbeat back after %.1f s", time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+    def beat(self) -> None:
+        stamp = time.time()
+        info = self.info.model_copy(update={"heartbeat_at": stamp, "stats": self._stats()})
+        info_ttl_s = max(2, math.ceil(INFO_TTL_BEATS * info.heartbeat_interval_s))
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(worker_info_key(info.name), info.model_dump_json(), ex=info_ttl_s)
+            pipe.zadd(WORKERS_ZSET, {info.name: stamp})
+            rq_now = utcformat(now())
+            for worker in self._slots.busy():
+                running = worker.running
+                if running is None:
+                    continue
+                job, execution = running
+                if execution is None:
+                    continue
+                worker.heartbeat(pipeline=pipe)
+                self._keep_alive(
+                    keys=[
+                        job.started_job_registry.key,
+                        job.key,
+                        execution.key,
+                        job.execution_registry.key,
+                    ],
+                    args=[execution.composite_key, execution.id, stamp, rq_now, self._job_ttl_s],
+                    client=pipe,
+                )
+            pipe.execute()

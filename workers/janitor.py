@@ -1,0 +1,175 @@
+"""The janitor: `python -m workers.janitor`, a small process (no torch) that finds dead workers' jobs.
+
+Every SD_JANITOR_INTERVAL_S it runs RQ's registry cleanup on the txt2img queue:
+- a job whose StartedJobRegistry entry expired (its worker stopped heartbeating for
+  SD_JOB_HEARTBEAT_TTL_S: SIGKILL, crash, lost machine) is retried while it has retries left
+  (RQ `Retry(max=...)`, set by the API), else it FAILS with job.meta["error"] =
+  {"type": "WorkerDied", ...}: never left `running`;
+- dead RQ worker names leave RQ's worker registry, jobs stuck between dequeue and start (a worker
+  killed in that instant) are failed or retried by RQ's intermediate-queue cleanup;
+- names that stopped heartbeating for SD_WORKER_STALE_S leave WORKERS_ZSET.
+
+After Redis was unreachable it waits one SD_JOB_HEARTBEAT_TTL_S before sweeping, so live workers
+refresh their jobs first and no running job is mistaken for an abandoned one.
+Several janitors may run: a short lock lets one sweep at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import RedisError
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import clean_registries
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+from rq.worker import BaseWorker
+from rq.worker_registration import clean_worker_registry
+
+from schemas.jobs import QUEUE_NAME
+from schemas.redis_keys import PREFIX, WORKERS_ZSET
+from workers.logs import configure_logging
+from workers.settings import ConfigurationError, WorkerSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = PREFIX + "janitor:lock"
+
+
+@dataclass
+class SweepReport:
+    retried: int = 0
+    failed: int = 0
+    pruned_workers: int = 0
+    swept: bool = True  # False: another janitor held the lock
+
+
+def sweep(
+    client: redis.Redis,
+    job_heartbeat_ttl_s: int,
+    worker_stale_s: float,
+    intermediate_worker: BaseWorker | None = None,
+) -> SweepReport:
+    """One cleanup pass. `intermediate_worker`: an RQ worker object RQ's intermediate-queue cleanup can
+    fail jobs through (its connection gets RQ's long socket timeout: do not share it)."""
+    report = SweepReport()
+    if not client.set(LOCK_KEY, b"1", nx=True, ex=60):
+        report.swept = False
+        return report
+    try:
+        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+
+        def on_abandoned(job: Job, *exc_info: object) -> bool:
+            if job.retries_left and job.retries_left > 0:
+                report.retried += 1
+                log.warning(
+                    "job %s: its worker %s stopped heartbeating; retrying it (%d retries left after this one)",
+                    job.id,
+                    job.worker_name or "?",
+                    job.retries_left - 1,
+                )
+            else:
+                report.failed += 1
+                job.meta["error"] = {
+                    "type": "WorkerDied",
+                    "message": (
+                        f"the worker running this job stopped heartbeating for more than {job_heartbeat_ttl_s} s "
+                        "(it crashed or was killed) and the job had no retries left"
+                    ),
+                }
+                log.warning(
+                    "job %s: its worker %s stopped heartbeating; no retries left: failed",
+                    job.id,
+                    job.worker_name or "?",
+                )
+                client.hset(job.key, "ended_at", utcformat(now()))  # RQ's cleanup leaves it unset
+            job.save_meta()  # retried jobs are saved whole by RQ, failed ones are not
+            return True
+
+        clean_registries(queue, exception_handlers=[on_abandoned])
+        clean_worker_registry(queue)
+        if intermediate_worker is not None:
+            queue.intermediate_queue.cleanup(intermediate_worker, queue)
+        report.pruned_workers = client.zremrangebyscore(WORKERS_ZSET, "-inf", time.time() - worker_stale_s)
+    finally:
+        client.delete(LOCK_KEY)
+    return report
+
+
+class Janitor:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, socket_connect_timeout=2
+        )
+        # RQ's intermediate-queue cleanup needs a worker object; it gets its own connection
+        self._rq_worker = BaseWorker(
+            [QUEUE_NAME],
+            name="sd-janitor",
+            connection=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2),
+            serializer=JSONSerializer,
+            prepare_for_work=False,
+        )
+        self._stop = threading.Event()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        settings = self.settings
+        reachable_since: float | None = None
+        log.info(
+            "janitor: sweeping queue %r every %g s (abandoned after %d s without heartbeat)",
+            QUEUE_NAME,
+            settings.janitor_interval_s,
+            settings.job_heartbeat_ttl_s,
+        )
+        while not self._stop.is_set():
+            try:
+                self.client.ping()
+                if reachable_since is None:
+                    reachable_since = time.monotonic()
+                    log.info("janitor: Redis reachable; first sweep in %d s", settings.job_heartbeat_ttl_s)
+                if time.monotonic() - reachable_since >= settings.job_heartbeat_ttl_s:
+                    report = sweep(
+                        self.client, settings.job_heartbeat_ttl_s, settings.worker_stale_s, self._rq_worker
+                    )
+                    if report.retried or report.failed or report.pruned_workers:
+                        log.info(
+                            "janitor: %d abandoned job(s) retried, %d failed, %d stale worker(s) pruned",
+                            report.retried,
+                            report.failed,
+                            report.pruned_workers,
+                        )
+            except RedisError as error:
+                if reachable_since is not None:
+                    log.warning("janitor: Redis unreachable (%s)", error)
+                reachable_since = None
+            self._stop.wait(settings.janitor_interval_s)
+        log.info("janitor: stopped")
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        configure_logging("INFO")
+        log.error("%s", error)
+        return 2
+    configure_logging(settings.log_level)
+    janitor = Janitor(settings)
+    signal.signal(signal.SIGTERM, janitor.stop)
+    signal.signal(signal.SIGINT, janitor.stop)
+    janitor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

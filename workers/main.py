@@ -1,0 +1,196 @@
+"""The GPU worker process: `python -m workers.main` (or `sdserve-worker`).
+
+Loads the model once, then runs one engine thread (owns the model, batches every job), SD_SLOTS
+slot threads (RQ workers feeding it) and a heartbeat thread; the main thread only waits for signals.
+
+SIGTERM or SIGINT drains: the slots stop taking jobs at once (queued jobs stay for other workers),
+running jobs get SD_DRAIN_TIMEOUT_S to finish, and any still running then go back to the front of
+the queue (not failed, no retry used up). A second signal hands them back at the next step. Exit
+status: 0 after a drain, 1 if the engine crashed, 2 for bad configuration or an unloadable model.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from models.default_model import default_model_path
+from models.loading import load_model
+from models.sampler import GenerationRequest, generate
+from models.single_file import CheckpointError
+from models.stable_diffusion import StableDiffusion
+from schemas.workers import WorkerInfo
+from workers import jobs
+from workers.device import Runtime, dtype_name, resolve_runtime
+from workers.engine import Engine, EngineConfig
+from workers.heartbeat import Heartbeat
+from workers.janitor import sweep
+from workers.logs import configure_logging
+from workers.progress import RedisProgress
+from workers.results import ResultWriter
+from workers.settings import ConfigurationError, WorkerSettings, load_settings
+from workers.slots import SlotPool, SlotWorker
+
+log = logging.getLogger("workers.main")
+
+SLOTS_EXIT_GRACE_S = 30.0  # after the engine stopped: time for the slots' last RQ bookkeeping
+
+
+def redis_client(settings: WorkerSettings) -> redis.Redis:
+    """Short timeouts and one immediate retry: a pooled connection that died with a Redis restart is
+    replaced by the next command, and a Redis that is down fails fast (the callers ride it out)."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+def warm_up(model: StableDiffusion) -> None:
+    """One tiny guided generation, so the first job does not pay for lazy initialisation."""
+    started = time.perf_counter()
+    width, height = model.native_size
+    generate(model, GenerationRequest(prompt="warm-up", width=width, height=height, steps=1))
+    log.info("warm-up done in %.2f s", time.perf_counter() - started)
+
+
+class WorkerProcess:
+    def __init__(
+        self, settings: WorkerSettings, runtime: Runtime, model: StableDiffusion, model_name: str
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.name = settings.resolved_worker_name()
+        client = redis_client(settings)
+        self.engine = Engine(
+            model,
+            EngineConfig(
+                max_batch_rows=runtime.max_batch_rows,
+                vae_batch=runtime.vae_batch,
+                test_oom_above_rows=settings.test_oom_above_rows,
+            ),
+            results=ResultWriter(client, model_name, settings.result_ttl_s),
+            progress=RedisProgress(client, settings.result_ttl_s),
+        )
+        self.slots = SlotPool(
+            runtime.slots,
+            self.name,
+            connect=lambda: redis_client(settings),
+            job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
+            result_ttl_s=settings.result_ttl_s,
+            maintenance=self._maintenance,
+        )
+        width, height = model.native_size
+        stamp = time.time()
+        info = WorkerInfo(
+            name=self.name,
+            model=model_name,
+            native_width=width,
+            native_height=height,
+            size_multiple=model.vae_scale_factor,
+            device=str(runtime.device),
+            dtype=dtype_name(runtime.dtype),
+            max_batch_rows=runtime.max_batch_rows,
+            slots=runtime.slots,
+            started_at=stamp,
+            heartbeat_at=stamp,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+        )
+        self.heartbeat = Heartbeat(client, info, self.engine.stats, self.slots, settings.job_heartbeat_ttl_s)
+        self._stop = threading.Event()
+        self._signals = 0
+
+    def _maintenance(self, worker: SlotWorker) -> None:
+        sweep(worker.connection, self.settings.job_heartbeat_ttl_s, self.settings.worker_stale_s, worker)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info(
+                "%s: draining (running jobs get %g s)",
+                signal.Signals(signum).name,
+                self.settings.drain_timeout_s,
+            )
+            self._stop.set()
+        else:
+            log.warning("%s again: handing running jobs back to the queue now", signal.Signals(signum).name)
+            self.engine.drain(0)
+
+    def run(self) -> int:
+        self.engine.start()
+        jobs.set_engine(self.engine)
+        self.heartbeat.start()
+        self.slots.start()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        runtime = self.runtime
+        log.info(
+            "worker %s ready: %d slots, %d rows per batch, VAE %d per call, %s %s",
+            self.name,
+            runtime.slots,
+            runtime.max_batch_rows,
+            runtime.vae_batch,
+            runtime.device,
+            dtype_name(runtime.dtype),
+        )
+        exit_code = 0
+        while not self._stop.wait(0.5):
+            if not self.engine.alive:
+                log.critical("the engine thread died (%r): shutting the worker down", self.engine.failure)
+                exit_code = 1
+                break
+        self.slots.stop_dequeuing()
+        self.engine.drain(self.settings.drain_timeout_s)
+        if not self.engine.join(self.settings.drain_timeout_s + SLOTS_EXIT_GRACE_S):
+            log.error("the engine did not stop within the drain timeout")
+            exit_code = exit_code or 1
+        if not self.slots.join(SLOTS_EXIT_GRACE_S):
+            log.error("some slots did not finish their RQ bookkeeping in time")
+        self.heartbeat.stop()
+        jobs.set_engine(None)
+        log.info("worker %s stopped", self.name)
+        return exit_code
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        configure_logging("INFO")
+        log.error("%s", error)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        runtime = resolve_runtime(settings)
+        model_path = Path(settings.model) if settings.model else default_model_path()
+        log.info(
+            "loading %s on %s (%s, VAE %s)",
+            model_path,
+            runtime.device,
+            dtype_name(runtime.dtype),
+            dtype_name(runtime.vae_dtype),
+        )
+        model = load_model(model_path, runtime.device, runtime.dtype, vae_dtype=runtime.vae_dtype)
+    except (CheckpointError, RuntimeError, OSError) as error:
+        log.error("cannot start: %s", error)
+        return 2
+    if settings.warmup:
+        warm_up(model)
+    return WorkerProcess(settings, runtime, model, settings.model_name or model.name).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

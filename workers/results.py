@@ -1,0 +1,60 @@
+"""Finished pictures to Redis: one PNG per image (A1111 `parameters` chunk inside) under its own key
+with a TTL, and the small JobResult document that RQ keeps as the job's return value."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from models.png import encode_png, format_parameters
+from schemas.jobs import ImageRef, JobResult
+from schemas.redis_keys import image_key
+from workers.submission import Submission
+
+
+class ResultWriter:
+    def __init__(self, client: redis.Redis, model_name: str, ttl_s: int) -> None:
+        self.client = client
+        self.model_name = model_name
+        self.ttl_s = ttl_s
+
+    def store(self, submission: Submission, images: Sequence[np.ndarray]) -> JobResult:
+        params = submission.params
+        seeds = params.image_seeds()
+        if len(images) != len(seeds):
+            raise ValueError(f"job {submission.job_id}: {len(images)} pictures for {len(seeds)} seeds")
+        refs, pngs = [], []
+        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            parameters = format_parameters(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                seed=seed,
+                width=params.width,
+                height=params.height,
+                model=self.model_name,
+                eta=params.eta,
+            )
+            pngs.append(encode_png(image, parameters))
+            refs.append(ImageRef(index=index, seed=seed, key=image_key(submission.job_id, index)))
+        with self.client.pipeline(transaction=False) as pipe:
+            for ref, png in zip(refs, pngs, strict=True):
+                pipe.set(ref.key, png, ex=self.ttl_s)
+            pipe.execute()
+        return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
+
+
+def timings(submission: Submission, stored_at: float) -> dict[str, float]:
+    """queue_wait_s: enqueued (or handed to the engine) -> joined the batch; run_s: joined the batch ->
+    last PNG stored; total_s: enqueued -> stored."""
+    admitted = submission.admitted_at or submission.submitted_at
+    queued = submission.enqueued_at if submission.enqueued_at is not None else submission.submitted_at
+    return {
+        "queue_wait_s": round(max(0.0, admitted - queued), 4),
+        "run_s": round(max(0.0, stored_at - admitted), 4),
+        "total_s": round(max(0.0, stored_at - queued), 4),
+    }
