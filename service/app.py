@@ -20,6 +20,7 @@ from service.jobs import JobStore
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.openapi_docs import API_DESCRIPTION
 from service.redis_clients import connect
+from service.route_table import RouteTable
 from service.routes import jobs, ops, txt2img
 from service.settings import ConfigurationError, Settings, get_settings
 
@@ -64,15 +65,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    install_error_handlers(app, settings.retry_after_s)
     routers = [txt2img.build_router(settings), jobs.router, ops.router]
     for router in routers:
         app.include_router(router)
+    route_table = RouteTable([*app.router.routes, *(route for router in routers for route in router.routes)])
+    install_error_handlers(app, settings.retry_after_s, route_table)
     # Added innermost first: metrics see every answer, including 413s and the catch-all's 500s.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(CatchAllMiddleware)
-    routes = [*app.router.routes, *(route for router in routers for route in router.routes)]
-    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, routes=routes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, route_table=route_table)
     return app
 
 

@@ -11,14 +11,17 @@ import logging
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.jobs import ImageNotFound, JobConflict, JobNotFound
+from service.route_table import RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,14 @@ def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
-def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int, route_table: RouteTable) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette's Allow lists one route's methods; GET and DELETE of a job are two routes.
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(route_table.methods(request.url.path))}
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only loc/msg/type: `input` would echo whole prompts, `ctx` may hold exceptions.

@@ -10,18 +10,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.jobs import JobStatus
 from schemas.workers import WorkerInfo
+from service.route_table import RouteTable
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 JOB_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -140,34 +139,11 @@ class ApiMetrics:
         return generate_latest(self.registry)
 
 
-class RouteTemplates:
-    """Names a request by its route's path template, so label values stay bounded.
-
-    The router records the matched route in the scope; requests answered before routing (413)
-    are matched here against the same routes' patterns.
-    """
-
-    def __init__(self, routes: Iterable[BaseRoute]) -> None:
-        self._patterns = [
-            (route.path_regex, route.path) for route in routes if isinstance(route, Route | APIRoute)
-        ]
-
-    def __call__(self, scope: Scope) -> str:
-        route = scope.get("route")
-        if route is not None and isinstance(getattr(route, "path", None), str):
-            return route.path
-        path = scope.get("path", "")
-        for regex, template in self._patterns:
-            if regex.match(path):
-                return template
-        return "unmatched"
-
-
 class RequestMetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: Iterable[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, route_table: RouteTable) -> None:
         self.app = app
         self.metrics = metrics
-        self.route_template = RouteTemplates(routes)
+        self.route_table = route_table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,7 +161,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_recording)
         finally:
-            route = self.route_template(scope)
+            route = self.route_table.template(scope)
             method = scope.get("method", "")
             method = method if method in KNOWN_METHODS else "OTHER"  # bounded label values
             self.metrics.requests.labels(method, route, str(status_code)).inc()

@@ -27,6 +27,7 @@ its allowed range.
 """
 
 _ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
+    400: ("Body could not be decoded (e.g. not UTF-8)", "There was an error parsing the body"),
     401: ("Missing or invalid API key", "missing API key: send the header `Authorization: Bearer <key>`"),
     404: ("Unknown or expired job", "job not found: unknown id, expired, or created with another API key"),
     409: ("Job already ended", "job 3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b already succeeded; nothing to cancel"),

@@ -10,7 +10,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
 from schemas.jobs import SEED_MAX, JobStatus
@@ -25,6 +25,22 @@ JOB_ID_EXAMPLE = "3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b"
 
 class Txt2ImgRequestBase(BaseModel):
     """Base of the settings-specific request model that `request_model()` builds."""
+
+
+def _integral_float_to_int(value: object) -> object:
+    """JSON Schema counts 6.0 as an integer: take it as 6. 5.5, "5" and true stay type errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(**constraints: Any) -> Any:
+    """A strict integer as JSON sees one (6.0 counts; 5.5, "5" and true do not), within `constraints`.
+
+    The constraints come before the BeforeValidator: the other way round, pydantic writes them
+    into the JSON schema as raw `ge`/`le` keys that no client understands.
+    """
+    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integral_float_to_int)]
 
 
 def _not_blank(value: str) -> str:
@@ -42,16 +58,8 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
         f"pixels, a multiple of {SIZE_MULTIPLE} in [{settings.min_size}, {settings.max_size}]; "
         f"width x height at most {settings.max_pixels}. Default: the served model's native size."
     )
-    size = Annotated[
-        int,
-        Field(
-            strict=True,
-            ge=settings.min_size,
-            le=settings.max_size,
-            multiple_of=SIZE_MULTIPLE,
-            description=size_doc,
-        ),
-    ]
+    size = json_int(ge=settings.min_size, le=settings.max_size, multiple_of=SIZE_MULTIPLE)
+    size_field = Field(None, description=size_doc)
 
     class Txt2ImgRequest(Txt2ImgRequestBase):
         model_config = ConfigDict(
@@ -85,14 +93,10 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
             max_length=settings.max_prompt_chars,
             description="What to steer away from (replaces the empty prompt).",
         )
-        width: size | None = None
-        height: size | None = None
-        steps: int = Field(
-            settings.default_steps,
-            strict=True,
-            ge=1,
-            le=STEPS_MAX,
-            description=f"DDIM steps, 1 to {STEPS_MAX}.",
+        width: size | None = size_field
+        height: size | None = size_field
+        steps: json_int(ge=1, le=STEPS_MAX) = Field(
+            settings.default_steps, description=f"DDIM steps, 1 to {STEPS_MAX}."
         )
         guidance_scale: float = Field(
             settings.default_guidance_scale,
@@ -105,15 +109,12 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
         eta: float = Field(
             0.0, strict=True, ge=0, le=1, allow_inf_nan=False, description="DDIM eta, 0 (deterministic) to 1."
         )
-        seed: int | None = Field(
+        seed: json_int(ge=0, le=SEED_MAX) | None = Field(
             None,
-            strict=True,
-            ge=0,
-            le=SEED_MAX,
             description=f"0 to {SEED_MAX}; null picks a random one. Image i uses seed + i.",
         )
-        num_images: int = Field(
-            1, strict=True, ge=1, le=settings.max_num_images, description=f"1 to {settings.max_num_images}."
+        num_images: json_int(ge=1, le=settings.max_num_images) = Field(
+            1, description=f"1 to {settings.max_num_images}."
         )
 
         @field_validator("prompt")

@@ -57,7 +57,7 @@ def build_router(settings: Settings) -> APIRouter:
                 "model": ValidationErrorBody,
                 "content": {"application/json": {"example": VALIDATION_EXAMPLE}},
             },
-            **error_responses(401, 413, 429, 503),
+            **error_responses(400, 401, 413, 429, 503),
         },
     )
     def create_job(

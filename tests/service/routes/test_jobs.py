@@ -197,3 +197,10 @@ def test_cancel_finished_job_is_409(client: httpx.Client, redis_url: str) -> Non
     assert response.status_code == 409
     assert "already succeeded" in response.json()["detail"]
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def test_wrong_method_lists_every_allowed_one(client: httpx.Client) -> None:
+    response = client.put(f"/v1/jobs/{'0' * 32}")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET"
+    assert response.json() == {"detail": "Method Not Allowed"}

@@ -81,7 +81,8 @@ CASES = [
     ({"width": 520, "height": 768}, "height", (f"at most {MAX_PIXELS} pixels",)),
     ({"width": 1024}, "width", (f"at most {MAX_PIXELS} pixels",)),  # height defaults to 512
     ({"width": "512"}, "width", ("valid integer",)),
-    ({"width": 512.0}, "width", ("valid integer",)),
+    ({"width": 512.0}, None, ()),  # JSON Schema's integer includes 512.0
+    ({"width": 512.5}, "width", ("valid integer",)),
     # steps: 1 to 150, integers only
     ({"steps": 0}, "steps", ("greater than or equal to 1",)),
     ({"steps": 1}, None, ()),
@@ -111,6 +112,8 @@ CASES = [
     ({"seed": None}, None, ()),
     ({"seed": "1"}, "seed", ("valid integer",)),
     ({"seed": 1.5}, "seed", ("valid integer",)),
+    ({"seed": 1.0}, None, ()),
+    ({"seed": True}, "seed", ("valid integer",)),
     # num_images: 1 to SD_MAX_NUM_IMAGES
     ({"num_images": 0}, "num_images", ("greater than or equal to 1",)),
     ({"num_images": 1}, None, ()),
