@@ -1,0 +1,42 @@
+"""The app factory: one metrics registry per app, importing builds nothing, unexpected errors are JSON."""
+
+from __future__ import annotations
+
+import importlib
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import load_settings
+
+
+def test_importing_the_module_builds_no_app() -> None:
+    module = importlib.import_module("service.app")
+    assert "app" not in vars(module)  # built on first access only (uvicorn's getattr)
+
+
+def test_each_app_has_its_own_metrics(redis_url: str) -> None:
+    first = create_app(load_settings(redis_url=redis_url))
+    second = create_app(load_settings(redis_url=redis_url))
+    with TestClient(first) as a, TestClient(second) as b:
+        a.get("/healthz")
+        a.get("/healthz")
+        b.get("/healthz")
+        line = 'sd_http_requests_total{method="GET",route="/healthz",status="200"}'
+        assert f"{line} 2.0" in a.get("/metrics").text
+        assert f"{line} 1.0" in b.get("/metrics").text
+
+
+def test_unexpected_errors_are_json_500_without_internals(redis_url: str) -> None:
+    app = create_app(load_settings(redis_url=redis_url))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals /srv/app.py")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal server error (logged)"}
+        assert "secret" not in response.text
+        assert 'route="/boom",status="500"' in client.get("/metrics").text
