@@ -11,6 +11,7 @@ read back to the same architecture.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,9 @@ def _check_fixed(d: dict[str, Any], fixed: dict[str, tuple[Any, ...]]) -> None:
             continue  # a per-block list of False is the same as False
         # True == 1 in Python: compare bool-ness too, so `downsample_padding: true` is rejected
         if not any(value == a and (isinstance(value, bool) == isinstance(a, bool)) for a in allowed):
-            raise _fail(key, value, " or ".join(repr(a) for a in allowed))
+            raise _fail(
+                key, value, " or ".join(json.dumps(a) for a in allowed) + " (as written in config.json)"
+            )
 
 
 def _check_unknown(d: dict[str, Any], known: set[str], component: str) -> None:
