@@ -3,9 +3,11 @@
     python -m bench.api_bench                       # starts its own redis-server and API process
     python -m bench.api_bench --url http://host:8000 --api-key KEY
 
-Two phases at --clients concurrent clients (httpx, asyncio, keep-alive connections):
-1. POST /v1/txt2img, --requests times;
-2. GET /v1/jobs/{id} on the ids phase 1 created, --requests times.
+Three phases at --clients concurrent clients (httpx, asyncio, keep-alive connections), each
+--requests requests:
+1. GET /healthz: the floor of the server and client (no Redis);
+2. POST /v1/txt2img;
+3. GET /v1/jobs/{id} on the ids phase 2 created.
 Prints requests/s and p50/p99 latency per phase. The client runs on the same machine as the
 server unless --url points elsewhere: on a small machine it competes with the API for CPU.
 """
@@ -83,11 +85,16 @@ async def bench(url: str, api_key: str | None, clients: int, requests: int, warm
         async def get(c: httpx.AsyncClient, i: int) -> httpx.Response:
             return await c.get(f"/v1/jobs/{job_ids[i % len(job_ids)]}")
 
+        async def health(c: httpx.AsyncClient, _: int) -> httpx.Response:
+            return await c.get("/healthz")
+
         await run_phase("warm-up", clients, warmup, post, client)
+        # The floor: an async route with no Redis access, through the same server and client.
+        health_result = await run_phase("GET /healthz (floor)", clients, requests, health, client)
         post_result = await run_phase("POST /v1/txt2img", clients, requests, post, client)
         random.shuffle(job_ids)
         get_result = await run_phase("GET /v1/jobs/{id}", clients, requests, get, client)
-        return [post_result, get_result]
+        return [health_result, post_result, get_result]
 
 
 @contextlib.contextmanager
@@ -117,6 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(local_service())

@@ -19,6 +19,7 @@ from redis.exceptions import WatchError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
@@ -78,6 +79,8 @@ class JobStore:
         self.redis = client
         self.settings = settings
         self.queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+        # Sorted set of running jobs' executions (what RQ's StartedJobRegistry counts).
+        self.started_key = StartedJobRegistry(queue=self.queue).key
 
     # --- submit -------------------------------------------------------------------------------
 

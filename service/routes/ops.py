@@ -6,7 +6,6 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
-from rq.registry import StartedJobRegistry
 
 from service.deps import ServicesDep
 from service.live_workers import live_workers
@@ -60,11 +59,10 @@ async def metrics(services: ServicesDep) -> Response:
 async def read_queue_state(services: ServicesDep) -> QueueState:
     """Queue depth, running jobs and live workers; redis_up False when Redis does not answer."""
     client = services.redis.aio
-    started_key = StartedJobRegistry(services.store.queue.name, connection=services.redis.sync).key
     try:
         async with client.pipeline(transaction=False) as pipe:
             pipe.llen(services.store.queue.key)
-            pipe.zcard(started_key)
+            pipe.zcard(services.store.started_key)
             depth, running = await pipe.execute()
         workers = await live_workers(client, services.settings.worker_stale_s)
     except RedisError:

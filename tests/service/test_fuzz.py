@@ -28,6 +28,11 @@ SEED = os.environ.get("SD_FUZZ_SEED", "20250101")
 EXCLUDED_CHECKS = ["use_after_free"]
 
 
+def is_only_an_internal_error(stdout: str) -> bool:
+    """The run broke on an error inside schemathesis, and reported no failure of the API."""
+    return "Runtime Error" in stdout and "=== FAILURES ===" not in stdout
+
+
 def test_no_5xx_and_no_schema_violation(start_api, redis_url: str) -> None:
     # A live worker, so that /readyz answers 200 (its documented 503 counts as a server error).
     publish_worker(redis.Redis.from_url(redis_url), ttl_s=600)
@@ -40,6 +45,10 @@ def test_no_5xx_and_no_schema_violation(start_api, redis_url: str) -> None:
         "--workers", "1", "--request-timeout", "10", "--no-color",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    if result.returncode != 0 and is_only_an_internal_error(result.stdout):
+        # Seen once: schemathesis itself crashed (CPython's "AST constructor recursion depth mismatch"
+        # inside hypothesis) with no finding about the API. One more run, same seed.
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     report = result.stdout[-20_000:] + result.stderr[-5_000:]
     assert result.returncode == 0, (
         f"schemathesis found problems:\n{report}\n--- API log ---\n{api.logs()[-5_000:]}"
