@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import load_settings
+from tests.helpers.api_process import REPO_ROOT
 
 
 def test_importing_the_module_builds_no_app() -> None:
@@ -40,3 +43,16 @@ def test_unexpected_errors_are_json_500_without_internals(redis_url: str) -> Non
         assert response.json() == {"detail": "internal server error (logged)"}
         assert "secret" not in response.text
         assert 'route="/boom",status="500"' in client.get("/metrics").text
+
+
+def test_the_api_never_imports_torch_models_or_workers() -> None:
+    """The API's docker image has no torch: building the app must not pull it in."""
+    code = (
+        "import sys; from service.app import create_app; from service.settings import load_settings; "
+        "create_app(load_settings()); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'workers')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
+    assert result.stdout.strip() == "[]"
