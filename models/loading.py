@@ -194,8 +194,6 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
         tokenizer = CLIPTokenizer.from_pretrained(str(source), local_files_only=True, **overrides)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the CLIP tokenizer from {source}: {err}") from err
-    # we split prompts into 75-token chunks ourselves (models/text.py)
-    tokenizer.model_max_length = 10**9
     return tokenizer
 
 
