@@ -38,7 +38,7 @@ from schemas.redis_keys import PREFIX, WORKERS_ZSET
 from workers.logs import configure_logging
 from workers.settings import ConfigurationError, WorkerSettings, load_settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.janitor")  # not __main__ under -m
 
 LOCK_KEY = PREFIX + "janitor:lock"
 

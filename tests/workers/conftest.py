@@ -12,6 +12,18 @@ import redis
 from tests.helpers.worker_process import JanitorProcess, WorkerProcess
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Alone-runs in the test process on one thread, as the test workers run: on a small shared machine
+    torch's thread pool, oversubscribed, makes the tiny model 10-20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.random_model import build_random_model
