@@ -29,7 +29,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
-from rq.utils import now, utcformat
+from rq.utils import now
 from rq.worker import BaseWorker
 from rq.worker_registration import clean_worker_registry
 
@@ -89,7 +89,7 @@ def sweep(
                     job.id,
                     job.worker_name or "?",
                 )
-                client.hset(job.key, "ended_at", utcformat(now()))  # RQ's cleanup leaves it unset
+                job.ended_at = now()  # RQ's cleanup leaves it unset; its job.save() writes it
             job.save_meta()  # retried jobs are saved whole by RQ, failed ones are not
             return True
 

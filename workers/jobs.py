@@ -17,7 +17,14 @@ from rq.job import Job
 
 from schemas.jobs import GenerationParams
 from workers.engine import Engine
-from workers.errors import EngineFailure, JobEnded, RequestFailed
+from workers.errors import (
+    EngineFailure,
+    JobCanceled,
+    JobEnded,
+    JobTimedOut,
+    RequestFailed,
+    WorkerShuttingDown,
+)
 from workers.submission import Submission
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,13 @@ log = logging.getLogger(__name__)
 WAIT_SLACK_S = 60.0
 WAIT_POLL_S = 1.0
 DEFAULT_RQ_TIMEOUT_S = 180  # RQ's Queue.DEFAULT_TIMEOUT, for a job enqueued without job_timeout
+
+# The word the per-job log line uses for each way a job can end (see workers/errors.py).
+OUTCOMES: dict[type[JobEnded], str] = {
+    JobCanceled: "canceled",
+    JobTimedOut: "timed out",
+    WorkerShuttingDown: "handed back",
+}
 
 _engine: Engine | None = None
 
@@ -58,16 +72,16 @@ def txt2img(params: dict) -> dict:
         timeout_s=job_timeout_s(job),
         enqueued_at=job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None,
     )
-    outcome = "succeeded"
+    outcome, detail = "succeeded", ""
     try:
         engine.submit(submission)
         _wait(submission, engine)
         return submission.outcome().model_dump()
     except JobEnded as error:
-        outcome = f"{error.error_type}: {error}"
+        outcome, detail = OUTCOMES.get(type(error), "failed"), f" [{error.error_type}: {error}]"
         raise
     finally:
-        _log_job(submission, outcome)
+        _log_job(submission, outcome, detail)
 
 
 def job_timeout_s(job: Job | None) -> float | None:
@@ -93,7 +107,7 @@ def _wait(submission: Submission, engine: Engine) -> None:
             submission.fail(EngineFailure(f"the worker's engine gave no answer within {bound_s:.0f} s"))
 
 
-def _log_job(submission: Submission, outcome: str) -> None:
+def _log_job(submission: Submission, outcome: str, detail: str) -> None:
     """The one INFO line per job."""
     params = submission.params
     now = time.time()
@@ -102,7 +116,7 @@ def _log_job(submission: Submission, outcome: str) -> None:
     queue_wait_s = (admitted if admitted is not None else now) - queued
     run_s = now - admitted if admitted is not None else 0.0
     log.info(
-        "job %s %s: %dx%d, %d steps, %d image(s), guidance %g, queue wait %.2f s, run %.2f s",
+        "job %s %s: %dx%d, %d steps, %d image(s), guidance %g, queue wait %.2f s, run %.2f s%s",
         submission.job_id,
         outcome,
         params.width,
@@ -112,4 +126,5 @@ def _log_job(submission: Submission, outcome: str) -> None:
         params.guidance_scale,
         max(0.0, queue_wait_s),
         run_s,
+        detail,
     )

@@ -14,6 +14,8 @@ from schemas.jobs import ImageRef, JobResult
 from schemas.redis_keys import image_key
 from workers.submission import Submission
 
+STORE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)  # between attempts to store a job's PNGs
+
 
 class ResultWriter:
     def __init__(self, client: redis.Redis, model_name: str, ttl_s: int) -> None:
@@ -41,11 +43,23 @@ class ResultWriter:
             )
             pngs.append(encode_png(image, parameters))
             refs.append(ImageRef(index=index, seed=seed, key=image_key(submission.job_id, index)))
-        with self.client.pipeline(transaction=False) as pipe:
-            for ref, png in zip(refs, pngs, strict=True):
-                pipe.set(ref.key, png, ex=self.ttl_s)
-            pipe.execute()
+        self._set_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)})
         return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
+
+    def _set_all(self, values: dict[str, bytes]) -> None:
+        """SET every key with the TTL; a short Redis outage is waited out (the pictures cost far more
+        than a few seconds), a long one fails the job, which RQ then retries."""
+        for wait_s in (*STORE_RETRY_WAITS_S, None):
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for key, value in values.items():
+                        pipe.set(key, value, ex=self.ttl_s)
+                    pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if wait_s is None:
+                    raise
+                time.sleep(wait_s)
 
 
 def timings(submission: Submission, stored_at: float) -> dict[str, float]:

@@ -1,0 +1,58 @@
+"""The worker's settings: defaults, device-dependent defaults, and errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.device import resolve_runtime
+from workers.settings import ConfigurationError, load_settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_URL", "SD_MODEL", "SD_DEVICE", "SD_SLOTS", "SD_MAX_BATCH_ROWS", "SD_RESULT_TTL_S"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.result_ttl_s == 3600
+    assert settings.device == "auto" and settings.model is None
+
+
+def test_cpu_runtime_defaults() -> None:
+    runtime = resolve_runtime(load_settings(device="cpu"))
+    assert runtime.device == torch.device("cpu")
+    assert runtime.dtype == torch.float32 and runtime.vae_dtype == torch.float32
+    assert (runtime.max_batch_rows, runtime.vae_batch, runtime.slots) == (8, 4, 4)
+
+
+def test_explicit_values_win() -> None:
+    runtime = resolve_runtime(
+        load_settings(device="cpu", max_batch_rows=6, slots=2, vae_batch=1, dtype="bfloat16")
+    )
+    assert (runtime.max_batch_rows, runtime.slots, runtime.vae_batch) == (6, 2, 1)
+    assert runtime.dtype == torch.bfloat16
+
+
+def test_env_vars_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("SD_MAX_BATCH_ROWS", "12")
+    monkeypatch.setenv("SD_TEST_OOM_ABOVE_ROWS", "4")
+    settings = load_settings()
+    assert settings.redis_url == "redis://example:6380/2"
+    assert settings.max_batch_rows == 12 and settings.test_oom_above_rows == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SD_MAX_BATCH_ROWS": "0"}, "SD_MAX_BATCH_ROWS"),
+        ({"SD_DEVICE": "tpu"}, "SD_DEVICE"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"SD_DTYPE": "float8"}, "SD_DTYPE"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: dict, named: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigurationError, match=named):
+        load_settings()
