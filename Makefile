@@ -25,6 +25,7 @@ run: $(STAMP)
 
 ## test: the whole suite; the tests start their own redis-server and processes
 test: $(STAMP)
+	@scripts/ensure_test_tools.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

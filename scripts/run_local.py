@@ -26,6 +26,15 @@ READY_TIMEOUT_S = float(os.environ.get("SD_RUN_READY_TIMEOUT_S", "300"))
 STOP_TIMEOUT_S = 30.0
 
 
+def service_commands(host: str, port: str) -> dict[str, list[str]]:
+    """What each process runs, as `python -m ...` arguments (docker-compose.yml runs the same)."""
+    return {
+        "api": ["uvicorn", "service.app:app", "--host", host, "--port", port],
+        "worker": ["workers.main"],
+        "janitor": ["workers.janitor"],
+    }
+
+
 def say(message: str) -> None:
     print(f"[make run] {message}", flush=True)
 
@@ -53,6 +62,7 @@ class Launcher:
         # own session: Ctrl-C reaches only this launcher, which stops the children in order
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.children.append((name, proc))
+        say(f"started {name} (pid {proc.pid})")
         return proc
 
     def start_redis(self, env: dict[str, str]) -> str:
@@ -65,7 +75,17 @@ class Launcher:
             sys.exit(1)
         port = free_port()
         self.redis_dir = tempfile.mkdtemp(prefix="sdserve-redis-")
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
         argv += ["--dir", self.redis_dir, "--maxmemory-policy", "noeviction"]
         self.spawn("redis", argv, env)
         deadline = time.monotonic() + 10
@@ -136,17 +156,15 @@ def main() -> None:
     port = env.get("PORT", "8000")
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
-    python = sys.executable
-    launcher.spawn("api", [python, "-m", "uvicorn", "service.app:app", "--host", host, "--port", port], env)
-    launcher.spawn("worker", [python, "-m", "workers.main"], env)
-    launcher.spawn("janitor", [python, "-m", "workers.janitor"], env)
+    for name, argv in service_commands(host, port).items():
+        launcher.spawn(name, [sys.executable, "-m", *argv], env)
     say("waiting for the API and a worker (the worker loads the model)...")
     wait_ready(launcher, url)
     say(f"ready: {url}  (API docs: {url}/docs)")
     say(
         "try:\n"
         f"  curl -s -X POST {url}/v1/txt2img -H 'Content-Type: application/json' \\\n"
-        "       -d '{\"prompt\": \"a red circle in the top left on a blue background\", \"seed\": 1}'\n"
+        '       -d \'{"prompt": "a red circle in the top left on a blue background", "seed": 1}\'\n'
         f"  curl -s {url}/v1/jobs/JOB_ID\n"
         f"  curl -s -o out.png {url}/v1/jobs/JOB_ID/images/0.png\n"
         "Ctrl-C stops everything."

@@ -1,0 +1,102 @@
+"""The README's configuration table, generated from the settings classes so it cannot drift.
+
+    python scripts/env_table.py            # print the table
+    python scripts/env_table.py --write    # replace the table in README.md between its markers
+
+tests/test_readme.py checks that README.md holds exactly this table and that every environment
+variable the code reads appears in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+START = "<!-- env-table:start -->"
+END = "<!-- env-table:end -->"
+
+# Variables read outside the two settings classes: (name, default, meaning, read by).
+EXTRA = [
+    ("PORT", "8000", "port of the API (`make run`, compose)", "make run, compose"),
+    ("HOST", "127.0.0.1", "interface the API listens on under `make run`", "make run"),
+    ("SD_RUN_READY_TIMEOUT_S", "300", "`make run`: how long to wait for `/readyz`", "make run"),
+    (
+        "SD_CACHE_DIR",
+        "~/.cache/sdserve",
+        "where a random default model is built when no embedded model exists",
+        "worker, CLI",
+    ),
+    (
+        "SD_MODEL_DIR",
+        "./model-store",
+        "compose: host folder mounted read-only at /models in the GPU worker",
+        "compose",
+    ),
+    (
+        "TORCH_FLAVOR",
+        "cu128",
+        "compose: PyTorch wheel index of the GPU worker image (cu126, cu128, cpu...)",
+        "compose",
+    ),
+    (
+        "COMPOSE_PROFILES",
+        "gpu (.env)",
+        "compose: `gpu` starts the CUDA worker, `cpu` the CPU worker",
+        "compose",
+    ),
+]
+
+
+def env_name(field: str, alias: object) -> str:
+    return alias if isinstance(alias, str) else f"SD_{field.upper()}"
+
+
+def settings_rows() -> dict[str, list[str]]:
+    from service.settings import Settings
+    from workers.settings import WorkerSettings
+
+    rows: dict[str, list[str]] = {}
+    for who, cls in (("api", Settings), ("worker", WorkerSettings)):
+        for field, info in cls.model_fields.items():
+            name = env_name(field, info.validation_alias)
+            default = info.default
+            shown = "(empty)" if default in ("", (), None) else str(default)
+            if name in rows:
+                rows[name][3] += f", {who}"
+                continue
+            rows[name] = [name, shown, info.description or "", who]
+    return rows
+
+
+def table() -> str:
+    rows = settings_rows()
+    for name, default, meaning, who in EXTRA:
+        rows[name] = [name, default, meaning, who]
+    lines = ["| variable | default | meaning | read by |", "|---|---|---|---|"]
+    for name in sorted(rows, key=lambda n: (n != "REDIS_URL", n)):
+        name, default, meaning, who = rows[name]
+        lines.append(f"| `{name}` | `{default}` | {meaning} | {who} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    args = parser.parse_args()
+    text = table()
+    if not args.write:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    content = readme.read_text(encoding="utf-8")
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

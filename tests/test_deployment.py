@@ -1,0 +1,156 @@
+"""Deployment files: compose validates for every profile and runs what `make run` runs; the README
+documents both commands first and every environment variable the code reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    first_block = README.split("```", 2)[1]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
+    assert commands[:2] == ["make run", "make test"]
+
+
+def test_ci_runs_make_test() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in script
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_readme_env_table_is_generated_from_the_settings() -> None:
+    table = load_script("env_table").table()
+    assert table in README, "README's table is stale: run python scripts/env_table.py --write"
+
+
+def env_vars_read_by_code() -> set[str]:
+    """Every variable the code reads: settings fields and direct os.environ / getenv reads."""
+    names = set(load_script("env_table").settings_rows())
+    pattern = re.compile(
+        r"""(?:os\.environ\.get|os\.getenv|os\.environ\.setdefault|environ\[)\(?\s*["']([A-Z][A-Z0-9_]+)["']"""
+    )
+    for folder in ("models", "workers", "service", "schemas", "scripts", "training"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names |= set(pattern.findall(path.read_text(encoding="utf-8")))
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", compose_text))
+    return names
+
+
+def test_every_env_var_is_in_the_readme_table() -> None:
+    table = README.split("<!-- env-table:start -->")[1].split("<!-- env-table:end -->")[0]
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)`", table, flags=re.MULTILINE))
+    missing = env_vars_read_by_code() - documented
+    assert not missing, f"environment variables missing from README's table: {sorted(missing)}"
+
+
+def python_module_args(command: list[str]) -> list[str]:
+    """['python', '-m', 'x', ...] -> ['x', ...]; ['uvicorn', ...] -> ['uvicorn', ...]."""
+    return command[2:] if command[:2] == ["python", "-m"] else command
+
+
+def without_host_port(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--host", "--port"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def test_compose_services_run_what_make_run_runs() -> None:
+    local = load_script("run_local").service_commands("127.0.0.1", "8000")
+    services = COMPOSE["services"]
+    compose_commands = {
+        "api": services["api"]["command"],
+        "worker": services["worker"]["command"],
+        "worker-cpu": services["worker-cpu"]["command"],
+        "janitor": services["janitor"]["command"],
+    }
+    for compose_name, local_name in (
+        ("api", "api"),
+        ("worker", "worker"),
+        ("worker-cpu", "worker"),
+        ("janitor", "janitor"),
+    ):
+        assert without_host_port(python_module_args(compose_commands[compose_name])) == without_host_port(
+            local[local_name]
+        ), compose_name
+
+
+def test_compose_contract() -> None:
+    services = COMPOSE["services"]
+    redis_cmd = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
+    assert services["redis"]["image"].startswith("redis:7")
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    gpu = services["worker"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert any(v.endswith(":/models:ro") for v in gpu["volumes"])
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert "SD_MODEL" not in services["worker-cpu"]["environment"]  # the embedded model
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+        for dep in (service.get("depends_on") or {}).values():
+            assert dep["condition"] in ("service_healthy", "service_started")
+        if name != "janitor":
+            assert "healthcheck" in service, name
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    # the janitor is not the GPU worker, and its image has no torch
+    assert services["janitor"]["image"] == services["api"]["image"]
+
+
+@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
+def test_compose_file_validates(profile: str | None) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed (make test installs it with apt-get)")
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    argv = [binary] + (["--profile", profile] if profile else []) + ["config", "-q"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_api_image_has_no_torch() -> None:
+    assert "COPY models" not in (ROOT / "docker" / "api.Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
+    ]
+    names = [re.split(r"[<>=\[ ]", line, maxsplit=1)[0].lower() for line in lines if line]
+    assert "torch" not in names and "transformers" not in names
+    assert set(names) <= deps, set(names) - deps
+
+
+def test_images_run_as_non_root() -> None:
+    for name in ("api.Dockerfile", "worker.Dockerfile"):
+        text = (ROOT / "docker" / name).read_text()
+        assert "\nUSER sdserve" in text, name
+    assert (ROOT / ".dockerignore").is_file()
