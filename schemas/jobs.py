@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,7 +14,7 @@ JOB_FUNCTION = "workers.jobs.txt2img"
 SEED_MAX = 2**32 - 1
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """The statuses a client sees (RQ's own statuses are mapped onto these by the API)."""
 
     QUEUED = "queued"
