@@ -154,13 +154,17 @@ class Engine:
                 pass
         except BaseException as error:  # a bug in the loop itself: fail loudly, lose no job
             self.failure = error
-            log.critical("the engine crashed; its jobs fail (and are retried elsewhere)", exc_info=True)
+            log.critical("the engine crashed; its running jobs fail (RQ may retry them)", exc_info=True)
             with self._cond:
-                abandoned = [*self._running, *self._waiting]
+                running, waiting = list(self._running), list(self._waiting)
                 self._running.clear()
                 self._waiting.clear()
-            for submission in abandoned:
+            for submission in running:
                 self._end(submission, EngineFailure(f"the worker's engine crashed: {error!r}"))
+            for submission in waiting:  # never started here: back to the queue, no retry used up
+                self._end(
+                    submission, WorkerShuttingDown("the worker's engine crashed before starting the job")
+                )
         finally:
             self._writer.shutdown(wait=True)  # jobs already denoised still get their PNGs stored
             log.info("engine stopped")
@@ -364,9 +368,10 @@ class Engine:
             self._decode_and_store(denoised)
 
     def _decode_and_store(self, submissions: list[Submission]) -> None:
-        images = [image for s in submissions for image in s.images]
+        # each job's images, taken once: a slot may end a job (and drop its images) meanwhile
+        groups = [(s, list(s.images)) for s in submissions]
         try:
-            pictures = self._decode(images)
+            pictures = self._decode([image for _, images in groups for image in images])
         except Exception as error:
             if len(submissions) > 1:
                 log.warning(
@@ -379,10 +384,9 @@ class Engine:
             self._end(submissions[0], RequestFailed(f"decoding the images failed: {error}", "DecodingFailed"))
             return
         offset = 0
-        for submission in submissions:
-            count = len(submission.images)
-            self._writer.submit(self._write, submission, pictures[offset : offset + count])
-            offset += count
+        for submission, images in groups:
+            self._writer.submit(self._write, submission, pictures[offset : offset + len(images)])
+            offset += len(images)
 
     def _decode(self, images: Sequence[ActiveImage]) -> list[np.ndarray]:
         while True:
@@ -401,6 +405,8 @@ class Engine:
 
     def _write(self, submission: Submission, pictures: Sequence[np.ndarray]) -> None:
         """Writer pool: encode and store the PNGs, then wake the job's slot."""
+        if submission.finished:  # its slot gave up on it meanwhile
+            return
         try:
             result = self._results.store(submission, pictures)
         except Exception as error:

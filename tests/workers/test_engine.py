@@ -13,7 +13,7 @@ from models.sampler import Sampler, generate
 from schemas.jobs import GenerationParams, ImageRef, JobResult
 from tests.workers.support import max_pixel_diff, params, wait_until
 from workers.engine import Engine, EngineConfig
-from workers.errors import JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
+from workers.errors import EngineFailure, JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
 from workers.submission import Submission, to_request
 
 
@@ -239,3 +239,21 @@ def test_drain_lets_running_jobs_finish_within_the_deadline(make_engine) -> None
     finish([job])
     assert job.error is None
     assert engine.join(30)
+
+
+def test_a_crash_of_the_loop_itself_loses_no_job(make_engine) -> None:
+    engine, _, progress = make_engine(max_batch_rows=2, start=False)
+    running = submit(engine, "running", steps=50)
+    waiting = submit(engine, "waiting", steps=5)  # no room beside the first: never starts
+
+    def broken_sync(_progress):
+        raise RuntimeError("a bug in the loop")
+
+    progress.sync = broken_sync
+    engine.start()
+    finish([running, waiting])
+    assert isinstance(running.error, EngineFailure) and running.error.retryable
+    assert isinstance(waiting.error, WorkerShuttingDown)  # back to the queue, no retry used up
+    assert engine.join(30) and isinstance(engine.failure, RuntimeError)
+    with pytest.raises(WorkerShuttingDown):
+        submit(engine, "late")
