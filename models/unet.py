@@ -202,7 +202,7 @@ class UNet2DConditionModel(nn.Module):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         t_emb = timestep_embedding(
-            timesteps.reshape(-1).expand(batch),
+            timesteps.to(sample.device).reshape(-1).expand(batch),
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

@@ -187,3 +187,19 @@ def test_models_do_not_import_diffusers():
             else:
                 continue
             assert not any(m.split(".")[0] == "diffusers" for m in imported), (name, imported)
+
+
+def test_compiles_as_one_graph():
+    """No graph breaks (no data-dependent Python control flow): fit for torch.compile / CUDA graphs.
+    The "eager" backend only traces, so this stays fast; SD2 (linear projections, per-block heads,
+    upcast) and SD1 share every code path that matters here."""
+    config = tiny_config("sd2")["unet"]
+    ours = UNet2DConditionModel(UNetConfig.from_dict(config)).eval()
+    sample, timesteps, context = inputs(config, (2, 4, 9, 7))
+    mask = torch.ones(context.shape[:2], dtype=torch.bool)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(sample, timesteps, context, mask), ours(sample, timesteps, context, mask), rtol=0, atol=0
+        )

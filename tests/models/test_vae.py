@@ -160,3 +160,15 @@ def test_convert_deprecated_attention_keys(models):
     assert convert_deprecated_vae_attention_keys(converted).keys() == converted.keys()
     untouched = {"decoder.up_blocks.0.attentions.0.query.weight": torch.zeros(1)}
     assert convert_deprecated_vae_attention_keys(untouched).keys() == untouched.keys()
+
+
+def test_compiles_as_one_graph(models):
+    """No graph breaks: fit for torch.compile / CUDA graphs (the "eager" backend only traces)."""
+    _, ours = models
+    latent, image = randn(1, 4, 5, 3), randn(1, 3, 16, 24)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        decoded = torch.compile(ours.decode, fullgraph=True, backend="eager")(latent)
+        mean, logvar = torch.compile(ours.encode, fullgraph=True, backend="eager")(image)
+        torch.testing.assert_close(decoded, ours.decode(latent), rtol=0, atol=0)
+        torch.testing.assert_close(mean, ours.encode(image)[0], rtol=0, atol=0)
