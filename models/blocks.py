@@ -112,9 +112,8 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
-    def forward(
-        self, x: Tensor, size: tuple[int, int] | None = None
-    ) -> Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        # (B, C, H, W) -> (B, C, *size) or (B, C, 2H, 2W)
         # nearest-upsample kernels have failed on large batches / outputs over 2**31 elements with
         # non-contiguous inputs (diffusers issue 984, pytorch issue 141831); the copy is rarely needed
         if x.shape[0] >= 64 or x.numel() * 2 > 2**31:

@@ -82,6 +82,30 @@ def test_matches_diffusers(models, shape):
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
 
 
+def test_other_supported_options_match_diffusers():
+    """Options SD does not use but the config accepts: input centring, 2 transformer layers in one
+    block, 2 resnets per block, sin-first embedding with a frequency shift, another norm eps."""
+    config = {
+        **tiny_config("sd1")["unet"],
+        "center_input_sample": True,
+        "transformer_layers_per_block": [1, 2, 1],
+        "layers_per_block": 2,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "norm_eps": 1e-6,
+    }
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**diffusers_kwargs(config)).eval()
+    randomize_(reference, seed=4)
+    ours = UNet2DConditionModel(UNetConfig.from_dict(config)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    sample, timesteps, context = inputs(config, (2, 4, 9, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(sample, timesteps, context), reference(sample, timesteps, context).sample, rtol=0, atol=ATOL
+        )
+
+
 def test_float_timesteps_match_diffusers(models):
     reference, ours, config = models
     sample, _, context = inputs(config, (2, 4, 8, 8))
