@@ -226,14 +226,15 @@ class Transformer2DModel(nn.Module):
     ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
-        if use_linear_projection:
-            self.proj_in: nn.Linear | nn.Conv2d = nn.Linear(channels, channels)
-            self.proj_out: nn.Linear | nn.Conv2d = nn.Linear(channels, channels)
-        else:
-            self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
-            self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+        # registration order as diffusers' (proj_in, blocks, proj_out): same state-dict key order
+        self.proj_in = (
+            nn.Linear(channels, channels) if use_linear_projection else nn.Conv2d(channels, channels, 1)
+        )
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, context_dim, upcast) for _ in range(num_layers)]
+        )
+        self.proj_out = (
+            nn.Linear(channels, channels) if use_linear_projection else nn.Conv2d(channels, channels, 1)
         )
 
     @staticmethod

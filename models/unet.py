@@ -43,7 +43,8 @@ class DownBlock2D(nn.Module):
     """Resnets, each followed by a spatial transformer in a cross-attention block, then a stride-2
     conv unless it is the last block. Stands for diffusers' CrossAttnDownBlock2D and DownBlock2D
     (the latter has no `attentions`). Returns every resnet/transformer output and the downsampled
-    output as skip connections."""
+    output as skip connections. Submodules are registered in diffusers' order (attentions,
+    resnets, downsamplers) so the state-dict keys come in the same order too."""
 
     def __init__(self, config: UNetConfig, index: int) -> None:
         super().__init__()
@@ -51,6 +52,11 @@ class DownBlock2D(nn.Module):
         in_channels, out_channels = channels[max(index - 1, 0)], channels[index]
         self.has_cross_attention = config.down_block_types[index] == "CrossAttnDownBlock2D"
         num_layers = config.layers_per_block[index]
+        self.attentions = nn.ModuleList(
+            [_spatial_transformer(config, index, out_channels) for _ in range(num_layers)]
+            if self.has_cross_attention
+            else []
+        )
         self.resnets = nn.ModuleList(
             [
                 ResnetBlock2D(
@@ -62,11 +68,6 @@ class DownBlock2D(nn.Module):
                 )
                 for j in range(num_layers)
             ]
-        )
-        self.attentions = nn.ModuleList(
-            [_spatial_transformer(config, index, out_channels) for _ in range(num_layers)]
-            if self.has_cross_attention
-            else []
         )
         is_last = index == len(channels) - 1
         self.downsamplers = None if is_last else nn.ModuleList([Downsample2D(out_channels, padding=1)])
@@ -92,6 +93,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         channels = config.block_out_channels[-1]
+        self.attentions = nn.ModuleList(
+            [_spatial_transformer(config, len(config.block_out_channels) - 1, channels)]
+        )
         self.resnets = nn.ModuleList(
             [
                 ResnetBlock2D(
@@ -99,9 +103,6 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                 )
                 for _ in range(2)
             ]
-        )
-        self.attentions = nn.ModuleList(
-            [_spatial_transformer(config, len(config.block_out_channels) - 1, channels)]
         )
 
     def forward(
@@ -127,6 +128,11 @@ class UpBlock2D(nn.Module):
         skip_in = rev_channels[min(index + 1, n - 1)]  # channels of the deepest skip this block eats
         num_layers = config.layers_per_block[mirror] + 1
         self.has_cross_attention = config.up_block_types[index] == "CrossAttnUpBlock2D"
+        self.attentions = nn.ModuleList(
+            [_spatial_transformer(config, mirror, out_channels) for _ in range(num_layers)]
+            if self.has_cross_attention
+            else []
+        )
         self.resnets = nn.ModuleList(
             [
                 ResnetBlock2D(
@@ -139,11 +145,6 @@ class UpBlock2D(nn.Module):
                 )
                 for j in range(num_layers)
             ]
-        )
-        self.attentions = nn.ModuleList(
-            [_spatial_transformer(config, mirror, out_channels) for _ in range(num_layers)]
-            if self.has_cross_attention
-            else []
         )
         self.upsamplers = None if index == n - 1 else nn.ModuleList([Upsample2D(out_channels)])
 
@@ -176,9 +177,10 @@ class UNet2DConditionModel(nn.Module):
         n = len(channels)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], _time_embed_dim(config))
+        # registration order as diffusers' (down, up, mid): the same state-dict key order
         self.down_blocks = nn.ModuleList([DownBlock2D(config, i) for i in range(n)])
-        self.mid_block = UNetMidBlock2DCrossAttn(config)
         self.up_blocks = nn.ModuleList([UpBlock2D(config, i) for i in range(n)])
+        self.mid_block = UNetMidBlock2DCrossAttn(config)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 

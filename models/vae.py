@@ -44,10 +44,10 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
         super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)] if add_attention else [])
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(channels, channels, None, groups, VAE_RESNET_EPS) for _ in range(2)]
         )
-        self.attentions = nn.ModuleList([VAEAttention(channels, groups)] if add_attention else [])
 
     def forward(self, h: Tensor) -> Tensor:  # (B, C, H, W)
         h = self.resnets[0](h)
@@ -146,7 +146,6 @@ class Decoder(nn.Module):
         rev_channels = config.block_out_channels[::-1]
         groups = config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, rev_channels[0], kernel_size=3, padding=1)
-        self.mid_block = UNetMidBlock2D(rev_channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             [
                 UpDecoderBlock2D(
@@ -159,6 +158,7 @@ class Decoder(nn.Module):
                 for i in range(len(rev_channels))
             ]
         )
+        self.mid_block = UNetMidBlock2D(rev_channels[0], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, rev_channels[-1], eps=VAE_RESNET_EPS)
         self.conv_out = nn.Conv2d(rev_channels[-1], config.out_channels, kernel_size=3, padding=1)
 

@@ -289,7 +289,7 @@ def test_diffusers_saved_config_round_trips(tmp_path, name):
     ("unet", "vae"), [(SD15_UNET, SD15_VAE), (SD21_UNET, SD21_VAE)], ids=["sd15", "sd21"]
 )
 def test_full_size_models_match_diffusers_parameters(unet, vae):
-    """Built on the meta device (no memory, no init): same state-dict keys and shapes as diffusers."""
+    """Built on the meta device (no memory, no init): the same state dict layout as diffusers'."""
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         pairs = [
@@ -300,9 +300,10 @@ def test_full_size_models_match_diffusers_parameters(unet, vae):
             (AutoencoderKL(VAEConfig.from_dict(vae)), diffusers.AutoencoderKL(**diffusers_kwargs(vae))),
         ]
     for ours, reference in pairs:
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {
-            k: v.shape for k, v in reference.state_dict().items()
-        }
+        # same keys, shapes and key order (modules registered in diffusers' order)
+        assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+            (k, v.shape) for k, v in reference.state_dict().items()
+        ]
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
     if unet is SD15_UNET:
         assert sum(p.numel() for p in pairs[0][0].parameters()) == SD15_UNET_PARAMS
