@@ -236,5 +236,5 @@ class UNet2DConditionModel(nn.Module):
             # upsample to the next skip's size, not blindly 2x, so odd sizes line up
             upsample_size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
             h = block(h, block_skips, temb, encoder_hidden_states, mask, upsample_size)
-        h = F.silu(self.conv_norm_out(h))
+        h = F.silu(self.conv_norm_out(h), inplace=True)
         return self.conv_out(h)

@@ -135,7 +135,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
 
 
 class AutoencoderKL(nn.Module):
