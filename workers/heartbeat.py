@@ -2,6 +2,7 @@
 
 - SET worker_info_key(name) = WorkerInfo JSON (model, sizes, limits, engine counters), TTL of a few
   beats, and ZADD WORKERS_ZSET name -> now: what the API serves defaults, /readyz and /metrics from;
+- touch the health file (workers/healthcheck.py) while the engine thread lives;
 - keep every running job alive in RQ: its StartedJobRegistry entry, execution and job hash, and its
   slot's worker key. RQ's SimpleWorker refreshes none of them during a job (only the forking
   Worker's parent does), so without this a long job would look abandoned to the janitor, and with
@@ -15,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 from redis.exceptions import RedisError
@@ -22,6 +24,7 @@ from rq.utils import now, utcformat
 
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
 from schemas.workers import EngineStats, WorkerInfo
+from workers.healthcheck import touch
 from workers.slots import SlotPool
 
 log = logging.getLogger(__name__)
@@ -55,12 +58,16 @@ class Heartbeat:
         stats: Callable[[], EngineStats],
         slots: SlotPool,
         job_heartbeat_ttl_s: int,
+        engine_alive: Callable[[], bool] = lambda: True,
+        health_file: Path | None = None,
     ) -> None:
         self.client = client
         self.info = info
         self._stats = stats
         self._slots = slots
         self._job_ttl_s = job_heartbeat_ttl_s
+        self._engine_alive = engine_alive
+        self._health_file = health_file  # touched on each beat while the engine lives (container health)
         self._keep_alive = client.register_script(_KEEP_JOB_ALIVE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +98,11 @@ class Heartbeat:
             self.beat_safely()
 
     def beat_safely(self) -> None:
+        if self._health_file is not None and self._engine_alive():
+            try:
+                touch(self._health_file)
+            except OSError as error:
+                log.warning("cannot write the health file %s: %s", self._health_file, error)
         try:
             self.beat()
         except RedisError as error:

@@ -32,9 +32,9 @@ from schemas.workers import WorkerInfo
 from workers import jobs
 from workers.device import Runtime, dtype_name, resolve_runtime
 from workers.engine import Engine, EngineConfig
+from workers.healthcheck import HEARTBEAT_FILE
 from workers.heartbeat import Heartbeat
-from workers.janitor import sweep
-from workers.logs import configure_logging
+from workers.janitor import configure_logging, sweep
 from workers.progress import RedisProgress
 from workers.results import ResultWriter
 from workers.settings import ConfigurationError, WorkerSettings, load_settings
@@ -107,7 +107,15 @@ class WorkerProcess:
             heartbeat_at=stamp,
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
-        self.heartbeat = Heartbeat(client, info, self.engine.stats, self.slots, settings.job_heartbeat_ttl_s)
+        self.heartbeat = Heartbeat(
+            client,
+            info,
+            self.engine.stats,
+            self.slots,
+            settings.job_heartbeat_ttl_s,
+            engine_alive=lambda: self.engine.alive,
+            health_file=HEARTBEAT_FILE,
+        )
         self._stop = threading.Event()
         self._signals = 0
 

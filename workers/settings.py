@@ -1,9 +1,11 @@
-"""The worker's and the janitor's configuration: environment variables read once into one object.
+"""The worker's configuration: environment variables read once into one object.
 
 Every variable but REDIS_URL carries the `SD_` prefix; names shared with the API mean the same
-thing there. Nothing here imports torch (the janitor must stay light): the device-dependent
-defaults (`None` below) are resolved by `workers.device` once the device is known.
-Invalid values stop the process at start-up with a message naming the variable and its bounds.
+thing there. It extends the janitor's settings (workers/janitor.py, self-contained because the API
+image ships that one file), so both processes agree on every shared variable and default.
+Nothing here imports torch: the device-dependent defaults (`None` below) are resolved by
+`workers.device` once the device is known. Invalid values stop the process at start-up with a
+message naming the variable and its bounds.
 """
 
 from __future__ import annotations
@@ -13,21 +15,16 @@ import socket
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+from workers.janitor import ConfigurationError, JanitorSettings, load_settings_class
+
+__all__ = ["ConfigurationError", "WorkerSettings", "get_settings", "load_settings"]
+
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SD_", populate_by_name=True, frozen=True, extra="ignore")
-
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", description="Redis holding queue and images"
-    )
-    redis_socket_timeout_s: float = Field(5.0, gt=0, le=60, description="per Redis command")
-
+class WorkerSettings(JanitorSettings):
     # --- the model -------------------------------------------------------------------------------
     model: str | None = Field(
         None, description="model folder or checkpoint file (default: the embedded model)"
@@ -64,35 +61,13 @@ class WorkerSettings(BaseSettings):
     # --- Redis lifetimes and liveness ------------------------------------------------------------
     result_ttl_s: int = Field(3600, ge=1, description="how long PNGs and progress stay in Redis")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="worker info + running jobs' heartbeat")
-    job_heartbeat_ttl_s: int = Field(
-        30,
-        ge=2,
-        le=3600,
-        description="a running job not heartbeated this long is abandoned (janitor retries it)",
-    )
-    worker_stale_s: float = Field(30.0, gt=0, description="a worker not heartbeating this long is dead")
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: time given to running jobs to finish")
     worker_name: str | None = Field(None, description="name in Redis (default: hostname-pid)")
-    janitor_interval_s: float = Field(10.0, gt=0, le=3600, description="janitor: seconds between sweeps")
-
-    log_level: LogLevel = Field("INFO", description="level of the project's loggers")
 
     # TEST ONLY: every UNet call of more than this many rows raises a simulated out-of-memory error.
     test_oom_above_rows: int | None = Field(
         None, ge=1, description="TEST ONLY: simulate CUDA OOM above N rows"
     )
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
 
     @field_validator("device")
     @classmethod
@@ -108,24 +83,9 @@ class WorkerSettings(BaseSettings):
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
-class ConfigurationError(RuntimeError):
-    """The environment holds an invalid setting; the message names the variables."""
-
-
-def env_name(field: str) -> str:
-    return "REDIS_URL" if field == "redis_url" else f"SD_{field.upper()}"
-
-
 def load_settings(**overrides: object) -> WorkerSettings:
     """Settings from the environment (and `overrides`), or ConfigurationError with a clear message."""
-    try:
-        return WorkerSettings(**overrides)
-    except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            name = env_name(str(item["loc"][0])) if item["loc"] else "settings"
-            lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
-        raise ConfigurationError("invalid configuration: " + "; ".join(lines)) from None
+    return load_settings_class(WorkerSettings, **overrides)
 
 
 @lru_cache(maxsize=1)
