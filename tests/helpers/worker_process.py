@@ -67,6 +67,7 @@ class _ManagedProcess:
     def logs(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -96,7 +97,10 @@ class _ManagedProcess:
             self.proc.wait(timeout=10)
 
     def __enter__(self):
-        return self.start()
+        """`with WorkerProcess(env) as w:` and `with WorkerProcess(env).start() as w:` both start it once."""
+        if self.proc is None:
+            self.start()
+        return self
 
     def __exit__(self, *_: object) -> None:
         self.stop()

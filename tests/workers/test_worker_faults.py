@@ -128,7 +128,7 @@ def test_worker_reconnects_after_redis_restarts(client, redis_server, start_work
     client.connection_pool.disconnect()
     after = [enqueue(client, params(seed=s)).id for s in (2, 3)]
     assert set(wait_terminal(client, after, JOBS_BOUND_S).values()) == {"finished"}
-    assert worker.running()
+    assert worker.running
     wait_until(lambda: worker.name in live_worker_names(client), 30, "the worker's heartbeat to return")
     assert worker_info(client, worker.name).name == worker.name
 
