@@ -67,7 +67,7 @@ class EngineConfig:
     max_batch_rows: int  # UNet rows admitted into the batch (CFG: 2 per image)
     vae_batch: int  # latents per VAE decode call
     idle_wait_s: float = 0.5  # longest sleep with nothing to do (a submission wakes it at once)
-    writer_threads: int = 2  # PNG encoding + Redis SET, off the engine thread
+    writer_threads: int = 4  # PNG encoding (zlib releases the GIL) + Redis SET, off the engine thread
     test_oom_above_rows: int | None = None  # TEST ONLY, see workers/faults.py
 
 

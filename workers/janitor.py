@@ -59,7 +59,7 @@ class JanitorSettings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", description="Redis holding queue and images"
     )
-    redis_socket_timeout_s: float = Field(5.0, gt=0, le=60, description="per Redis command")
+    redis_socket_timeout_s: float = Field(2.0, gt=0, le=60, description="per Redis command (as the API)")
     job_heartbeat_ttl_s: int = Field(
         30,
         ge=2,
