@@ -3,11 +3,13 @@
     python bench/models_bench.py                       # tiny config + SD 1.5 architecture, CPU
     python bench/models_bench.py --configs sd15 --size 512 --steps 50 --device cuda --dtype float16
 
-Each side runs in its own subprocess (so peak memory is its own): it builds the model with seeded
-random weights (every parameter seeded from its name, so both sides get identical weights without
-copying), warms up, then times `--repeats` generations of one image (CFG, DDIM, `--steps` steps) and
-reports the median. Peak memory is the process's peak resident set (CPU) or the CUDA allocator's
-peak (GPU) during the timed runs. Prints a table; the ratio is ours / diffusers (lower is better).
+Both pipelines are built in one process with seeded random weights (every parameter seeded from
+its name, so both sides get identical weights without copying); after a warm-up each, their runs
+ALTERNATE (ours, diffusers, ours, ...) so the noise of a shared machine falls on both alike, and
+the median of `--repeats` generations of one image (CFG, DDIM, `--steps` steps) is reported.
+Peak memory is measured apart: each side alone in its own subprocess, one generation, the peak
+resident set (CPU) or the CUDA allocator's peak (GPU). Prints a table; the ratio is
+ours / diffusers (lower is better).
 """
 
 from __future__ import annotations
@@ -103,10 +105,8 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_side(
-    side: str, config_name: str, size: int, steps: int, repeats: int, device: str, dtype_name: str
-) -> dict:
-    """One side in this process; returns its timings and peak memory."""
+def build_side(side: str, config_name: str, size: int, steps: int, device: str, dtype_name: str):
+    """Build one side's pipeline; returns a function generating one image as (H, W, 3) uint8."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -116,7 +116,6 @@ def run_side(
     from models.sampler import GenerationRequest, generate
     from models.stable_diffusion import StableDiffusion
 
-    torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     configs = configs_for(config_name)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
@@ -147,64 +146,92 @@ def run_side(
         seed=1,
     )
     if side == "ours":
-        model = StableDiffusion(
-            "bench", unet, vae, text_encoder, tokenizer, DDIMSchedule.from_config(configs["scheduler"])
+        schedule = DDIMSchedule.from_config(configs["scheduler"])
+        model = StableDiffusion("bench", unet, vae, text_encoder, tokenizer, schedule)
+        return lambda: generate(model, request)[0]
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def once():
+        out = pipe(
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=request.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(request.seed)],
+            output_type="np",
         )
+        return (out.images[0] * 255).round().astype("uint8")
 
-        def once():
-            return generate(model, request)[0]
-    else:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    return once
 
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler.from_config(configs["scheduler"]),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
 
-        def once():
-            out = pipe(
-                request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=size,
-                height=size,
-                num_inference_steps=steps,
-                guidance_scale=request.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(request.seed)],
-                output_type="np",
-            )
-            return (out.images[0] * 255).round().astype("uint8")
+def timed(fn, device: str) -> tuple[float, object]:
+    import torch
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
-    image = once()  # warm-up
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with PeakRSS() as rss:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            image = once()
-            sync()
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
-    return {
-        "side": side,
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "peak_bytes": peak,
-        "image_mean": float(image.mean()),
-        "image": image.tolist() if size <= 64 else None,
+
+def time_both(config_name: str, size: int, steps: int, repeats: int, device: str, dtype_name: str) -> dict:
+    """Both sides in this process, runs alternating; medians and the pixel difference."""
+    import numpy as np
+
+    sides = {
+        side: build_side(side, config_name, size, steps, device, dtype_name) for side in ("ours", "diffusers")
     }
+    images = {side: fn() for side, fn in sides.items()}  # warm-up
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side, fn in sides.items():
+            elapsed, images[side] = timed(fn, device)
+            times[side].append(elapsed)
+    diff = int(np.abs(images["ours"].astype(int) - images["diffusers"].astype(int)).max())
+    return {
+        "times_s": times,
+        "median_s": {s: statistics.median(t) for s, t in times.items()},
+        "max_pixel_diff": diff,
+    }
+
+
+def peak_memory(side: str, config_name: str, size: int, steps: int, device: str, dtype_name: str) -> int:
+    """Peak bytes of one generation (after a warm-up) with only this side in the process."""
+    import torch
+
+    fn = build_side(side, config_name, size, steps, device, dtype_name)
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        timed(fn, device)
+        return torch.cuda.max_memory_allocated()
+    with PeakRSS() as rss:
+        timed(fn, device)
+    return rss.peak
+
+
+def subprocess_json(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
@@ -217,18 +244,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side and print JSON
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: time | ours | diffusers
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.side:
+    common = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    if args.mode:  # internal: one measurement in this process, printed as JSON
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_side(
-            args.side, args.config, args.size, args.steps, args.repeats, args.device, args.dtype
-        )
+        if args.mode == "time":
+            result = time_both(args.config, args.size, args.steps, args.repeats, args.device, args.dtype)
+        else:
+            result = {
+                "peak_bytes": peak_memory(
+                    args.mode, args.config, args.size, args.steps, args.device, args.dtype
+                )
+            }
         print("RESULT " + json.dumps(result))
         return
 
@@ -236,22 +269,11 @@ def main() -> None:
     for config in args.configs:
         size = args.size or (64 if config == "tiny" else 256)
         steps = args.steps or (20 if config == "tiny" else 3)
-        results = {}
-        for side in ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--side", side, "--config", config, "--size", str(size)]
-            cmd += ["--steps", str(steps), "--repeats", str(args.repeats), "--device", args.device]
-            cmd += ["--dtype", args.dtype, "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{side} {config} failed:\n{out.stderr[-3000:]}")
-            results[side] = json.loads(line[len("RESULT ") :])
-        ours, ref = results["ours"], results["diffusers"]
-        same = None
-        if ours["image"] is not None:
-            import numpy as np
-
-            same = int(np.abs(np.array(ours["image"]) - np.array(ref["image"])).max())
+        what = ["--config", config, "--size", str(size), "--steps", str(steps), *common]
+        timing = subprocess_json(["--mode", "time", "--repeats", str(args.repeats), *what])
+        peaks = {
+            side: subprocess_json(["--mode", side, *what])["peak_bytes"] for side in ("ours", "diffusers")
+        }
         rows.append(
             {
                 "config": config,
@@ -259,22 +281,27 @@ def main() -> None:
                 "steps": steps,
                 "device": args.device,
                 "dtype": args.dtype,
-                "ours_s": ours["median_s"],
-                "diffusers_s": ref["median_s"],
-                "ratio": ours["median_s"] / ref["median_s"],
-                "ours_peak_gb": ours["peak_bytes"] / 2**30,
-                "diffusers_peak_gb": ref["peak_bytes"] / 2**30,
-                "max_pixel_diff": same,
+                "repeats": args.repeats,
+                "ours_s": timing["median_s"]["ours"],
+                "diffusers_s": timing["median_s"]["diffusers"],
+                "ratio": timing["median_s"]["ours"] / timing["median_s"]["diffusers"],
+                "ours_peak_gb": peaks["ours"] / 2**30,
+                "diffusers_peak_gb": peaks["diffusers"] / 2**30,
+                "max_pixel_diff": timing["max_pixel_diff"],
+                "times_s": timing["times_s"],
             }
         )
 
-    header = f"{'config':8} {'size':>5} {'steps':>5} {'ours s/img':>11} {'diffusers s/img':>16} {'ratio':>6} {'ours peak GB':>13} {'diffusers peak GB':>18}"
+    header = (
+        f"{'config':7} {'size':>5} {'steps':>5} {'ours s/img':>11} {'diffusers s/img':>16} {'ratio':>6} "
+        f"{'ours peak GB':>13} {'diffusers peak GB':>18} {'max px diff':>12}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['config']:8} {r['size']:>5} {r['steps']:>5} {r['ours_s']:>11.3f} {r['diffusers_s']:>16.3f} "
-            f"{r['ratio']:>6.2f} {r['ours_peak_gb']:>13.2f} {r['diffusers_peak_gb']:>18.2f}"
+            f"{r['config']:7} {r['size']:>5} {r['steps']:>5} {r['ours_s']:>11.3f} {r['diffusers_s']:>16.3f} "
+            f"{r['ratio']:>6.2f} {r['ours_peak_gb']:>13.2f} {r['diffusers_peak_gb']:>18.2f} {r['max_pixel_diff']:>12}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
