@@ -1,0 +1,51 @@
+"""The prompt-following checker reads ground-truth renders right, and refuses to guess on blanks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.checker import detect, grid_cell, nearest_colour
+from training.evaluate import held_out_cases, score
+from training.shapes import COLOURS, make_dataset, render, scene_at
+
+
+def test_checker_reads_ground_truth_renders() -> None:
+    images, scenes = make_dataset(200, seed=11)
+    found = [detect(image) for image in images]
+    right = [
+        d is not None
+        and (d.colour, d.shape, d.position, d.background) == (s.colour, s.shape, s.position, s.background)
+        for d, s in zip(found, scenes, strict=True)
+    ]
+    assert np.mean(right) >= 0.995
+
+
+def test_checker_reads_held_out_renders() -> None:
+    cases = held_out_cases(per_triple=2)
+    rng = np.random.default_rng(0)
+    images = [render(scene_at(c.colour, c.shape, c.position, c.background, rng)) for c in cases]
+    accuracy = score(cases, [detect(image) for image in images])
+    assert accuracy == {"colour": 1.0, "position": 1.0, "shape": 1.0, "all_three": 1.0, "detected": 1.0}
+
+
+def test_blank_image_has_no_shape() -> None:
+    blank = np.full((64, 64, 3), COLOURS["green"], dtype=np.uint8)
+    assert detect(blank) is None
+    assert score(held_out_cases(1)[:1], [None])["colour"] == 0.0
+
+
+def test_largest_region_wins_over_specks() -> None:
+    image = render(scene_at("yellow", "circle", "top left", "black", np.random.default_rng(1)))
+    image[60:62, 60:62] = COLOURS["red"]  # a 4-pixel speck elsewhere
+    found = detect(image)
+    assert found is not None and (found.colour, found.shape, found.position) == (
+        "yellow",
+        "circle",
+        "top left",
+    )
+
+
+def test_helpers() -> None:
+    assert nearest_colour(np.array([200, 40, 50])) == "red"
+    assert grid_cell(5, 5, 64) == "top left" and grid_cell(32, 32, 64) == "center"
+    assert grid_cell(63.9, 63.9, 64) == "bottom right"

@@ -1,0 +1,216 @@
+"""The procedural captioned dataset: one coloured shape at a named position on a plain background.
+
+A scene is a shape (circle, square, triangle) of a named colour, centred near one of the nine
+cells of a 3x3 grid ("top left", "top", ..., "bottom right"), on a background of another named
+colour. Images are 64x64 RGB, rendered with numpy at 4x supersampling (anti-aliased edges), and
+captioned in varied natural phrases ("a red circle in the top left on a blue background",
+"top left: a red circle, blue background", ...). Everything is a pure function of a seed.
+
+Held-out combinations: the 24 (colour, shape, position) triples of `HELD_OUT` never appear in
+training; they are what the evaluation measures. For colour i (in `COLOURS` order) and shape j
+(in `SHAPES` order) the held-out position is `POSITIONS[(i + 3 * j) % 9]`. So every (colour, shape)
+pair keeps 8 of its 9 positions in training, every (colour, position) pair at least 2 of its 3
+shapes and every (shape, position) pair at least 7 of its 8 colours: the model has seen every
+word and every pair of words, never these triples.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 64  # pixels per side
+SUPERSAMPLE = 4  # render at 4x, then average 4x4 blocks: anti-aliased edges
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 225, 30),
+    "green": (30, 165, 50),
+    "blue": (30, 70, 225),
+    "purple": (140, 45, 190),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+# name -> (row, column) in the 3x3 grid
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "center": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
+}
+# other words a caption may use for a position (the parser maps them back)
+POSITION_SYNONYMS = {"middle": "center", "centre": "center"}
+
+CELL_CENTRES_PX = (12.0, 32.0, 52.0)  # centre of grid row/column 0, 1, 2 (the thirds' edges: 21.3, 42.7)
+JITTER_PX = 2.0  # shape centres move uniformly within +-JITTER_PX of their cell centre
+SIZE_RANGE_PX = (14.0, 18.0)  # side of the shape's bounding box, uniform
+
+COLOUR_NAMES = tuple(COLOURS)
+POSITION_NAMES = tuple(POSITIONS)
+
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    (colour, shape, POSITION_NAMES[(i + 3 * j) % len(POSITION_NAMES)])
+    for i, colour in enumerate(COLOUR_NAMES)
+    for j, shape in enumerate(SHAPES)
+)
+
+# Caption templates: {c} shape colour, {s} shape, {p} position phrase, {b} background colour.
+TEMPLATES = (
+    "a {c} {s} in the {p} on a {b} background",
+    "{p}: a {c} {s}, {b} background",
+    "a {b} background with a {c} {s} in the {p}",
+    "{c} {s}, {p}, {b} background",
+    "a {c} {s} at the {p} of a {b} background",
+    "there is a {c} {s} in the {p} on a {b} background",
+    "a {c} {s} on a {b} background, {p}",
+    "{b} background, {c} {s} in the {p}",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows, and exactly where (pixel units of the 64x64 image)."""
+
+    colour: str
+    shape: str
+    position: str
+    background: str
+    centre_x_px: float
+    centre_y_px: float
+    size_px: float
+
+    @property
+    def combination(self) -> tuple[str, str, str]:
+        """(colour, shape, position): the triple the held-out split is defined on."""
+        return (self.colour, self.shape, self.position)
+
+
+def position_phrase(position: str, rng: np.random.Generator) -> str:
+    """The words a caption uses for `position`: usually its name, sometimes a synonym."""
+    if position == "center" and rng.random() < 0.3:
+        return "middle"
+    return position
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A natural-language caption of `scene`, from a randomly chosen template."""
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    return template.format(
+        c=scene.colour, s=scene.shape, p=position_phrase(scene.position, rng), b=scene.background
+    )
+
+
+def canonical_caption(colour: str, shape: str, position: str, background: str) -> str:
+    """The first template's caption: the prompt form the evaluation uses by default."""
+    return TEMPLATES[0].format(c=colour, s=shape, p=position, b=background)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def parse_caption(text: str) -> tuple[str, str, str, str]:
+    """(colour, shape, position, background) named by a caption in any template's form.
+
+    The shape colour is the colour word right before the shape word; the background colour the
+    one right before "background"; the position the longest position phrase in the caption.
+    Raises ValueError when the caption does not name all four.
+    """
+    words = _WORD.findall(text.lower())
+    words = [POSITION_SYNONYMS.get(w, w) for w in words]
+    shape_at = [i for i, w in enumerate(words) if w in SHAPES]
+    background_at = [i for i, w in enumerate(words) if w == "background"]
+    if len(shape_at) != 1 or len(background_at) != 1:
+        raise ValueError(f"caption {text!r} must name exactly one shape and one background")
+    i, k = shape_at[0], background_at[0]
+    if i == 0 or words[i - 1] not in COLOURS or k == 0 or words[k - 1] not in COLOURS:
+        raise ValueError(f"caption {text!r}: no colour word before the shape or the background")
+    joined = " " + " ".join(words) + " "
+    position = next(
+        (p for p in sorted(POSITIONS, key=len, reverse=True) if f" {p} " in joined),
+        None,
+    )
+    if position is None:
+        raise ValueError(f"caption {text!r} names no position")
+    return words[i - 1], words[i], position, words[k - 1]
+
+
+def scene_at(colour: str, shape: str, position: str, background: str, rng: np.random.Generator) -> Scene:
+    """A scene with the given words and a random (jittered) centre and size."""
+    if colour == background:
+        raise ValueError(f"the shape colour and the background are both {colour!r}")
+    row, column = POSITIONS[position]
+    dx, dy = rng.uniform(-JITTER_PX, JITTER_PX, size=2)
+    return Scene(
+        colour=colour,
+        shape=shape,
+        position=position,
+        background=background,
+        centre_x_px=CELL_CENTRES_PX[column] + float(dx),
+        centre_y_px=CELL_CENTRES_PX[row] + float(dy),
+        size_px=float(rng.uniform(*SIZE_RANGE_PX)),
+    )
+
+
+def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
+    """A uniformly random training scene (never a held-out triple), or, with `held_out`, a scene
+    of a uniformly random held-out triple. The background is any colour but the shape's."""
+    if held_out:
+        triples = sorted(HELD_OUT)
+        colour, shape, position = triples[rng.integers(len(triples))]
+    else:
+        while True:
+            colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            position = POSITION_NAMES[rng.integers(len(POSITION_NAMES))]
+            if (colour, shape, position) not in HELD_OUT:
+                break
+    others = [c for c in COLOUR_NAMES if c != colour]
+    background = others[rng.integers(len(others))]
+    return scene_at(colour, shape, position, background, rng)
+
+
+def shape_mask(scene: Scene, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Fraction of each pixel the shape covers: (size, size) float32 in [0, 1]."""
+    n = size * supersample
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / supersample  # sub-pixel centres, pixel units
+    x = coords[None, :] - scene.centre_x_px  # (1, n)
+    y = coords[:, None] - scene.centre_y_px  # (n, 1)
+    half = scene.size_px / 2
+    if scene.shape == "circle":
+        inside = x**2 + y**2 <= half**2
+    elif scene.shape == "square":
+        inside = (np.abs(x) <= half) & (np.abs(y) <= half)
+    elif scene.shape == "triangle":
+        # apex at the top centre, base along the bottom edge of the bounding box
+        depth = (y + half) / scene.size_px  # 0 at the apex, 1 at the base
+        inside = (depth >= 0) & (depth <= 1) & (np.abs(x) <= depth * half)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; known: {SHAPES}")
+    coverage = inside.astype(np.float32).reshape(size, supersample, size, supersample)
+    return coverage.mean(axis=(1, 3))
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The scene as a (size, size, 3) uint8 RGB image."""
+    alpha = shape_mask(scene, size)[..., None]  # (H, W, 1)
+    foreground = np.array(COLOURS[scene.colour], dtype=np.float32)
+    background = np.array(COLOURS[scene.background], dtype=np.float32)
+    image = alpha * foreground + (1 - alpha) * background  # (H, W, 3)
+    return np.round(image).astype(np.uint8)
+
+
+def make_dataset(count: int, seed: int, held_out: bool = False) -> tuple[np.ndarray, list[Scene]]:
+    """`count` random scenes and their images (count, 64, 64, 3) uint8, a pure function of `seed`."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng, held_out) for _ in range(count)]
+    images = np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3))
+    return images.astype(np.uint8), scenes
