@@ -13,6 +13,7 @@ of its RQ slot workers are registered on the queue.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -34,6 +35,18 @@ TEST_WORKER_ENV = {
     "SD_JOB_HEARTBEAT_TTL_S": "4",
     "SD_LOG_LEVEL": "INFO",
 }
+
+
+# Loaded here, not in the forked child: between fork and exec only the C call may run.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when the test process dies, so a crashed or killed test run
+    leaves no worker behind, polling a Redis that is gone."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 class ProcessError(RuntimeError):
@@ -62,6 +75,7 @@ class _ManagedProcess:
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
 
     def logs(self) -> str:
