@@ -44,7 +44,8 @@ PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """Linux: the child gets SIGKILL when the test process dies, so a crashed or killed test run
-    leaves no worker behind, polling a Redis that is gone."""
+    leaves no worker behind, polling a Redis that is gone. (The kernel ties it to the thread that
+    started the child: start processes from a thread that outlives them, e.g. the main thread.)"""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
