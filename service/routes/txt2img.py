@@ -2,21 +2,16 @@
 
 # No `from __future__ import annotations`: FastAPI must see the request class built in build_router.
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Response, status
 
 from schemas.jobs import JobStatus
 from service.deps import Owner, ServicesDep
-from service.errors import QueueFull
-from service.live_workers import live_workers_sync
 from service.openapi_docs import VALIDATION_EXAMPLE, error_responses
-from service.resolve import resolve_params
 from service.schemas import PROMPT_EXAMPLE, JobAccepted, ValidationErrorBody, request_model
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
+from service.submit import submit_job
 
 REQUEST_EXAMPLES = {
     "minimal": {"summary": "Only a prompt: everything else defaults", "value": {"prompt": PROMPT_EXAMPLE}},
@@ -66,24 +61,8 @@ def build_router(settings: Settings) -> APIRouter:
         services: ServicesDep,
         response: Response,
     ) -> JobAccepted:
-        store = services.store
-        depth = store.queue_depth()
-        if depth >= settings.max_queue_depth:
-            services.metrics.jobs_rejected.labels("queue_full").inc()
-            raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s)
-        workers = live_workers_sync(services.redis.sync, settings.worker_stale_s)
-        params = resolve_params(request, settings, workers[0] if workers else None)
-        job_id, position = store.submit(params, owner)
-        services.metrics.jobs_submitted.inc()
-        log.info(
-            "queued job %s (%dx%d, %d steps, %d images)",
-            job_id,
-            params.width,
-            params.height,
-            params.steps,
-            params.num_images,
-        )
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return JobAccepted(id=job_id, status=JobStatus.QUEUED, queue_position=position)
+        job = submit_job(services, request, owner)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return JobAccepted(id=job.id, status=JobStatus.QUEUED, queue_position=job.queue_position)
 
     return router
