@@ -54,6 +54,18 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="level of the service's own loggers")
 
+    # OpenAI-compatible POST /v1/images/generations answers only once the job ended: bound that wait.
+    openai_wait_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="`/v1/images/generations`: longest wait for the images; then 504 and the job is canceled",
+    )
+    public_url: str = Field(
+        "",
+        description="base of absolute image URLs in OpenAI answers (behind a proxy); default: the request's",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -67,6 +79,13 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be empty or start with http:// or https://")
+        return value.rstrip("/")
 
     @field_validator("log_level")
     @classmethod

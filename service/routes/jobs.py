@@ -62,7 +62,7 @@ def job_view(snap: JobSnapshot) -> JobView:
     )
 
 
-def _count_if_first_seen_finished(services: ServicesDep, snap: JobSnapshot) -> None:
+def count_if_first_seen_finished(services: ServicesDep, snap: JobSnapshot) -> None:
     if snap.status not in TERMINAL or not services.store.first_time_seen_finished(snap.id):
         return
     wait_s = run_s = None
@@ -85,7 +85,7 @@ def _count_if_first_seen_finished(services: ServicesDep, snap: JobSnapshot) -> N
 )
 def get_job(job_id: str, owner: Owner, services: ServicesDep) -> JobView:
     snap = services.store.snapshot(services.store.find(job_id, owner))
-    _count_if_first_seen_finished(services, snap)
+    count_if_first_seen_finished(services, snap)
     return job_view(snap)
 
 

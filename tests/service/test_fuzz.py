@@ -42,6 +42,8 @@ def test_no_5xx_and_no_schema_violation(start_api, redis_url: str) -> None:
         "--checks", "all", "--exclude-checks", ",".join(EXCLUDED_CHECKS),
         "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", SEED,
         "--header", f"Authorization: Bearer {API_KEY}",
+        # it answers only once its job ended (no worker here: a 504): fuzzed in test_openai_fuzz.py
+        "--exclude-path", "/v1/images/generations",
         "--workers", "1", "--request-timeout", "10", "--no-color",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)

@@ -1,0 +1,159 @@
+"""Bodies of the OpenAI-compatible routes (`/v1/images/generations`, `/v1/models`), in OpenAI's shapes.
+
+The request reuses the field definitions of POST /v1/txt2img (same types, bounds and messages),
+renamed where OpenAI names them differently (`n` for `num_images`, `size` "WxH" for width and
+height). After this model, the translated request is validated again by the txt2img model itself
+(service/routes/openai_images.py), so every rule lives in one place: service/schemas.py.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model
+
+from service.schemas import PROMPT_EXAMPLE, request_model
+from service.settings import SIZE_MULTIPLE, Settings
+
+SIZE_PATTERN = re.compile(r"^(?P<width>[0-9]{1,6})x(?P<height>[0-9]{1,6})$")
+USER_MAX_CHARS = 256
+
+# txt2img fields taken over unchanged, and the one renamed: OpenAI name -> txt2img name.
+SHARED_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "eta", "seed")
+RENAMED_FIELDS = {"n": "num_images"}
+
+
+class ImageGenerationRequestBase(BaseModel):
+    """Base of the settings-specific request model that `generation_request_model()` builds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(
+        None,
+        max_length=256,
+        description="Accepted for compatibility and not used: every worker serves one model "
+        "(`GET /v1/models` names it).",
+    )
+    size: StrictStr | None = Field(
+        None,
+        pattern=r"^(auto|[0-9]{1,6}x[0-9]{1,6})$",
+        description="`WIDTHxHEIGHT` in pixels (e.g. `512x512`), each a multiple of 8 within the "
+        "configured bounds, or `auto` (or absent): the served model's native size.",
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None,
+        description="`url` (default): an absolute URL of the PNG on this server (send the same "
+        "`Authorization` header to fetch it); `b64_json`: the PNG itself, base64-encoded.",
+    )
+    user: StrictStr | None = Field(
+        None, max_length=USER_MAX_CHARS, description="End-user id (accepted, not stored)."
+    )
+    quality: Literal["standard", "hd", "auto", "low", "medium", "high"] | None = Field(
+        None, description="Accepted for compatibility and ignored (use `steps`)."
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="Accepted for compatibility and ignored."
+    )
+    output_format: Literal["png"] | None = Field(None, description="Only `png`.")
+
+    def size_pixels(self) -> tuple[int, int] | None:
+        """(width, height) from `size`; None for `auto` or absent (the model's native size)."""
+        if self.size is None or self.size == "auto":
+            return None
+        match = SIZE_PATTERN.match(self.size)
+        assert match is not None  # the field's pattern let it through
+        return int(match["width"]), int(match["height"])
+
+
+@lru_cache(maxsize=8)
+def generation_request_model(settings: Settings) -> type[ImageGenerationRequestBase]:
+    """The POST /v1/images/generations body for `settings`: OpenAI's fields plus txt2img's extras."""
+    txt2img_fields = request_model(settings).model_fields
+    fields: dict[str, Any] = {
+        name: (txt2img_fields[name].annotation, txt2img_fields[name]) for name in SHARED_FIELDS
+    }
+    for name, source in RENAMED_FIELDS.items():
+        fields[name] = (txt2img_fields[source].annotation, txt2img_fields[source])
+    examples = [
+        {"prompt": PROMPT_EXAMPLE, "n": 2, "size": "512x512", "response_format": "b64_json"},
+        {
+            "prompt": PROMPT_EXAMPLE,
+            "size": f"{settings.min_size}x{settings.min_size}",
+            "negative_prompt": "blurry",
+            "steps": 20,
+            "guidance_scale": 7.5,
+            "seed": 1234,
+        },
+    ]
+
+    class WithExamples(ImageGenerationRequestBase):
+        model_config = ConfigDict(json_schema_extra={"examples": examples})
+
+    return create_model("ImageGenerationRequest", __base__=WithExamples, **fields)
+
+
+class ImageData(BaseModel):
+    """One image: `b64_json` or `url` (as asked), and, beyond OpenAI's fields, its seed."""
+
+    b64_json: str | None = Field(None, description="The PNG, base64-encoded (response_format b64_json).")
+    url: str | None = Field(None, description="Absolute URL of the PNG (response_format url).")
+    seed: int = Field(description="The seed of this image (request seed + index); not in OpenAI's API.")
+
+
+class ImagesResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "created": 1735732800,
+                    "data": [{"url": "http://127.0.0.1:8000/v1/jobs/3f2c/images/0.png", "seed": 1234}],
+                }
+            ]
+        }
+    )
+
+    created: int = Field(description="Unix time (s) of the answer.")
+    data: list[ImageData]
+
+
+MODEL_EXAMPLE = {
+    "id": "stable-diffusion-v1-5",
+    "object": "model",
+    "created": 1735732800,
+    "owned_by": "sdserve",
+    "native_width": 512,
+    "native_height": 512,
+    "size_multiple": 8,
+}
+
+
+class ModelObject(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [MODEL_EXAMPLE]})
+
+    id: str = Field(description="The model's name (SD_MODEL_NAME of its workers).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time (s) the oldest live worker serving it started.")
+    owned_by: str = "sdserve"
+    native_width: int = Field(description="Default width in pixels (not in OpenAI's API).")
+    native_height: int = Field(description="Default height in pixels (not in OpenAI's API).")
+    size_multiple: int = Field(SIZE_MULTIPLE, description="Width and height are multiples of this.")
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [MODEL_EXAMPLE]}]})
+
+    object: Literal["list"] = "list"
+    data: list[ModelObject] = Field(description="Models served by live workers; empty while none is alive.")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong; names the field and its allowed range.")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The request field at fault, if any.")
+    code: str | None = Field(description="A stable machine-readable reason, if any.")
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
