@@ -21,7 +21,7 @@ from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.openapi_docs import API_DESCRIPTION
 from service.redis_clients import connect
 from service.route_table import RouteTable
-from service.routes import jobs, openai_images, ops, txt2img
+from service.routes import jobs, openai_images, ops, playground, txt2img
 from service.settings import ConfigurationError, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    routers = [txt2img.build_router(settings), jobs.router, openai_images.build_router(settings), ops.router]
+    routers = [
+        txt2img.build_router(settings),
+        jobs.router,
+        openai_images.build_router(settings),
+        ops.router,
+        playground.router,
+    ]
     for router in routers:
         app.include_router(router)
+    app.mount("/static", playground.static_files(), name="static")
     route_table = RouteTable([*app.router.routes, *(route for router in routers for route in router.routes)])
     install_error_handlers(app, settings.retry_after_s, route_table)
     # Added innermost first: metrics see every answer, including 413s and the catch-all's 500s.

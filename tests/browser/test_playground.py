@@ -1,0 +1,183 @@
+"""The playground at `/` in a real headless Chromium, against a real API process and a real worker with
+the tiny model: type a prompt, submit, watch the progress, see the PNGs with their seeds; validation
+errors next to their fields; API key, queue position and cancel; tidy at laptop and phone widths."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+
+from tests.helpers.api_process import ApiProcess
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.service_stack import ServiceStack
+
+PROMPT = "a red circle in the top left on a blue background"
+LAPTOP = (1366, 800)
+PHONE = (390, 844)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, random_models: dict[str, Path]) -> Iterator[ServiceStack]:
+    if redis_server.proc is None:
+        redis_server.start()
+    with ServiceStack(redis_server.url, random_models["sd1"]) as stack:
+        yield stack
+
+
+@pytest.fixture
+def page(browser: WebDriver) -> Iterator[Callable[[str], WebDriver]]:
+    """page(url): the playground freshly loaded, with an empty localStorage."""
+
+    def open_page(url: str) -> WebDriver:
+        browser.get(url + "/")
+        browser.execute_script("localStorage.clear()")
+        browser.get(url + "/")
+        return browser
+
+    yield open_page
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def text(browser: WebDriver, css: str) -> str:
+    return browser.find_element(By.CSS_SELECTOR, css).text
+
+
+def fill(browser: WebDriver, **fields: object) -> None:
+    for name, value in fields.items():
+        element = browser.find_element(By.ID, name)
+        element.clear()
+        element.send_keys(str(value))
+
+
+def screenshot(browser: WebDriver, path: Path, width: int, height: int) -> None:
+    """The whole page at a device width (mobile emulation for phones), saved as PNG."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    full_height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {**metrics, "height": max(height, int(full_height))}
+    )
+    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def overflows_horizontally(browser: WebDriver) -> bool:
+    return browser.execute_script(
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth"
+    )
+
+
+def test_prompt_to_images_with_live_progress(page, stack: ServiceStack, screenshot_dir: Path) -> None:
+    browser = page(stack.url)
+    wait_for(lambda: "model" in text(browser, "#server-status"), 30, "the model name")
+    assert browser.find_element(By.ID, "key-panel").is_displayed() is False  # no key needed here
+    fill(browser, prompt=PROMPT, negative_prompt="green", width=64, height=64, steps=40, seed=5, num_images=2)
+    browser.find_element(By.ID, "generate").click()
+
+    seen: list[str] = []
+
+    def images_loaded() -> bool:
+        status = text(browser, "#status-text")
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        return browser.execute_script(
+            "const imgs = [...document.querySelectorAll('img.result')];"
+            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+        )
+
+    wait_for(images_loaded, 120, "two images")
+    steps = [int(m[1]) for s in seen if (m := re.match(r"Running: step (\d+) of 40", s))]
+    assert any(0 < step < 40 for step in steps), f"no progress seen mid-run: {seen}"
+    assert steps == sorted(steps)
+    assert text(browser, "#status-text") == "Done: 40 steps"
+
+    sizes = browser.execute_script(
+        "return [...document.querySelectorAll('img.result')].map(i => [i.naturalWidth, i.naturalHeight])"
+    )
+    assert sizes == [[64, 64], [64, 64]]
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .seed")] == ["seed 5", "seed 6"]
+    links = browser.find_elements(By.CSS_SELECTOR, ".card a.download")
+    assert [a.get_attribute("download") for a in links] == ["sdserve-5.png", "sdserve-6.png"]
+    assert all(a.get_attribute("href").startswith("blob:") for a in links)
+    png_magic = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => done([...new Uint8Array(b.slice(0, 8))]));",
+        links[0].get_attribute("href"),
+    )
+    assert bytes(png_magic) == b"\x89PNG\r\n\x1a\n"
+    assert not browser.find_element(By.ID, "cancel").is_displayed()
+
+    screenshot(browser, screenshot_dir / "playground-laptop.png", *LAPTOP)
+    assert not overflows_horizontally(browser)
+    screenshot(browser, screenshot_dir / "playground-phone.png", *PHONE)
+    assert not overflows_horizontally(browser)
+
+    browser.find_elements(By.CSS_SELECTOR, ".card button.reuse")[1].click()
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "6"
+    assert browser.find_element(By.ID, "num_images").get_attribute("value") == "1"
+    assert "Seed 6 set" in text(browser, "#message")
+
+
+def test_validation_errors_are_shown_at_their_fields(page, stack: ServiceStack, screenshot_dir: Path) -> None:
+    browser = page(stack.url)
+    wait_for(lambda: "(1–150)" in text(browser, "[data-hint=steps]"), 30, "the bounds from /openapi.json")
+    fill(browser, prompt=PROMPT, steps=151, guidance_scale=31)
+    browser.find_element(By.ID, "generate").click()
+    message = wait_for(lambda: text(browser, "#message"), 30, "an error message")
+    assert message == "Please fix: Steps, Guidance."
+    steps_error = text(browser, ".field[data-field=steps] .error")
+    assert "less than or equal to 150" in steps_error
+    assert "invalid" in browser.find_element(By.CSS_SELECTOR, ".field[data-field=steps]").get_attribute(
+        "class"
+    )
+    assert "30" in text(browser, ".field[data-field=guidance_scale] .error")
+    assert browser.find_elements(By.CSS_SELECTOR, "img.result") == []
+    screenshot(browser, screenshot_dir / "playground-errors-phone.png", *PHONE)
+
+    fill(browser, steps=10, guidance_scale=7.5)
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "generate").click()
+    wait_for(lambda: text(browser, ".field[data-field=prompt] .error"), 30, "the prompt's error")
+    assert "at least 1 character" in text(browser, ".field[data-field=prompt] .error")
+    assert text(browser, ".field[data-field=steps] .error") == ""  # earlier errors are cleared
+
+
+def test_api_key_queue_position_and_cancel(page, redis_server: RedisServer) -> None:
+    idle_url = redis_server.url.rsplit("/", 1)[0] + "/3"  # no worker takes jobs queued here
+    with redis.Redis.from_url(idle_url) as db:
+        db.flushdb()
+    with ApiProcess({"REDIS_URL": idle_url, "SD_API_KEYS": "browser-key"}) as api:
+        browser = page(api.url)
+        wait_for(lambda: browser.find_element(By.ID, "key-panel").is_displayed(), 30, "the API key field")
+        assert text(browser, "#server-status") == "API key needed"
+        fill(browser, **{"api-key": "browser-key"})
+        browser.find_element(By.ID, "save-key").click()
+        wait_for(lambda: "no worker" in text(browser, "#server-status"), 30, "the key accepted")
+        assert browser.execute_script("return localStorage.getItem('sdserve.apiKey')") == "browser-key"
+
+        fill(browser, prompt=PROMPT, steps=5)
+        browser.find_element(By.ID, "generate").click()
+        wait_for(lambda: text(browser, "#status-text") == "Queued: next in line", 30, "the queue position")
+        browser.find_element(By.ID, "cancel").click()
+        wait_for(lambda: "Canceled" in text(browser, "#message"), 30, "the cancel")
+        assert text(browser, "#message") == "Canceled at step 0 of 5."
+        assert browser.find_element(By.ID, "generate").is_enabled()
