@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.transfer import to_device
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -146,7 +148,7 @@ class DDIMSchedule:
 
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + g * (cond - uncond)``, one g per row ((B,) float32)."""
-    g = guidance_scale.to(device=cond.device, dtype=cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
+    g = to_device(guidance_scale.to(cond.dtype), cond.device).view(-1, *([1] * (cond.dim() - 1)))
     return uncond + g * (cond - uncond)
 
 
@@ -180,8 +182,8 @@ def ddim_step(
     variance = ((1 - alpha_prod_prev) / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
     std_dev_t = eta.to("cpu", torch.float32) * variance**0.5
 
-    def per_row(values: torch.Tensor) -> torch.Tensor:
-        return values.to(device=device, dtype=dtype).view(shape)
+    def per_row(values: torch.Tensor) -> torch.Tensor:  # (B,) CPU -> (B, 1, ..., 1) on device
+        return to_device(values.to(dtype), device).view(shape)
 
     a_t, b_t, a_prev, std = (
         per_row(alpha_prod_t),
@@ -209,5 +211,5 @@ def ddim_step(
     prev_sample = a_prev**0.5 * pred_original + direction
     if noise is not None:
         # rows with eta == 0 have std 0: their noise (zeros, or unused) changes nothing
-        prev_sample = prev_sample + std * noise.to(device=device, dtype=dtype)
+        prev_sample = prev_sample + std * to_device(noise.to(dtype), device)
     return prev_sample

@@ -9,7 +9,7 @@ CPU generator seeded s + i, exactly as diffusers does when called with a list of
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +18,13 @@ import torch
 from models.ddim import ddim_step, guided_noise
 from models.stable_diffusion import StableDiffusion
 from models.text import PromptEncoder
+from models.transfer import to_device
 
 MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
+
+# (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None) -> (B, C', h, w):
+# the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in
+UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,14 @@ class ActiveImage:
 class Sampler:
     """Guided DDIM over batches of images, one step at a time, on one loaded model."""
 
-    def __init__(self, model: StableDiffusion, max_text_batch: int = 64) -> None:
+    def __init__(
+        self, model: StableDiffusion, max_text_batch: int = 64, unet_runner: UNetCall | None = None
+    ) -> None:
+        """`max_text_batch`: prompt chunks per text-encoder call. `unet_runner`: called instead of
+        `model.unet` for every denoising step (e.g. models.accel.UNetRunner: CUDA graphs)."""
         self.model = model
         self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, max_text_batch)
+        self.unet: UNetCall = unet_runner if unet_runner is not None else model.unet
 
     @torch.no_grad()
     def start(self, items: Sequence[tuple[Hashable, GenerationRequest]]) -> list[list[ActiveImage]]:
@@ -126,7 +136,7 @@ class Sampler:
             images = []
             for index, seed in enumerate(request.seeds()):
                 generator = torch.Generator("cpu").manual_seed(seed)
-                latent = torch.randn(shape, generator=generator).to(model.device)
+                latent = to_device(torch.randn(shape, generator=generator), model.device)
                 images.append(
                     ActiveImage(key, index, seed, request, latent, generator, cond, uncond, timesteps)
                 )
@@ -160,14 +170,15 @@ class Sampler:
 
         contexts = [i.cond for i in images] + [i.uncond for i in images if i.uncond is not None]
         context, mask = _stack_contexts(contexts)
-        unet_input = torch.cat([sample, sample[guided_rows.to(sample.device)]]).to(model.dtype)
-        unet_t = torch.cat([timesteps, timesteps[guided_rows]]).to(model.device)
-        output = model.unet(unet_input, unet_t, context, mask).float()
+        # host-to-device copies without a host sync: the host queues this step behind the last one
+        index = to_device(guided_rows, sample.device)
+        unet_input = torch.cat([sample, sample[index]]).to(model.dtype)
+        unet_t = to_device(torch.cat([timesteps, timesteps[guided_rows]]), model.device)
+        output = self.unet(unet_input, unet_t, context, mask).float()
 
         rows = len(images)
         noise_pred = output[:rows]
         if len(guided_rows):
-            index = guided_rows.to(output.device)
             noise_pred = noise_pred.index_put(
                 (index,), guided_noise(noise_pred[index], output[rows:], guidance[guided_rows])
             )
@@ -238,9 +249,11 @@ def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return context, mask
 
 
-def generate(model: StableDiffusion, request: GenerationRequest) -> list[np.ndarray]:
+def generate(
+    model: StableDiffusion, request: GenerationRequest, unet_runner: UNetCall | None = None
+) -> list[np.ndarray]:
     """Run one request alone to the end: its images as (H, W, 3) uint8 arrays."""
-    sampler = Sampler(model)
+    sampler = Sampler(model, unet_runner=unet_runner)
     (images,) = sampler.start([(0, request)])
     while not images[0].done:
         sampler.step(images)
