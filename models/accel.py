@@ -1,0 +1,390 @@
+"""The UNet's fast path on a GPU, each part switchable (`AccelConfig`), outputs unchanged.
+
+- **CUDA graphs per batch-size bucket.** Eager PyTorch launches the UNet's ~1,500 kernels one by one
+  from Python; at small batches the GPU waits for the host. A captured graph replays them all with
+  one launch. A graph has fixed shapes and fixed input addresses, so the rows of a call are padded
+  up to the next bucket (1, 2, 4, 8, 16, 24, 32, 48, 64 by default) and the inputs (latents,
+  per-row timesteps, contexts, key-padding mask) are copied into the bucket's static buffers
+  before each replay. Padding rows cost compute but change nothing: every UNet op works within
+  its own row (GroupNorm per sample, convs, attention over the row's own tokens), and only the
+  real rows are returned. The key of a bucket is (rows, latent C/h/w, context length and width,
+  mask present or not, dtypes). Graphs are captured lazily on first use (warm-up runs on a side
+  stream first, as PyTorch's CUDA-graph docs require), share one memory pool, and at most
+  `max_graphs` are kept (least recently used freed first), so memory stays bounded.
+- **Attention kernel** for the UNet's `scaled_dot_product_attention` calls (flash, efficient,
+  cudnn, math, or PyTorch's choice).
+- **channels_last** memory format of the UNet and VAE convolutions (cuDNN's native layout for
+  half-precision tensor cores; our blocks keep the input's format, see models/blocks.py).
+- **torch.compile** of the UNet (off by default: minutes of start-up per bucket), alone or inside
+  our graphs.
+- **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
+
+On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from models.stable_diffusion import StableDiffusion
+from models.transfer import to_device
+
+log = logging.getLogger(__name__)
+
+# Allowed kernels per choice, in priority order: the named kernel wherever it applies, then the
+# others. Flash takes no attention mask, so with "flash" the masked cross-attention of long prompts
+# runs on efficient attention; math is the last resort for shapes no fused kernel takes (e.g. a head
+# size that is not a multiple of 8), so no model fails for its choice of kernel.
+_MATH = SDPBackend.MATH
+SDPA_BACKENDS: dict[str, tuple[SDPBackend, ...] | None] = {
+    "auto": None,  # PyTorch's own choice per call
+    "flash": (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, _MATH),
+    "efficient": (SDPBackend.EFFICIENT_ATTENTION, _MATH),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, _MATH),
+    "math": (_MATH,),
+}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # UNet rows; CFG gives 2 per image
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """How the UNet runs. The defaults are the plain eager path (what the CPU uses)."""
+
+    channels_last: bool = False
+    sdpa_backend: str = "auto"  # a key of SDPA_BACKENDS
+    cuda_graphs: bool = False  # capture per bucket (on CPU: the bucketed path, run eagerly)
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # row counts calls are padded up to
+    max_graphs: int = 16  # buckets kept (graphs + static buffers); least recently used freed
+    pad_to_bucket: bool = False  # pad rows to buckets even without graphs (compile, tests)
+    compile_mode: str = "off"  # a value of COMPILE_MODES
+    compile_backend: str = "inductor"  # tests use "eager" to check the plumbing quickly
+    tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
+    cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
+    warmup_iters: int = 2  # eager runs on a side stream before a capture
+
+    def __post_init__(self) -> None:
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {tuple(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.cuda_graphs and self.compile_mode == "reduce-overhead":
+            raise ValueError(
+                "compile_mode reduce-overhead captures its own CUDA graphs: turn cuda_graphs off"
+            )
+        if (
+            not self.buckets
+            or any(b < 1 for b in self.buckets)
+            or list(self.buckets) != sorted(set(self.buckets))
+        ):
+            raise ValueError(f"buckets must be increasing positive row counts, got {self.buckets}")
+        if self.max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
+        if self.warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1, got {self.warmup_iters}")
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether calls are padded to buckets (fixed shapes: graphs and compile need them)."""
+        return self.cuda_graphs or self.pad_to_bucket or self.compile_mode != "off"
+
+    def bucket(self, rows: int) -> int | None:
+        """The smallest bucket holding `rows`; None beyond the largest (such calls run unpadded)."""
+        return next((b for b in self.buckets if b >= rows), None)
+
+
+# The worker's defaults on CUDA (workers/settings.py can switch each one off).
+FAST_CUDA = AccelConfig(
+    channels_last=True, sdpa_backend="flash", cuda_graphs=True, tf32=True, cudnn_benchmark=True
+)
+
+
+def apply_backend_flags(config: AccelConfig) -> None:
+    """Process-wide switches: TF32 for float32 matmuls and convs, cuDNN autotuning per shape."""
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.allow_tf32 = config.tf32
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark
+
+
+def set_memory_format(model: StableDiffusion, channels_last: bool) -> None:
+    """UNet and VAE weights in channels_last (or back to contiguous), in place."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.unet.to(memory_format=memory_format)
+    model.vae.to(memory_format=memory_format)
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Restrict scaled_dot_product_attention to the kernels of SDPA_BACKENDS[name] (priority order)."""
+    backends = SDPA_BACKENDS[name]
+    if backends is None:
+        yield
+        return
+    try:
+        context = sdpa_kernel(list(backends), set_priority=True)
+    except TypeError:  # PyTorch < 2.6: no priorities, PyTorch's own order among the allowed
+        context = sdpa_kernel(list(backends))
+    with context:
+        yield
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """What fixes a graph's shapes and dtypes."""
+
+    rows: int
+    latent: tuple[int, int, int]  # C, h, w
+    context: tuple[int, int]  # L, D
+    masked: bool
+    dtype: torch.dtype  # the UNet's: sample and context buffers
+    timestep_dtype: torch.dtype
+
+
+class _Bucket:
+    """Static inputs of one bucket and, on CUDA, the graph that reads them and its output."""
+
+    def __init__(self, key: BucketKey, device: torch.device, channels_last: bool) -> None:
+        c, h, w = key.latent
+        length, width = key.context
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        # zeros, then whatever the last call left: padding rows always hold finite, valid inputs
+        self.sample = torch.zeros((key.rows, c, h, w), dtype=key.dtype, device=device).contiguous(
+            memory_format=fmt
+        )
+        self.timesteps = torch.zeros((key.rows,), dtype=key.timestep_dtype, device=device)
+        self.context = torch.zeros((key.rows, length, width), dtype=key.dtype, device=device)
+        self.mask = torch.ones((key.rows, length), dtype=torch.bool, device=device) if key.masked else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: Tensor | None = None  # (rows, C', h, w), written by each replay
+
+    def load(self, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None) -> None:
+        n = sample.shape[0]  # stream-ordered copies: a replay still running reads the old values
+        self.sample[:n].copy_(sample)
+        self.timesteps[:n].copy_(timesteps)
+        self.context[:n].copy_(context)
+        if self.mask is not None:
+            self.mask[:n].copy_(mask)
+
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        return self.sample, self.timesteps, self.context, self.mask
+
+
+@dataclass
+class RunnerStats:
+    calls: int = 0
+    rows: int = 0  # real rows computed
+    padded_rows: int = 0  # rows computed for padding only
+    replays: int = 0
+    captures: int = 0
+    evictions: int = 0
+    failed_captures: int = 0
+    capture_s: float = 0.0
+    keys: list[str] = field(default_factory=list)  # buckets in use, least recently used first
+
+
+class UNetRunner:
+    """Calls the UNet as `unet(sample, timesteps, context, mask)` would, faster (see module doc).
+
+    Drop-in for `Sampler(model, unet_runner=...)`. Not thread-safe: one engine thread calls it.
+    """
+
+    def __init__(self, unet: nn.Module, config: AccelConfig | None = None) -> None:
+        self.unet = unet
+        self.config = config or AccelConfig()
+        self.forward: nn.Module = unet
+        if self.config.compile_mode != "off":
+            # one compiled graph per bucket: raise dynamo's recompile limit to the buckets we keep
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * self.config.max_graphs)
+            mode = None if self.config.compile_mode == "default" else self.config.compile_mode
+            self.forward = torch.compile(unet, mode=mode, dynamic=False, backend=self.config.compile_backend)
+        self._buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
+        self._failed: set[BucketKey] = set()  # capture failed (not out of memory): eager from then on
+        self._pool: tuple[int, int] | None = None  # one memory pool shared by every graph
+        self._last_call: torch.cuda.Event | None = None
+        self._stats = RunnerStats()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def stats(self) -> RunnerStats:
+        self._stats.keys = [_describe(key) for key in self._buckets]
+        return self._stats
+
+    @torch.no_grad()
+    def __call__(
+        self, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        # sample (B, C, h, w); timesteps (B,) or one for all; context (B, L, D); mask (B, L) bool
+        rows = sample.shape[0]
+        device = self.device
+        timesteps = to_device(timesteps.reshape(-1), device).expand(rows)
+        if device.type == "cuda":
+            self._wait_for_last_call()
+        self._stats.calls += 1
+        self._stats.rows += rows
+        bucket = self.config.bucket(rows) if self.config.bucketed else None
+        if bucket is None:
+            if self.config.channels_last:
+                sample = sample.contiguous(memory_format=torch.channels_last)
+            with attention_backend(self.config.sdpa_backend):
+                output = self.forward(sample, timesteps, context, mask)
+        else:
+            self._stats.padded_rows += bucket - rows
+            output = self._run_bucket(bucket, sample, timesteps, context, mask)
+        if device.type == "cuda":
+            self._last_call = torch.cuda.Event()
+            self._last_call.record()
+        return output
+
+    def _wait_for_last_call(self) -> None:
+        """Keep at most one UNet call queued ahead of the GPU: the host prepares the next step while
+        the GPU computes this one, but progress reports and cancels stay within one step of it."""
+        if self._last_call is not None:
+            self._last_call.synchronize()
+            self._last_call = None
+
+    def _run_bucket(
+        self, bucket_rows: int, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        n = sample.shape[0]
+        key = BucketKey(
+            rows=bucket_rows,
+            latent=tuple(sample.shape[1:]),  # type: ignore[arg-type]
+            context=tuple(context.shape[1:]),  # type: ignore[arg-type]
+            masked=mask is not None,
+            dtype=self.dtype,
+            timestep_dtype=timesteps.dtype,
+        )
+        bucket = self._bucket(key)
+        bucket.load(sample, timesteps, context, mask)
+        if (
+            self.config.cuda_graphs
+            and bucket.sample.is_cuda
+            and bucket.graph is None
+            and key not in self._failed
+        ):
+            self._capture(key, bucket)
+        if bucket.graph is not None:
+            bucket.graph.replay()
+            self._stats.replays += 1
+            assert bucket.output is not None
+            # a copy: the next replay of any graph of the shared pool may overwrite the output
+            return bucket.output[:n].clone()
+        with attention_backend(self.config.sdpa_backend):
+            output = self.forward(*bucket.inputs())
+        if self.config.compile_mode == "reduce-overhead":
+            output = output.clone()  # compile's own graphs overwrite their outputs on the next call
+        return output[:n]
+
+    def _bucket(self, key: BucketKey) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            self._buckets.move_to_end(key)
+            return bucket
+        while len(self._buckets) >= self.config.max_graphs:
+            old_key, _ = self._buckets.popitem(last=False)  # its graph's memory goes back to the pool
+            self._stats.evictions += 1
+            log.info("freed the UNet bucket %s (at most %d kept)", _describe(old_key), self.config.max_graphs)
+        if not any(b.graph is not None for b in self._buckets.values()):
+            # no graph holds the shared pool any more: PyTorch frees it, so the next capture needs a
+            # new one (reusing the id of a freed pool is not allowed)
+            self._pool = None
+        bucket = _Bucket(key, self.device, self.config.channels_last)
+        self._buckets[key] = bucket
+        return bucket
+
+    def _capture(self, key: BucketKey, bucket: _Bucket) -> None:
+        started = time.perf_counter()
+        device = bucket.sample.device
+        try:
+            # warm-up on a side stream (cuDNN autotuning, cuBLAS workspaces, lazy init, compilation)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), attention_backend(self.config.sdpa_backend):
+                for _ in range(self.config.warmup_iters):
+                    self.forward(*bucket.inputs())
+            torch.cuda.current_stream(device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (PNG writers, heartbeats) do not break it
+            with (
+                attention_backend(self.config.sdpa_backend),
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            ):
+                output = self.forward(*bucket.inputs())
+        except torch.OutOfMemoryError:
+            self._buckets.pop(key, None)  # the caller (the engine) halves the rows and retries
+            raise
+        except Exception:
+            log.warning(
+                "capturing a CUDA graph for %s failed: it runs eagerly", _describe(key), exc_info=True
+            )
+            self._failed.add(key)
+            self._stats.failed_captures += 1
+            return
+        bucket.graph, bucket.output = graph, output
+        self._stats.captures += 1
+        elapsed = time.perf_counter() - started
+        self._stats.capture_s += elapsed
+        log.info("captured a CUDA graph for %s in %.2f s", _describe(key), elapsed)
+
+    @torch.no_grad()
+    def warm_up(
+        self, latent_shape: tuple[int, int, int], context_shape: tuple[int, int], max_rows: int
+    ) -> int:
+        """Run (and so capture or compile) every bucket up to the one holding `max_rows`, for one
+        latent shape and an unmasked context, so that the first requests pay no capture. Returns the
+        number of buckets run."""
+        if not self.config.bucketed:
+            return 0
+        wanted = [b for b in self.config.buckets if b < max_rows]
+        last = self.config.bucket(max_rows)
+        wanted += [last] if last is not None else []
+        wanted = wanted[-self.config.max_graphs :]  # more would evict the first ones again
+        device, dtype = self.device, self.dtype
+        for rows in wanted:
+            sample = torch.randn((rows, *latent_shape), device=device, dtype=dtype)
+            timesteps = torch.full((rows,), 500, dtype=torch.long, device=device)
+            context = torch.randn((rows, *context_shape), device=device, dtype=dtype)
+            self(sample, timesteps, context, None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return len(wanted)
+
+    def release(self) -> None:
+        """Free every bucket and graph (their pool is freed with the last of them)."""
+        self._buckets.clear()
+        self._failed.clear()
+        self._pool = None
+        self._last_call = None
+
+
+def _describe(key: BucketKey) -> str:
+    c, h, w = key.latent
+    mask = ", masked" if key.masked else ""
+    return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}"
+
+
+def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
+    """Apply `config` to `model` (memory format, in place) and to the process (backend flags, on
+    CUDA only), and return the runner to hand to the Sampler."""
+    set_memory_format(model, config.channels_last)
+    if model.device.type == "cuda":
+        apply_backend_flags(config)
+    return UNetRunner(model.unet, config)

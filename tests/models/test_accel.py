@@ -1,0 +1,361 @@
+"""The UNet fast path (models/accel.py) computes the same function as the plain UNet call.
+
+On the CPU the bucketed path runs eagerly (no capture): padding rows up to a bucket, static input
+buffers reused across calls, least-recently-used eviction, attention backends and channels_last
+are all checked against the plain call. The CUDA tests (graph capture and replay, bounded memory,
+capture failures) run on a GPU machine (bench/gpu_run.sh runs them there).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.accel import (
+    FAST_CUDA,
+    AccelConfig,
+    UNetRunner,
+    apply_backend_flags,
+    prepare,
+    set_memory_format,
+)
+from models.configs import UNetConfig
+from models.loading import load_model
+from models.random_model import randomize_
+from models.sampler import GenerationRequest, Sampler, generate
+from models.tiny_configs import tiny_config
+from models.transfer import to_device
+from models.unet import UNet2DConditionModel
+
+BUCKETS = (1, 2, 4, 8)
+CONTEXT_DIM = 32  # tiny SD1's cross_attention_dim
+LONG_PROMPT = " ".join(["a very long prompt about a lighthouse at dusk"] * 12)  # > 75 tokens: 2 chunks
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unet(device: str = "cpu", dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel(UNetConfig.from_dict(tiny_config("sd1")["unet"]))
+    randomize_(unet, torch.Generator().manual_seed(0))
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DConditionModel:
+    return tiny_unet()
+
+
+def unet_inputs(
+    rows: int, length: int = 77, masked: bool = False, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random (sample, per-row timesteps, context, key mask); masked rows have random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn((rows, 4, 8, 8), generator=g)
+    timesteps = torch.randint(0, 1000, (rows,), generator=g)
+    context = torch.randn((rows, length, CONTEXT_DIM), generator=g)
+    mask = None
+    if masked:
+        lengths = torch.randint(1, length + 1, (rows,), generator=g)
+        mask = torch.arange(length)[None, :] < lengths[:, None]  # (rows, L)
+    moved = [t.to(device) if t is not None else None for t in (sample, timesteps, context, mask)]
+    return moved[0], moved[1], moved[2], moved[3]  # type: ignore[return-value]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_bucket_is_the_smallest_that_holds_the_rows() -> None:
+    config = AccelConfig(buckets=(1, 2, 4, 8, 16, 24))
+    assert [config.bucket(r) for r in (1, 2, 3, 5, 8, 9, 17, 24, 25)] == [1, 2, 4, 8, 8, 16, 24, 24, None]
+    assert not AccelConfig().bucketed
+    assert AccelConfig(cuda_graphs=True).bucketed and AccelConfig(pad_to_bucket=True).bucketed
+    assert AccelConfig(compile_mode="default").bucketed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sdpa_backend": "fast"}, "sdpa_backend"),
+        ({"compile_mode": "turbo"}, "compile_mode"),
+        ({"compile_mode": "reduce-overhead", "cuda_graphs": True}, "reduce-overhead"),
+        ({"buckets": (4, 2)}, "buckets"),
+        ({"buckets": ()}, "buckets"),
+        ({"max_graphs": 0}, "max_graphs"),
+    ],
+)
+def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AccelConfig(**kwargs)
+
+
+def test_to_device_on_cpu_is_a_plain_move() -> None:
+    values = torch.arange(5)
+    assert to_device(values, "cpu") is values.to("cpu")
+
+
+# --- the bucketed path equals the plain call ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize(("length", "masked"), [(77, False), (154, True)])
+def test_padded_rows_change_nothing(unet: UNet2DConditionModel, rows: int, length: int, masked: bool) -> None:
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    args = unet_inputs(rows, length, masked, seed=rows)
+    assert max_diff(runner(*args), unet(*args)) <= 1e-5
+    stats = runner.stats()
+    padded = {1: 0, 2: 0, 3: 1, 5: 3, 8: 0, 9: 0}[rows]  # 9 rows: beyond the largest bucket, unpadded
+    assert stats.padded_rows == padded
+    assert len(stats.keys) == (0 if rows > BUCKETS[-1] else 1)
+
+
+def test_stale_padding_rows_from_earlier_calls_change_nothing(unet: UNet2DConditionModel) -> None:
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    for rows, seed in ((7, 1), (5, 2), (6, 3), (8, 4), (5, 5)):  # one bucket (8), reused every time
+        args = unet_inputs(rows, 154, masked=True, seed=seed)
+        assert max_diff(runner(*args), unet(*args)) <= 1e-5
+    assert len(runner.stats().keys) == 1
+
+
+def test_one_timestep_for_all_rows_is_broadcast(unet: UNet2DConditionModel) -> None:
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    sample, _, context, _ = unet_inputs(3)
+    t = torch.tensor(500)
+    assert max_diff(runner(sample, t, context), unet(sample, t, context)) <= 1e-5
+
+
+def test_buckets_are_keyed_by_shape_and_mask_and_evicted_least_recently_used(
+    unet: UNet2DConditionModel,
+) -> None:
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS, max_graphs=2))
+    runner(*unet_inputs(2))  # A: 2 rows, 77 tokens
+    runner(*unet_inputs(2, 154, masked=True))  # B: same rows, another context and a mask
+    runner(*unet_inputs(2))  # A again: now the most recent
+    assert runner.stats().evictions == 0
+    runner(*unet_inputs(3))  # C: 4 rows; B, the least recently used, goes
+    stats = runner.stats()
+    assert stats.evictions == 1 and len(stats.keys) == 2
+    assert stats.keys == ["2 rows x 4x8x8, context 77x32", "4 rows x 4x8x8, context 77x32"]
+    args = unet_inputs(2, 154, masked=True, seed=9)  # B comes back, built anew, still right
+    assert max_diff(runner(*args), unet(*args)) <= 1e-5
+
+
+def test_warm_up_runs_every_bucket_up_to_max_rows(unet: UNet2DConditionModel) -> None:
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=(1, 2, 4, 8, 16)))
+    assert runner.warm_up((4, 8, 8), (77, CONTEXT_DIM), max_rows=6) == 4  # 1, 2, 4 and 8 (holds 6)
+    assert len(runner.stats().keys) == 4
+    assert UNetRunner(unet).warm_up((4, 8, 8), (77, CONTEXT_DIM), max_rows=6) == 0  # nothing to prepare
+
+
+# --- each option on or off keeps the outputs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_channels_last_changes_nothing(unet: UNet2DConditionModel, graphs: bool) -> None:
+    fast = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    runner = UNetRunner(fast, AccelConfig(channels_last=True, cuda_graphs=graphs, buckets=BUCKETS))
+    for rows, masked in ((3, False), (2, True)):
+        args = unet_inputs(rows, 154 if masked else 77, masked, seed=rows)
+        assert max_diff(runner(*args), unet(*args)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "flash"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_backends_on_cpu_change_nothing(
+    unet: UNet2DConditionModel, backend: str, masked: bool
+) -> None:
+    runner = UNetRunner(unet, AccelConfig(sdpa_backend=backend))
+    args = unet_inputs(3, 154 if masked else 77, masked)
+    assert max_diff(runner(*args), unet(*args)) <= 1e-5
+
+
+def test_compiled_runner_plumbing(unet: UNet2DConditionModel) -> None:
+    """torch.compile per bucket (the "eager" backend: checks the wiring, not the code generation)."""
+    torch._dynamo.reset()
+    runner = UNetRunner(unet, AccelConfig(compile_mode="default", compile_backend="eager", buckets=BUCKETS))
+    for rows in (3, 4):  # one bucket (4), compiled once
+        args = unet_inputs(rows, seed=rows)
+        assert max_diff(runner(*args), unet(*args)) <= 1e-5
+    torch._dynamo.reset()
+
+
+def test_prepare_sets_the_memory_format_and_leaves_the_cpu_flags(random_models: dict[str, Path]) -> None:
+    model = load_model(random_models["sd1"])
+    benchmark = torch.backends.cudnn.benchmark
+    runner = prepare(model, AccelConfig(channels_last=True, cudnn_benchmark=not benchmark))
+    conv = model.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert torch.backends.cudnn.benchmark == benchmark  # CPU model: process flags untouched
+    assert runner.unet is model.unet
+    set_memory_format(model, False)
+    assert model.unet.conv_in.weight.is_contiguous()
+
+
+# --- the sampler with a runner gives the same pictures ----------------------------------------------
+
+
+def test_sampler_with_runner_gives_the_same_pixels(random_models: dict[str, Path]) -> None:
+    plain = load_model(random_models["sd1"])
+    fast = load_model(random_models["sd1"])
+    runner = prepare(fast, AccelConfig(channels_last=True, cuda_graphs=True, buckets=BUCKETS))
+    requests = [
+        GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
+        GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
+        GenerationRequest(prompt="unguided", width=64, height=48, steps=4, guidance_scale=1.0, seed=3),
+    ]  # 2 + 1 guided images and 1 unguided: 7 rows, padded to 8; a long prompt: L 154 with a mask
+    results = []
+    for sampler in (Sampler(plain), Sampler(fast, unet_runner=runner)):
+        started = sampler.start([(i, r) for i, r in enumerate(requests)])
+        images = [image for group in started for image in group]
+        while any(not image.done for image in images):
+            sampler.step([image for image in images if not image.done])
+        results.append((torch.cat([i.latent for i in images]), sampler.decode(images)))
+    (plain_latents, plain_pixels), (fast_latents, fast_pixels) = results
+    # 3-4 steps of CFG (x7.5) amplify float32 rounding (other conv algorithms, other batch size)
+    assert relative_error(fast_latents, plain_latents) <= 1e-5
+    for a, b in zip(plain_pixels, fast_pixels, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert runner.stats().padded_rows > 0 and runner.stats().keys
+
+
+def test_generate_takes_a_runner(random_models: dict[str, Path]) -> None:
+    model = load_model(random_models["sd1"])
+    request = GenerationRequest(prompt="a lighthouse", width=32, height=32, steps=2, seed=5)
+    runner = UNetRunner(model.unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    (expected,), (got,) = generate(model, request), generate(model, request, unet_runner=runner)
+    assert np.abs(expected.astype(int) - got.astype(int)).max() <= 1
+    assert runner.stats().calls == 2
+
+
+# --- CUDA: capture, replay, bounded memory, fallbacks (run on a GPU machine) --------------------------
+
+
+@pytest.fixture
+def strict_fp32():
+    """Plain float32 matmuls/convs (no TF32), so graph and eager agree to rounding."""
+    apply_backend_flags(AccelConfig(tf32=False, cudnn_benchmark=False))
+    yield
+
+
+@cuda_only
+@pytest.mark.parametrize(("length", "masked"), [(77, False), (154, True)])
+def test_cuda_graph_replay_equals_eager(strict_fp32: None, length: int, masked: bool) -> None:
+    unet = tiny_unet("cuda")
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    for rows in (3, 1, 4, 2, 3):
+        args = unet_inputs(rows, length, masked, seed=rows, device="cuda")
+        expected = unet(*args)
+        assert max_diff(runner(*args), expected) <= 1e-4 * expected.abs().max().item()
+    stats = runner.stats()
+    assert stats.captures == 3 and stats.replays == 5 and stats.failed_captures == 0
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_half_precision_fast_config(dtype: torch.dtype) -> None:
+    unet = tiny_unet("cuda", dtype).to(memory_format=torch.channels_last)
+    reference = tiny_unet("cuda", dtype)
+    runner = UNetRunner(unet, FAST_CUDA)
+    apply_backend_flags(FAST_CUDA)
+    for rows in (1, 5, 16):
+        sample, t, context, mask = unet_inputs(rows, seed=rows, device="cuda")
+        args = (sample.to(dtype), t, context.to(dtype), mask)
+        expected = reference(*args).float()
+        assert relative_error(runner(*args), expected) <= 1e-2
+    apply_backend_flags(AccelConfig())
+
+
+@cuda_only
+def test_cuda_graph_memory_is_bounded(strict_fp32: None) -> None:
+    unet = tiny_unet("cuda")
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=(1, 2, 4, 8, 16, 32), max_graphs=2))
+    shapes = [(1, 77, False), (4, 77, False), (8, 154, True), (16, 77, False), (32, 231, True)]
+
+    def cycle() -> None:
+        for rows, length, masked in shapes:
+            runner(*unet_inputs(rows, length, masked, device="cuda"))
+        torch.cuda.synchronize()
+
+    cycle()
+    after_first = torch.cuda.memory_allocated()
+    for _ in range(3):
+        cycle()
+    assert torch.cuda.memory_allocated() <= after_first * 1.05 + 2**20
+    stats = runner.stats()
+    assert len(stats.keys) == 2 and stats.evictions == 4 * len(shapes) - 2
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn", "math"])
+def test_cuda_attention_backends_agree(backend: str) -> None:
+    unet = tiny_unet("cuda", torch.float16)
+    reference = UNetRunner(unet, AccelConfig(sdpa_backend="math"))
+    runner = UNetRunner(unet, AccelConfig(sdpa_backend=backend, cuda_graphs=True, buckets=BUCKETS))
+    for masked in (False, True):
+        sample, t, context, mask = unet_inputs(3, 154 if masked else 77, masked, device="cuda")
+        args = (sample.half(), t, context.half(), mask)
+        expected = reference(*args).float()
+        error = relative_error(runner(*args), expected)
+        assert error <= 1e-2, (backend, masked, error)
+
+
+@cuda_only
+def test_cuda_sampler_with_fast_runner_gives_the_same_pixels(
+    random_models: dict[str, Path], strict_fp32: None
+) -> None:
+    plain = load_model(random_models["sd1"], "cuda")
+    fast = load_model(random_models["sd1"], "cuda")
+    runner = prepare(fast, AccelConfig(channels_last=True, sdpa_backend="flash", cuda_graphs=True))
+    apply_backend_flags(AccelConfig())  # keep float32 strict for the comparison
+    requests = [
+        GenerationRequest(prompt="a red circle", width=64, height=48, steps=5, seed=1, num_images=3),
+        GenerationRequest(prompt=LONG_PROMPT, width=64, height=48, steps=5, seed=2, eta=0.5),
+    ]
+    for request in requests:
+        expected, got = generate(plain, request), generate(fast, request, unet_runner=runner)
+        for a, b in zip(expected, got, strict=True):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert runner.stats().replays > 0
+
+
+# last: a failed capture is the one CUDA test that could leave the device in a bad state
+@cuda_only
+def test_a_failed_capture_falls_back_to_eager(strict_fp32: None) -> None:
+    unet = tiny_unet("cuda")
+
+    class Syncing(torch.nn.Module):
+        """Reads a value on the host mid-forward: not capturable."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = unet
+
+        def forward(self, sample, timesteps, context, mask=None):
+            if sample.abs().max().item() < 0:  # a host sync; never true
+                raise AssertionError
+            return self.inner(sample, timesteps, context, mask)
+
+    runner = UNetRunner(Syncing(), AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    for _ in range(2):
+        args = unet_inputs(3, device="cuda")
+        assert max_diff(runner(*args), unet(*args)) <= 1e-4
+    assert runner.stats().failed_captures == 1 and runner.stats().replays == 0
