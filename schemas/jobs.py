@@ -38,6 +38,8 @@ class GenerationParams(BaseModel):
     eta: float = Field(ge=0, le=1)
     seed: int = Field(ge=0, le=SEED_MAX)
     num_images: int = Field(ge=1)
+    # Publish a small PNG of the latent at preview_key(job id) while denoising (the API's `preview`).
+    preview: bool = False
 
     def image_seeds(self) -> list[int]:
         """Image i of a request with seed s uses seed s + i (DESIGN.md)."""

@@ -45,6 +45,7 @@ from workers.errors import (
     WorkerShuttingDown,
 )
 from workers.faults import check_unet_call
+from workers.previews import PreviewMaker
 from workers.submission import Submission
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ log = logging.getLogger(__name__)
 
 class ProgressSink(Protocol):
     def sync(self, progress: Mapping[str, tuple[int, int]]) -> set[str]:
-        """Publish {job_id: (step, total_steps)}; return the ids among them whose cancel was asked."""
+        """Publish {job_id: (step, total_steps)}; return the ids among them whose cancel was asked.
+
+        When some job asked for live previews, it is called as sync(progress, previews={job_id: PNG}).
+        """
         ...
 
 
@@ -87,6 +91,7 @@ class Engine:
         self.vae_batch = config.vae_batch  # halved by out-of-memory errors while decoding
         self._results = results
         self._progress = progress
+        self._previews = PreviewMaker()
         self._cond = threading.Condition()
         self._waiting: deque[Submission] = deque()  # guarded by _cond
         self._running: list[Submission] = []  # engine thread only, in admission order
@@ -317,7 +322,9 @@ class Engine:
     def _sync(self) -> None:
         with self._cond:
             jobs = [*self._running, *self._waiting]
-        canceled = self._publish({s.job_id: (s.step, s.total_steps) for s in jobs})
+        canceled = self._publish(
+            {s.job_id: (s.step, s.total_steps) for s in jobs}, self._previews.collect(self._running)
+        )
         now = time.monotonic()
         for submission in jobs:
             if submission.job_id in canceled:
@@ -345,10 +352,15 @@ class Engine:
             if any(s.finished for s in self._waiting):
                 self._waiting = deque(s for s in self._waiting if not s.finished)
 
-    def _publish(self, progress: Mapping[str, tuple[int, int]]) -> set[str]:
+    def _publish(self, progress: Mapping[str, tuple[int, int]], previews: Mapping[str, bytes]) -> set[str]:
         """One Redis round trip; while Redis is away the batch goes on (logged once per outage)."""
         try:
-            canceled = self._progress.sync(progress)
+            # previews only when some job asked for one: a sink that knows none keeps working
+            canceled = (
+                self._progress.sync(progress, previews=previews)
+                if previews
+                else self._progress.sync(progress)
+            )
         except RedisError as error:
             if self._redis_down_since is None:
                 self._redis_down_since = time.monotonic()
