@@ -24,7 +24,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult, JobStatus
-from schemas.redis_keys import PREFIX, cancel_key, image_key, progress_key
+from schemas.redis_keys import PREFIX, cancel_key, image_key, preview_key, progress_key
 from service.job_status import TERMINAL, api_status, error_from_exc_string, error_from_meta
 from service.settings import Settings
 
@@ -63,6 +63,7 @@ class JobSnapshot:
     result: JobResult | None = None
     error: tuple[str, str] | None = None
     cancel_requested: bool = False
+    preview_ready: bool = False  # running, asked for a preview, and the worker has published one
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -93,7 +94,8 @@ class JobStore:
         job_id = uuid.uuid4().hex
         self.queue.enqueue(
             JOB_FUNCTION,
-            kwargs={"params": params.model_dump()},
+            # defaults left out: a worker that predates an optional field still takes the job
+            kwargs={"params": params.model_dump(exclude_defaults=True)},
             job_id=job_id,
             description="txt2img",  # RQ's default repeats the whole prompt
             result_ttl=settings.result_ttl_s,
@@ -125,7 +127,8 @@ class JobStore:
             pipe.lpos(self.queue.key, job.id)
             pipe.hmget(progress_key(job.id), ["step", "total_steps"])
             pipe.exists(cancel_key(job.id))
-            position, (step, total_steps), cancel_requested = pipe.execute()
+            pipe.exists(preview_key(job.id))
+            position, (step, total_steps), cancel_requested, has_preview = pipe.execute()
 
         params = _params_of(job)
         status = api_status(job.get_status(refresh=False), cancel_requested=bool(cancel_requested))
@@ -137,6 +140,7 @@ class JobStore:
             step=_int(step, 0),
             total_steps=_int(total_steps, params.steps),
             cancel_requested=bool(cancel_requested),
+            preview_ready=bool(has_preview) and params.preview and status is JobStatus.RUNNING,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.ended_at if status in TERMINAL else None,
@@ -210,6 +214,15 @@ class JobStore:
         if data is None:
             raise ImageNotFound(f"image {index} of job {job.id} has expired")
         return data, max(int(ttl_s), 0)
+
+    def preview(self, job: Job) -> bytes:
+        """The running job's latest preview PNG (ImageNotFound when there is none)."""
+        if not _params_of(job).preview:
+            raise ImageNotFound(f"job {job.id} was not submitted with preview: true")
+        data = self.redis.get(preview_key(job.id))
+        if data is None:
+            raise ImageNotFound(f"job {job.id} has no preview now (not started yet, or already ended)")
+        return data
 
 
 def _int(raw: bytes | None, default: int) -> int:

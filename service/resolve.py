@@ -57,4 +57,5 @@ def resolve_params(
         eta=request.eta,
         seed=seed,
         num_images=request.num_images,
+        preview=request.preview,
     )

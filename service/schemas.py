@@ -116,6 +116,12 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
         num_images: json_int(ge=1, le=settings.max_num_images) = Field(
             1, description=f"1 to {settings.max_num_images}."
         )
+        preview: bool = Field(
+            False,
+            strict=True,
+            description="While the job runs, publish a cheap low-resolution preview of the first image "
+            "(`preview_url` of GET /v1/jobs/{id}).",
+        )
 
         @field_validator("prompt")
         @classmethod
@@ -185,6 +191,7 @@ JOB_VIEW_EXAMPLE: dict[str, Any] = {
     },
     "model": "stable-diffusion-v1-5",
     "images": [{"index": 0, "seed": 1234, "url": f"/v1/jobs/{JOB_ID_EXAMPLE}/images/0.png"}],
+    "preview_url": None,
     "error": None,
     "cancel_requested": False,
     "created_at": "2025-01-01T12:00:00Z",
@@ -205,6 +212,11 @@ class JobView(BaseModel):
     request: ResolvedRequest
     model: str | None = Field(description="Model that generated the images (known once succeeded).")
     images: list[ImageLink] = Field(description="Empty until the job succeeded.")
+    preview_url: str | None = Field(
+        None,
+        description="While running with `preview: true`: path of a low-resolution PNG of the current "
+        "latent, replaced as the steps go on; null otherwise.",
+    )
     error: JobError | None = Field(description="Why a failed job failed; null otherwise.")
     cancel_requested: bool = Field(description="DELETE was called; a running job stops at its next step.")
     created_at: datetime | None

@@ -1,4 +1,4 @@
-"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{index}.png, DELETE /v1/jobs/{id}.
+"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{index}.png, GET /v1/jobs/{id}/preview.png, DELETE /v1/jobs/{id}.
 
 Plain `def` routes: RQ is synchronous, so FastAPI runs them in its thread pool.
 """
@@ -41,6 +41,10 @@ def image_url(job_id: str, index: int) -> str:
     return f"/v1/jobs/{job_id}/images/{index}.png"
 
 
+def preview_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}/preview.png"
+
+
 def job_view(snap: JobSnapshot) -> JobView:
     params = snap.params
     result = snap.result
@@ -54,6 +58,7 @@ def job_view(snap: JobSnapshot) -> JobView:
         images=[ImageLink(index=i.index, seed=i.seed, url=image_url(snap.id, i.index)) for i in result.images]
         if result
         else [],
+        preview_url=preview_url(snap.id) if snap.preview_ready else None,
         error=JobError(type=snap.error[0], message=snap.error[1]) if snap.error else None,
         cancel_requested=snap.cancel_requested,
         created_at=snap.created_at,
@@ -107,6 +112,27 @@ def get_image(job_id: str, index: int, owner: Owner, services: ServicesDep, requ
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(content=data, media_type="image/png", headers=headers)
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    response_class=Response,
+    summary="The running job's live preview",
+    description="A low-resolution PNG of the first image's current latent (a fixed linear map of its "
+    "channels to RGB, no VAE), replaced as the steps go on. Only for jobs submitted with "
+    "`preview: true`, while they run; 404 otherwise.",
+    responses={
+        200: {
+            "description": "The latest preview.",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(401, 404, 503),
+    },
+)
+def get_preview(job_id: str, owner: Owner, services: ServicesDep) -> Response:
+    store = services.store
+    data = store.preview(store.find(job_id, owner))
+    return Response(content=data, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.delete(

@@ -93,12 +93,22 @@ def test_prompt_to_images_with_live_progress(page, stack: ServiceStack, screensh
     fill(browser, prompt=PROMPT, negative_prompt="green", width=64, height=64, steps=40, seed=5, num_images=2)
     browser.find_element(By.ID, "generate").click()
 
+    assert browser.find_element(By.ID, "preview").is_selected()  # offered: the server knows `preview`
     seen: list[str] = []
+    preview_sizes: set[tuple[int, int]] = set()
 
     def images_loaded() -> bool:
         status = text(browser, "#status-text")
         if not seen or seen[-1] != status:
             seen.append(status)
+        shown = browser.execute_script(
+            "const p = document.getElementById('preview-image');"
+            "return !p.hidden && p.complete && p.naturalWidth ? [p.naturalWidth, p.naturalHeight] : null;"
+        )
+        if shown:
+            if not preview_sizes:  # the running state, once, to look at
+                browser.save_screenshot(str(screenshot_dir / "playground-running-laptop.png"))
+            preview_sizes.add(tuple(shown))
         return browser.execute_script(
             "const imgs = [...document.querySelectorAll('img.result')];"
             "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"
@@ -109,6 +119,8 @@ def test_prompt_to_images_with_live_progress(page, stack: ServiceStack, screensh
     assert any(0 < step < 40 for step in steps), f"no progress seen mid-run: {seen}"
     assert steps == sorted(steps)
     assert text(browser, "#status-text") == "Done: 40 steps"
+    assert preview_sizes == {(8, 8)}, "no live preview shown while it ran"  # the latent of 64x64
+    assert not browser.find_element(By.ID, "preview-image").is_displayed()  # gone once the images are in
 
     sizes = browser.execute_script(
         "return [...document.querySelectorAll('img.result')].map(i => [i.naturalWidth, i.naturalHeight])"
