@@ -1,8 +1,12 @@
 """Settings that depend on the device, resolved once torch can say which device we have.
 
-Defaults: CUDA when available, float16 there (float32 on CPU); 64 UNet rows in flight on CUDA, 8 on
-CPU; VAE decode 8 latents per call on CUDA, 4 on CPU; slots (jobs in flight) = max rows / 2, enough
-to fill the batch with one-image guided requests without hoarding jobs other workers could take.
+Defaults: CUDA when available, float16 there (float32 on CPU) with a float32 VAE decode (a float16
+decode can overflow to NaN, i.e. black pictures; the VAE is ~3% of an image's FLOPs); 64 UNet rows
+in flight on CUDA, 8 on CPU; VAE decode 8 latents per call on CUDA, 4 on CPU; slots (jobs in
+flight) = max rows / 2, enough to fill the batch with one-image guided requests without hoarding
+jobs other workers could take. On CUDA the UNet takes the fast path of models/accel.py (CUDA graphs
+per batch bucket, channels_last, flash attention, TF32, cuDNN autotuning), each part switchable;
+on the CPU it is called plainly, as before.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.settings import WorkerSettings
+from models.accel import AccelConfig
+from workers.settings import WorkerSettings, parse_buckets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -24,6 +29,8 @@ class Runtime:
     max_batch_rows: int
     vae_batch: int
     slots: int
+    text_batch: int = 64
+    accel: AccelConfig | None = None  # None: the plain UNet call (the CPU)
 
 
 def resolve_runtime(settings: WorkerSettings) -> Runtime:
@@ -38,7 +45,10 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
         dtype = torch.float16 if on_gpu else torch.float32
     else:
         dtype = DTYPES[settings.dtype]
-    vae_dtype = dtype if settings.vae_dtype == "auto" else DTYPES[settings.vae_dtype]
+    if settings.vae_dtype == "auto":
+        vae_dtype = torch.float32 if device.type == "cuda" else dtype
+    else:
+        vae_dtype = DTYPES[settings.vae_dtype]
     max_rows = settings.max_batch_rows or (64 if on_gpu else 8)
     return Runtime(
         device=device,
@@ -47,6 +57,22 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
         max_batch_rows=max_rows,
         vae_batch=settings.vae_batch or (8 if on_gpu else 4),
         slots=settings.slots or max(1, max_rows // 2),
+        text_batch=settings.text_batch,
+        accel=accel_config(settings) if device.type == "cuda" else None,
+    )
+
+
+def accel_config(settings: WorkerSettings) -> AccelConfig:
+    """The UNet fast path as configured (CUDA only)."""
+    return AccelConfig(
+        channels_last=settings.channels_last,
+        sdpa_backend=settings.sdpa_backend,
+        cuda_graphs=settings.cuda_graphs and settings.compile != "reduce-overhead",
+        buckets=parse_buckets(settings.cuda_graph_buckets),
+        max_graphs=settings.cuda_graph_max,
+        compile_mode=settings.compile,
+        tf32=settings.tf32,
+        cudnn_benchmark=settings.cudnn_benchmark,
     )
 
 

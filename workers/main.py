@@ -23,9 +23,10 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from models.accel import UNetRunner, prepare
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.sampler import GenerationRequest, generate
+from models.sampler import GenerationRequest, Sampler, generate
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
 from schemas.workers import WorkerInfo
@@ -43,6 +44,7 @@ from workers.slots import SlotPool, SlotWorker
 log = logging.getLogger("workers.main")
 
 SLOTS_EXIT_GRACE_S = 30.0  # after the engine stopped: time for the slots' last RQ bookkeeping
+CONTEXT_TOKENS = 77  # one prompt chunk: the context length of every prompt up to 75 tokens
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
@@ -57,17 +59,31 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
     )
 
 
-def warm_up(model: StableDiffusion) -> None:
-    """One tiny guided generation, so the first job does not pay for lazy initialisation."""
+def warm_up(model: StableDiffusion, runner: UNetRunner | None, max_rows: int) -> None:
+    """One tiny guided generation, so the first job does not pay for lazy initialisation; with the
+    fast path, also capture the UNet's CUDA graphs of every batch bucket at the native size."""
     started = time.perf_counter()
     width, height = model.native_size
-    generate(model, GenerationRequest(prompt="warm-up", width=width, height=height, steps=1))
-    log.info("warm-up done in %.2f s", time.perf_counter() - started)
+    generate(
+        model, GenerationRequest(prompt="warm-up", width=width, height=height, steps=1), unet_runner=runner
+    )
+    buckets = 0
+    if runner is not None:
+        f = model.vae_scale_factor
+        latent = (model.latent_channels, height // f, width // f)
+        context = (CONTEXT_TOKENS, model.text_encoder.config.hidden_size)
+        buckets = runner.warm_up(latent, context, max_rows)
+    log.info("warm-up done in %.2f s (%d UNet buckets prepared)", time.perf_counter() - started, buckets)
 
 
 class WorkerProcess:
     def __init__(
-        self, settings: WorkerSettings, runtime: Runtime, model: StableDiffusion, model_name: str
+        self,
+        settings: WorkerSettings,
+        runtime: Runtime,
+        model: StableDiffusion,
+        model_name: str,
+        runner: UNetRunner | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -82,6 +98,7 @@ class WorkerProcess:
             ),
             results=ResultWriter(client, model_name, settings.result_ttl_s),
             progress=RedisProgress(client, settings.result_ttl_s),
+            sampler_factory=lambda m: Sampler(m, runtime.text_batch, unet_runner=runner),
         )
         self.slots = SlotPool(
             runtime.slots,
@@ -195,9 +212,13 @@ def main() -> int:
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
         return 2
+    runner = None
+    if runtime.accel is not None:
+        runner = prepare(model, runtime.accel)
+        log.info("UNet fast path: %s", runtime.accel)
     if settings.warmup:
-        warm_up(model)
-    return WorkerProcess(settings, runtime, model, settings.model_name or model.name).run()
+        warm_up(model, runner, runtime.max_batch_rows)
+    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, runner).run()
 
 
 if __name__ == "__main__":

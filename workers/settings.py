@@ -22,6 +22,8 @@ from workers.janitor import ConfigurationError, JanitorSettings, load_settings_c
 __all__ = ["ConfigurationError", "WorkerSettings", "get_settings", "load_settings"]
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+SdpaBackend = Literal["flash", "efficient", "cudnn", "math", "auto"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class WorkerSettings(JanitorSettings):
@@ -37,12 +39,35 @@ class WorkerSettings(JanitorSettings):
         "auto", description="UNet and text encoder dtype; auto: float16 on cuda, else float32"
     )
     vae_dtype: DType = Field(
-        "auto", description="VAE dtype; auto: same as SD_DTYPE (float32 avoids fp16 VAE overflow)"
+        "auto",
+        description="VAE dtype; auto: float32 on cuda (a float16 decode can overflow), else SD_DTYPE",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for torch (default: torch's)"
     )
     warmup: bool = Field(True, description="run one tiny generation at start-up, before taking jobs")
+
+    # --- the fast path on CUDA (models/accel.py); ignored on the CPU ---------------------------------
+    cuda_graphs: bool = Field(
+        True, description="cuda: replay the UNet as CUDA graphs, one per batch-size bucket"
+    )
+    cuda_graph_buckets: str = Field(
+        "1,2,4,8,16,24,32,48,64",
+        description="cuda: UNet row counts a call is padded up to (graphs, compile); more run eagerly",
+    )
+    cuda_graph_max: int = Field(
+        16, ge=1, le=256, description="cuda: buckets kept captured (least recently used freed)"
+    )
+    channels_last: bool = Field(True, description="cuda: UNet and VAE convolutions in channels_last")
+    sdpa_backend: SdpaBackend = Field(
+        "flash", description="cuda: UNet attention kernel (auto: PyTorch's choice)"
+    )
+    compile: CompileMode = Field(
+        "off", description="cuda: torch.compile mode of the UNet (slow start: compiled per bucket)"
+    )
+    tf32: bool = Field(True, description="cuda: TF32 for float32 matmuls and convs (e.g. the VAE)")
+    cudnn_benchmark: bool = Field(True, description="cuda: cuDNN autotuning per shape")
+    text_batch: int = Field(64, ge=1, le=1024, description="prompt chunks per text-encoder call")
 
     # --- batching --------------------------------------------------------------------------------
     slots: int | None = Field(
@@ -79,8 +104,24 @@ class WorkerSettings(JanitorSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @field_validator("cuda_graph_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        return ",".join(str(b) for b in parse_buckets(value))
+
     def resolved_worker_name(self) -> str:
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """Parse "1,2,4,8" into (1, 2, 4, 8): increasing positive integers, else ValueError."""
+    try:
+        buckets = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as error:
+        raise ValueError(f"must be comma-separated integers, got {text!r}") from error
+    if not buckets or buckets[0] < 1 or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"must be increasing positive integers, got {text!r}")
+    return buckets
 
 
 def load_settings(**overrides: object) -> WorkerSettings:

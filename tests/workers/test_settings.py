@@ -56,3 +56,46 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: 
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigurationError, match=named):
         load_settings()
+
+
+def test_fast_path_is_for_cuda_only() -> None:
+    runtime = resolve_runtime(load_settings(device="cpu"))
+    assert runtime.accel is None and runtime.text_batch == 64  # the plain UNet call, as before
+
+
+def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.accel import FAST_CUDA
+    from workers.device import accel_config
+
+    assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
+    monkeypatch.setenv("SD_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("SD_CUDA_GRAPH_BUCKETS", "1, 2,4,8")
+    monkeypatch.setenv("SD_SDPA_BACKEND", "efficient")
+    monkeypatch.setenv("SD_CHANNELS_LAST", "0")
+    monkeypatch.setenv("SD_COMPILE", "max-autotune-no-cudagraphs")
+    config = accel_config(load_settings())
+    assert not config.cuda_graphs and not config.channels_last
+    assert config.buckets == (1, 2, 4, 8) and config.sdpa_backend == "efficient"
+    assert config.compile_mode == "max-autotune-no-cudagraphs" and config.bucketed
+    monkeypatch.setenv("SD_CUDA_GRAPHS", "true")
+    monkeypatch.setenv("SD_COMPILE", "reduce-overhead")  # its own graphs: ours step aside
+    assert not accel_config(load_settings()).cuda_graphs
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SD_CUDA_GRAPH_BUCKETS": "8,4"}, "SD_CUDA_GRAPH_BUCKETS"),
+        ({"SD_CUDA_GRAPH_BUCKETS": "1,two"}, "SD_CUDA_GRAPH_BUCKETS"),
+        ({"SD_SDPA_BACKEND": "fastest"}, "SD_SDPA_BACKEND"),
+        ({"SD_COMPILE": "yes"}, "SD_COMPILE"),
+        ({"SD_CUDA_GRAPH_MAX": "0"}, "SD_CUDA_GRAPH_MAX"),
+    ],
+)
+def test_invalid_fast_path_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict, named: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigurationError, match=named):
+        load_settings()
