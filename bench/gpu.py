@@ -1,0 +1,467 @@
+"""SD 1.5 on one GPU: our engine against diffusers, each optimisation alone, continuous batching.
+
+    python bench/gpu.py                  # CUDA: SD 1.5, 512x512, 50 steps, CFG 7.5 (about 6-7 minutes)
+    python bench/gpu.py --quick          # tiny config on the CPU: the same code paths in seconds
+
+Stages, in order (each timed; one that fails is reported and the others go on; optional ones are
+skipped once --budget-s would be exceeded):
+  build      SD 1.5's architecture, seeded random weights (speed does not depend on their values),
+             built on the device; FLOPs of a CFG step and a decode counted by PyTorch
+  precision  final latents of float16 (eager, fast path) and bfloat16 against float32 (no TF32):
+             relative error ||x - x32|| / ||x32||, pass at <= 1e-2
+  ours       --batches one-image requests through the Sampler exactly as the engine drives it, with
+             the worker's default fast path (models/accel.py: CUDA graphs per bucket, channels_last,
+             flash attention, float16 UNet, float32 VAE)
+  diffusers  StableDiffusionPipeline, float16 (VAE too, as it ships), SDPA, DDIM, same weights,
+             same prompts and seeds, same batches
+  engine     --engine-requests jobs at once through the real engine (continuous batching, decode,
+             PNG encoding), Redis replaced by in-memory sinks
+  worker     the same through a real worker process and Redis (bench/worker_bench.py; needs
+             redis-server, redis, rq)
+  ablations  at --ablation-batch: each optimisation switched off (or changed) alone
+Figures: images/s (batch / wall time from prompts to uint8 pixels), ms per denoising step (steady
+state), MFU = FLOPs / time / the card's dense fp16 peak (SD 1.5 at 512: 1.61 TFLOP per CFG step,
+2.5 TFLOP per decode, 82.9 TFLOP per 50-step image). Tables on stdout; gpu_bench.json and
+gpu_bench.md in --out (default: $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import gpu_runs as runs  # noqa: E402
+import torch  # noqa: E402
+from gpu_report import markdown  # noqa: E402
+
+from models.accel import FAST_CUDA, AccelConfig, apply_backend_flags, prepare  # noqa: E402
+from models.stable_diffusion import StableDiffusion  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration of our path: UNet/text dtype, VAE dtype, fast-path switches."""
+
+    name: str
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    accel: AccelConfig
+    slow: bool = False  # last, and only with --slow-ablations
+    needs_s: float = 15.0  # rough cost on an H100 (warm-up + one 50-step batch of 16)
+
+
+def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> list[Variant]:
+    """The fast path, then each part of it switched off or changed alone (`half`: its UNet dtype)."""
+    r = dataclasses.replace
+    h = str(half).removeprefix("torch.")
+    return [
+        Variant("fast path (default)", half, FP32, fast),
+        Variant("- CUDA graphs", half, FP32, r(fast, cuda_graphs=False)),
+        Variant("- channels_last", half, FP32, r(fast, channels_last=False)),
+        Variant("attention: PyTorch's choice", half, FP32, r(fast, sdpa_backend="auto")),
+        Variant("attention: efficient", half, FP32, r(fast, sdpa_backend="efficient")),
+        Variant("attention: cudnn", half, FP32, r(fast, sdpa_backend="cudnn")),
+        Variant("VAE float16", half, FP16, fast),
+        Variant("UNet bfloat16", BF16, FP32, fast),
+        Variant("- TF32, - cuDNN autotune", half, FP32, r(fast, tf32=False, cudnn_benchmark=False)),
+        Variant(f"all off: plain eager {h}", half, FP32, AccelConfig()),
+        Variant("attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
+        Variant("float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
+        Variant(
+            "+ torch.compile (default mode) in the graphs",
+            half,
+            FP32,
+            r(fast, compile_mode="default", compile_backend=compile_backend),
+            slow=True,
+            needs_s=150,  # inductor compiles the UNet once for the bucket
+        ),
+    ]
+
+
+class MasterWeights:
+    """float32 weights of the model as built, to give it any dtype exactly (one rounding) later."""
+
+    def __init__(self, model: StableDiffusion) -> None:
+        self.states = {
+            name: {k: v.detach().clone() for k, v in getattr(model, name).state_dict().items()}
+            for name in ("unet", "vae", "text_encoder")
+        }
+
+    def apply(self, model: StableDiffusion, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+        model.to(dtype=dtype, vae_dtype=vae_dtype)
+        for name, state in self.states.items():
+            getattr(model, name).load_state_dict(state)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.started = time.perf_counter()
+        self.results: dict[str, Any] = {"meta": meta(args, self.device), "stages": {}}
+        self.out = Path(args.out) if args.out else None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.args.budget_s - self.elapsed()
+
+    def log(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {message}", flush=True)
+
+    def stage(self, name: str, fn: Callable[[], Any], needs_s: float = 0.0) -> Any:
+        """Run one stage; a stage that raises is recorded and the bench goes on."""
+        if name in self.args.skip or name.split(":")[0] + "s" in self.args.skip:
+            self.results["stages"][name] = {"status": "skipped (--skip)"}
+            self.log(f"{name}: skipped (--skip)")
+            return None
+        if needs_s and self.left() < needs_s:
+            self.results["stages"][name] = {"status": f"skipped: {self.left():.0f} s of budget left"}
+            self.log(f"{name}: skipped, {self.left():.0f} s of the budget left, needs ~{needs_s:.0f} s")
+            return None
+        self.log(f"{name} ...")
+        started = time.perf_counter()
+        try:
+            value = fn()
+            status = "ok"
+        except Exception as error:  # noqa: BLE001 - reported, then the next stage
+            traceback.print_exc()
+            value, status = None, f"error: {type(error).__name__}: {error}"[:500]
+        seconds = time.perf_counter() - started
+        self.results["stages"][name] = {"status": status, "seconds": round(seconds, 1)}
+        self.log(f"{name}: {status} in {seconds:.1f} s")
+        self.save()
+        return value
+
+    def save(self) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_bench.json").write_text(json.dumps(self.results, indent=2, default=str))
+        (self.out / "gpu_bench.md").write_text(markdown(self.results))
+
+
+def meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python bench/gpu.py " + " ".join(sys.argv[1:]),
+        "device": str(device),
+        "device_name": name,
+        "peak_tflops": runs.peak_tflops(name) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "config": args.config,
+        "size": args.size,
+        "steps": args.steps,
+        "guidance": runs.GUIDANCE,
+    }
+
+
+def flop_per_image(results: dict[str, Any], steps: int) -> float | None:
+    flops = results.get("flops")
+    if not flops:
+        return None
+    return flops["unet_cfg_step_flop"] * steps + flops["vae_decode_flop"]
+
+
+def mfu(results: dict[str, Any], flop: float | None, seconds: float) -> float | None:
+    peak = results["meta"]["peak_tflops"]
+    if flop is None or peak is None or seconds <= 0:
+        return None
+    return flop / seconds / (peak * 1e12)
+
+
+def timing_row(results: dict[str, Any], batch: int, timing: runs.Timing, totals: list[float]) -> dict:
+    steps = results["meta"]["steps"]
+    per_image = flop_per_image(results, steps)
+    step_flop = results["flops"]["unet_cfg_step_flop"] * batch if results.get("flops") else None
+    return {
+        "batch": batch,
+        "images_per_s": batch / timing.total_s,
+        "ms_per_step": timing.step_s * 1000,
+        "mfu": mfu(results, per_image * batch if per_image else None, timing.total_s),
+        "step_mfu": mfu(results, step_flop, timing.step_s),
+        **timing.as_dict(),
+        "totals_s": totals,
+    }
+
+
+# --- the stages ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args)
+    results = bench.results
+    device, config = bench.device, args.config
+    fast, half = FAST_CUDA, DTYPES[args.dtype]
+    note = "" if device.type == "cuda" else " (CPU: no graph capture, the bucketed path runs eagerly)"
+    bench.log(f"{results['meta']['device_name']} | torch {torch.__version__} | {config}{note}")
+    state: dict[str, Any] = {}
+
+    def build() -> None:
+        model = runs.build_ours(config, args.device, FP32, FP32)
+        state["model"], state["master"] = model, MasterWeights(model)
+        counted = runs.count_flops(model, args.size)
+        nominal = config == "sd15" and args.size == 512
+        results["flops"] = {
+            "unet_cfg_step_flop": runs.SD15_UNET_CFG_STEP_FLOP if nominal else counted["unet_cfg_step_flop"],
+            "vae_decode_flop": runs.SD15_VAE_DECODE_FLOP if nominal else counted["vae_decode_flop"],
+            "source": "published SD 1.5 figures" if nominal else "counted",
+            "counted": counted,
+        }
+        bench.log(
+            f"FLOPs per CFG step {counted['unet_cfg_step_flop'] / 1e12:.3f} T, per decode "
+            f"{counted['vae_decode_flop'] / 1e12:.3f} T (counted by torch.utils.flop_counter)"
+        )
+
+    bench.stage("build", build)
+    if "model" not in state:
+        return results
+    model: StableDiffusion = state["model"]
+    master: MasterWeights = state["master"]
+
+    def precision() -> None:
+        batch = 2
+        apply_backend_flags(AccelConfig())  # float32 reference without TF32
+        master.apply(model, FP32, FP32)
+        _, reference = runs.run_ours(model, None, batch, args.size, args.steps)
+        rows = {}
+        for name, dtype, accel in (
+            ("float16 eager", FP16, None),
+            ("float16 fast path", FP16, fast),
+            ("bfloat16 eager", BF16, None),  # 3 fewer mantissa bits: for information, no bar
+        ):
+            master.apply(model, dtype, FP32)
+            runner = prepare(model, accel) if accel is not None else None
+            _, latents = runs.run_ours(model, runner, batch, args.size, args.steps)
+            error = ((latents.float() - reference).norm() / reference.norm()).item()
+            rows[name] = {"relative_error": error, "pass": error <= 1e-2 if dtype == FP16 else None}
+            if name == "float16 eager":
+                state["fp16_latents"] = latents
+            prepare(model, AccelConfig())  # back to contiguous, strict float32 for the next one
+            del runner
+            free_memory()
+        results["precision"] = {"batch": batch, "steps": args.steps, "rows": rows}
+        for name, row in rows.items():
+            verdict = {True: "pass", False: "FAIL", None: "no bar"}[row["pass"]]
+            bench.log(f"{name}: relative error of the final latents {row['relative_error']:.2e} ({verdict})")
+
+    bench.stage("precision", precision)
+
+    def set_variant(variant: Variant) -> Any:
+        master.apply(model, variant.dtype, variant.vae_dtype)
+        return prepare(model, variant.accel)
+
+    def time_ours(runner: Any, batch: int, repeats: int) -> tuple[runs.Timing, list[float]]:
+        runs.run_ours(model, runner, batch, args.size, min(2, args.steps))  # warm-up: capture, autotune
+        return runs.repeat(lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats)
+
+    def ours() -> None:
+        runner = set_variant(Variant("fast", half, FP32, fast))
+        rows = results.setdefault("ours", [])
+        for batch in args.batches:
+            timing, totals = time_ours(runner, batch, args.repeats)
+            rows.append(timing_row(results, batch, timing, totals))
+            bench.log(
+                f"ours batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
+            )
+        results["ours_runner"] = dataclasses.asdict(runner.stats())
+        state["runner"] = runner
+
+    bench.stage("ours", ours)
+
+    def diffusers() -> None:
+        master.apply(model, half, FP32)
+        prepare(model, AccelConfig())  # diffusers gets plain contiguous weights
+        torch_default_flags()  # and PyTorch's stock backend settings
+        pipe = runs.build_diffusers(model, config, half)
+        if "fp16_latents" in state:  # same weights, seeds and dtype: how close are the two pipelines?
+            _, latents = runs.run_diffusers(pipe, 2, args.size, args.steps, output_type="latent")
+            reference = state["fp16_latents"]
+            error = ((latents.float() - reference.float()).norm() / reference.float().norm()).item()
+            results["diffusers_vs_ours_fp16"] = {"diffusers_dtype": args.dtype, "relative_error": error}
+            bench.log(f"diffusers ({args.dtype}) vs ours (float16, eager): final latents {error:.2e} apart")
+        rows = results.setdefault("diffusers", [])
+        for batch in args.batches:
+            runs.run_diffusers(pipe, batch, args.size, min(2, args.steps))  # warm-up
+            timing, totals = runs.repeat(
+                lambda b=batch, p=pipe: runs.run_diffusers(p, b, args.size, args.steps)[0],
+                args.diffusers_repeats,
+            )
+            rows.append(timing_row(results, batch, timing, totals))
+            bench.log(
+                f"diffusers batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
+            )
+        del pipe
+        free_memory()
+
+    bench.stage("diffusers", diffusers)
+
+    def engine() -> None:
+        runner = set_variant(Variant("fast", half, FP32, fast))
+        row = runs.run_engine(
+            model, runner, args.engine_requests, args.size, args.steps, args.max_rows, args.vae_batch
+        )
+        row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), row["span_s"])
+        row["runner"] = dataclasses.asdict(runner.stats())
+        results["engine"] = row
+        bench.log(f"engine, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s")
+
+    bench.stage("engine", engine, needs_s=args.est_engine_s)
+
+    def worker() -> None:
+        master.apply(model, half, FP32)
+        free_memory()  # the worker process needs its own GPU memory
+        row = runs.run_worker(
+            model, config, args.device, args.worker_requests, args.size, args.steps, args.max_rows
+        )
+        span_s = row["requests"] / row["images_per_s"]
+        row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), span_s)
+        results["worker"] = row
+        bench.log(f"worker, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s")
+
+    bench.stage("worker", worker, needs_s=args.est_worker_s)
+
+    rows = results.setdefault("ablations", [])
+    for variant in ablations(fast, half, args.compile_backend):
+        if variant.slow and not args.slow_ablations:
+            continue
+
+        def ablate(variant: Variant = variant) -> None:
+            runner = set_variant(variant)
+            timing, totals = time_ours(runner, args.ablation_batch, args.ablation_repeats)
+            row = timing_row(results, args.ablation_batch, timing, totals)
+            row.update(name=variant.name, captures=runner.stats().captures)
+            rows.append(row)
+            bench.log(f"{variant.name}: {row['images_per_s']:.3f} images/s, {row['ms_per_step']:.1f} ms/step")
+            runner.release()
+            free_memory()
+
+        scale = 1.0 if args.device.startswith("cuda") else args.est_ablation_s / 15
+        bench.stage(f"ablation: {variant.name}", ablate, needs_s=variant.needs_s * scale)
+
+    results["elapsed_s"] = round(bench.elapsed(), 1)
+    bench.save()
+    print()
+    print(markdown(results))
+    return results
+
+
+def _times(flop: float | None, count: int) -> float | None:
+    return None if flop is None else flop * count
+
+
+def torch_default_flags() -> None:
+    """PyTorch's own defaults: no TF32 for matmuls, TF32 for cuDNN convs, no cuDNN autotuning."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = False
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU, a few steps: a check")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --quick)")
+    parser.add_argument(
+        "--config", choices=["sd15", "tiny"], default=None, help="default: sd15 (tiny with --quick)"
+    )
+    parser.add_argument("--size", type=int, help="pixels per side (default 512; 64 with --quick)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default 50; 4 with --quick)")
+    parser.add_argument("--batches", type=int, nargs="+", help="images per batch (default 1 4 8 16)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="UNet dtype (default float16; float32 --quick)",
+    )
+    parser.add_argument("--repeats", type=int, help="timed runs per batch, median (default 3)")
+    parser.add_argument("--diffusers-repeats", type=int, help="default: --repeats")
+    parser.add_argument("--ablation-batch", type=int, help="default 16 (2 with --quick)")
+    parser.add_argument("--ablation-repeats", type=int, default=1)
+    parser.add_argument(
+        "--slow-ablations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="math attention, float32 UNet, torch.compile (last, budget permitting)",
+    )
+    parser.add_argument(
+        "--compile-backend", help="torch.compile backend (default inductor; eager with --quick)"
+    )
+    parser.add_argument("--engine-requests", type=int, help="jobs at once for engine/worker (default 32)")
+    parser.add_argument("--worker-requests", type=int, help="default: --engine-requests")
+    parser.add_argument("--max-rows", type=int, default=64, help="UNet rows per call (the worker's default)")
+    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, help="skip optional stages past this (default 420)")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="stages to skip: precision ours diffusers engine worker ablations",
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_bench.json/.md")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "device": "cpu" if quick else "cuda",
+        "config": "tiny" if quick else "sd15",
+        "size": 64 if quick else 512,
+        "steps": 4 if quick else 50,
+        "batches": [1, 2] if quick else [1, 4, 8, 16],
+        "repeats": 1 if quick else 3,
+        "ablation_batch": 2 if quick else 16,
+        "compile_backend": "eager" if quick else "inductor",
+        "dtype": "float32" if quick else "float16",  # half precision crawls on most CPUs
+        "engine_requests": 4 if quick else 32,
+        "budget_s": 600 if quick else 420,
+        "slow_ablations": not quick,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.worker_requests = args.worker_requests or args.engine_requests
+    args.diffusers_repeats = args.diffusers_repeats or args.repeats
+    # rough costs used to skip optional stages when the budget runs short (seconds, H100)
+    args.est_engine_s = 5 if quick else 25
+    args.est_worker_s = 20 if quick else 75
+    args.est_ablation_s = 2 if quick else 15
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here: use --quick (or --device cpu --config tiny) for the CPU check")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    failed = [k for k, v in results["stages"].items() if v["status"].startswith("error")]
+    return 1 if failed or "ours" not in results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

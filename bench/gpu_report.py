@@ -1,0 +1,80 @@
+"""Markdown tables of bench/gpu.py's results (what goes into docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(value: float | None, digits: int = 2, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["meta"]
+    lines = [
+        f"### {m['device_name']} ({m['device']})",
+        "",
+        f"{m['date']}; torch {m['torch']} (CUDA {m['cuda']}), Python {m['python']}; `{m['command']}`",
+        f"{m['config']} architecture, random weights, {m['size']}x{m['size']}, {m['steps']} DDIM steps, "
+        f"CFG {m['guidance']}; peak for MFU: {m['peak_tflops'] or 'n/a'} TFLOP/s dense fp16",
+        "",
+    ]
+    if "precision" in results:
+        p = results["precision"]
+        lines += [f"Precision (batch {p['batch']}, {p['steps']} steps, final latents vs float32):", ""]
+        lines += ["| variant | relative error | <= 1e-2 |", "|---|---|---|"]
+        for name, row in p["rows"].items():
+            verdict = {True: "yes", False: "NO", None: "(no bar)"}[row["pass"]]
+            lines.append(f"| {name} | {row['relative_error']:.2e} | {verdict} |")
+        if "diffusers_vs_ours_fp16" in results:
+            d = results["diffusers_vs_ours_fp16"]
+            name = f"diffusers ({d['diffusers_dtype']}) vs ours (float16 eager)"
+            lines.append(f"| {name} | {d['relative_error']:.2e} | |")
+        lines.append("")
+    ours = {r["batch"]: r for r in results.get("ours", [])}
+    theirs = {r["batch"]: r for r in results.get("diffusers", [])}
+    if ours or theirs:
+        lines += [
+            "| batch | ours img/s | diffusers img/s | speed-up | ours ms/step | diffusers ms/step "
+            "| ours MFU | diffusers MFU | ours UNet-step MFU |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for batch in sorted(set(ours) | set(theirs)):
+            a, b = ours.get(batch), theirs.get(batch)
+            speedup = f"{a['images_per_s'] / b['images_per_s']:.2f}x" if a and b else "n/a"
+            lines.append(
+                f"| {batch} | {_f(a and a['images_per_s'], 3)} | {_f(b and b['images_per_s'], 3)} "
+                f"| {speedup} | {_f(a and a['ms_per_step'], 1)} | {_f(b and b['ms_per_step'], 1)} "
+                f"| {_f(a and a['mfu'], percent=True)} | {_f(b and b['mfu'], percent=True)} "
+                f"| {_f(a and a['step_mfu'], percent=True)} |"
+            )
+        lines.append("")
+    streams = [(k, results[k]) for k in ("engine", "worker") if results.get(k)]
+    if streams:
+        lines += ["| continuous batching | requests at once | img/s | p50 s | p99 s | rows/call | MFU |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        label = {"engine": "engine in-process (no Redis)", "worker": "real worker + Redis"}
+        for key, row in streams:
+            lines.append(
+                f"| {label[key]} | {row['requests']} | {row['images_per_s']:.3f} | {row['p50_s']:.2f} "
+                f"| {row['p99_s']:.2f} | {row['rows_per_call']:.1f} | {_f(row.get('mfu'), percent=True)} |"
+            )
+        lines.append("")
+    if results.get("ablations"):
+        base = results["ablations"][0]["images_per_s"]
+        lines += [f"| ablation (batch {results['ablations'][0]['batch']}) | img/s | ms/step | vs fast path |"]
+        lines += ["|---|---|---|---|"]
+        for row in results["ablations"]:
+            lines.append(
+                f"| {row['name']} | {row['images_per_s']:.3f} | {row['ms_per_step']:.1f} "
+                f"| {row['images_per_s'] / base:.2f}x |"
+            )
+        lines.append("")
+    bad = {k: v["status"] for k, v in results["stages"].items() if v["status"] != "ok"}
+    if bad:
+        lines += ["Stages not run or failed:", ""] + [f"- {k}: {v}" for k, v in bad.items()] + [""]
+    if "elapsed_s" in results:
+        lines.append(f"Whole run: {results['elapsed_s']:.0f} s.")
+    return "\n".join(lines)

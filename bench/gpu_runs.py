@@ -1,0 +1,406 @@
+"""The measurements of bench/gpu.py: build the models, time one batch through our engine path or
+diffusers' pipeline, count FLOPs, run the engine or a real worker on a stream of requests.
+
+Timing: CUDA events on a GPU (`Clock`), perf_counter on the CPU; every figure is the median of
+repeats after a warm-up (which also captures the CUDA graphs and runs cuDNN's autotuning).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.accel import UNetRunner
+from models.configs import UNetConfig, VAEConfig
+from models.ddim import DDIMSchedule
+from models.loading import SINGLE_FILE_CONFIGS, TOKENIZER_ASSETS, load_tokenizer, read_component_configs
+from models.sampler import GenerationRequest, Sampler
+from models.stable_diffusion import StableDiffusion
+from models.tiny_configs import TOKENIZER_PAD_TOKEN, tiny_config
+from models.unet import UNet2DConditionModel
+from models.vae import AutoencoderKL
+from workers.batching import split_rows
+
+GUIDANCE = 7.5
+NEGATIVE = "blurry, low quality"
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a lighthouse at dusk, oil painting",
+    "a red circle in the top left on a blue background",
+    "a bowl of ramen, studio lighting, 35mm",
+]
+# Published cost of SD 1.5 at 512x512 (the issue's figures): one CFG step (2 UNet rows), one decode
+SD15_UNET_CFG_STEP_FLOP = 1.61e12
+SD15_VAE_DECODE_FLOP = 2.5e12
+# Dense fp16/bf16 tensor-core peaks (vendor datasheets, TFLOP/s), matched on the driver's name
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_TFLOPS if all(k in device_name for k in key.split())), None)
+
+
+def component_configs(name: str) -> dict[str, dict[str, Any]]:
+    if name == "tiny":
+        return tiny_config("sd1")
+    if name == "sd15":
+        return read_component_configs(SINGLE_FILE_CONFIGS["sd1"])
+    raise ValueError(f"config must be tiny or sd15, got {name!r}")
+
+
+def build_ours(
+    config: str, device: str, dtype: torch.dtype, vae_dtype: torch.dtype, seed: int = 0
+) -> StableDiffusion:
+    """Our model with seeded random weights (PyTorch's and transformers' default init), built
+    directly on `device`: the same seed gives the same weights on the same device."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = component_configs(config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]))
+        vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+    model = StableDiffusion(
+        f"{config}-random",
+        unet,
+        vae,
+        text_encoder,
+        load_tokenizer(TOKENIZER_ASSETS),
+        DDIMSchedule.from_config(configs["scheduler"]),
+    )
+    return model.to(device=device, dtype=dtype, vae_dtype=vae_dtype).eval()
+
+
+def build_diffusers(model: StableDiffusion, config: str, dtype: torch.dtype) -> Any:
+    """diffusers' StableDiffusionPipeline (DDIM, its default SDPA attention, VAE in `dtype` as it
+    ships) on the same device, with the same weights and text encoder as `model`."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    configs = component_configs(config)
+    with torch.device(model.device):
+        unet = DiffusersUNet(**{k: v for k, v in configs["unet"].items() if not k.startswith("_")})
+        vae = DiffusersVAE(**{k: v for k, v in configs["vae"].items() if not k.startswith("_")})
+    unet.load_state_dict(model.unet.state_dict())
+    vae.load_state_dict(model.vae.state_dict())
+    pipe = StableDiffusionPipeline(
+        vae=vae.to(dtype).eval(),
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=unet.to(dtype).eval(),
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Clock:
+    """Named time marks: CUDA events on a GPU (read after one synchronize), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds from the first mark to each mark."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            first = self.marks[0][1]
+            return {name: first.elapsed_time(event) / 1000 for name, event in self.marks}
+        first = self.marks[0][1]
+        return {name: t - first for name, t in self.marks}
+
+
+@dataclass
+class Timing:
+    total_s: float  # prompts in, pixels out (uint8 on the host)
+    text_s: float  # prompt encoding and initial noise
+    step_s: float  # one denoising step, steady state: (last step end - first step end) / (steps - 1)
+    decode_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("total_s", "text_s", "step_s", "decode_s")}
+
+
+def _timing(marks: dict[str, float], steps: int) -> Timing:
+    first, last = marks["step0"], marks[f"step{steps - 1}"]
+    step_s = (last - first) / (steps - 1) if steps > 1 else first - marks["text"]
+    return Timing(marks["end"], marks["text"], step_s, marks["end"] - last)
+
+
+def batch_requests(batch: int, size: int, steps: int) -> list[tuple[int, GenerationRequest]]:
+    """`batch` one-image requests, as `batch` users would send them (CFG, own seeds and prompts)."""
+    return [
+        (
+            i,
+            GenerationRequest(
+                prompt=f"{PROMPTS[i % len(PROMPTS)]}, number {i}",
+                negative_prompt=NEGATIVE,
+                width=size,
+                height=size,
+                steps=steps,
+                guidance_scale=GUIDANCE,
+                seed=1000 + i,
+            ),
+        )
+        for i in range(batch)
+    ]
+
+
+def run_ours(
+    model: StableDiffusion,
+    runner: UNetRunner | None,
+    batch: int,
+    size: int,
+    steps: int,
+    max_rows: int = 64,
+    vae_batch: int = 8,
+) -> tuple[Timing, torch.Tensor]:
+    """One batch through the Sampler as the engine drives it (one call per <= max_rows rows per step,
+    decode in chunks); returns the timing and the final latents (batch, C, h, w)."""
+    sampler = Sampler(model, unet_runner=runner)
+    clock = Clock(model.device)
+    clock.mark("start")
+    images = [image for group in sampler.start(batch_requests(batch, size, steps)) for image in group]
+    clock.mark("text")
+    for step in range(steps):
+        for chunk in split_rows(images, max_rows):
+            sampler.step(chunk)
+        clock.mark(f"step{step}")
+    latents = torch.cat([image.latent for image in images])
+    sampler.decode(images, vae_batch)
+    clock.mark("end")
+    return _timing(clock.seconds(), steps), latents
+
+
+def run_diffusers(
+    pipe: Any, batch: int, size: int, steps: int, output_type: str = "np"
+) -> tuple[Timing, Any]:
+    """One batch through diffusers' pipeline: the same prompts, seeds (a list of CPU generators) and
+    guidance as run_ours."""
+    requests = [r for _, r in batch_requests(batch, size, steps)]
+    clock = Clock(pipe.unet.device)
+
+    def on_step_end(_pipe: Any, step: int, _t: Any, kwargs: dict) -> dict:
+        clock.mark(f"step{step}")
+        return kwargs
+
+    clock.mark("start")
+    clock.mark("text")  # diffusers encodes inside the call: its text time counts in the first step
+    out = pipe(
+        prompt=[r.prompt for r in requests],
+        negative_prompt=[r.negative_prompt for r in requests],
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+        output_type=output_type,
+        callback_on_step_end=on_step_end,
+    )
+    clock.mark("end")
+    return _timing(clock.seconds(), steps), out.images
+
+
+def median_timing(timings: list[Timing]) -> Timing:
+    return Timing(
+        *(
+            statistics.median(getattr(t, k) for t in timings)
+            for k in ("total_s", "text_s", "step_s", "decode_s")
+        )
+    )
+
+
+def repeat(fn: Callable[[], Timing], repeats: int) -> tuple[Timing, list[float]]:
+    timings = [fn() for _ in range(repeats)]
+    return median_timing(timings), [t.total_s for t in timings]
+
+
+@torch.no_grad()
+def count_flops(model: StableDiffusion, size: int) -> dict[str, float]:
+    """FLOPs of one CFG step (2 UNet rows) and one VAE decode at `size`, counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = model.vae_scale_factor
+    device = model.device
+    sample = torch.randn((2, model.latent_channels, size // f, size // f), device=device, dtype=model.dtype)
+    context = torch.randn((2, 77, model.text_encoder.config.hidden_size), device=device, dtype=model.dtype)
+    timesteps = torch.tensor([500, 500], device=device)
+    with FlopCounterMode(display=False) as unet_counter:
+        model.unet(sample, timesteps, context)
+    with FlopCounterMode(display=False) as vae_counter:
+        model.vae.decode(sample[:1].to(model.vae_dtype))
+    return {
+        "unet_cfg_step_flop": float(unet_counter.get_total_flops()),
+        "vae_decode_flop": float(vae_counter.get_total_flops()),
+    }
+
+
+# --- continuous batching: the engine in this process, and a real worker ------------------------------
+
+
+def run_engine(
+    model: StableDiffusion,
+    runner: UNetRunner | None,
+    requests: int,
+    size: int,
+    steps: int,
+    max_rows: int,
+    vae_batch: int,
+    timeout_s: float = 600,
+) -> dict[str, float]:
+    """The real engine (admission, continuous batching, decode, PNG encoding on its writer threads)
+    with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once."""
+    from models.png import encode_png
+    from schemas.jobs import GenerationParams, ImageRef, JobResult
+    from workers.engine import Engine, EngineConfig
+    from workers.submission import Submission
+
+    class MemoryResults:
+        def __init__(self) -> None:
+            self.finished_at: dict[str, float] = {}
+            self.lock = threading.Lock()
+
+        def store(self, submission: Submission, pictures: Any) -> JobResult:
+            for picture in pictures:
+                encode_png(picture, submission.params.prompt)
+            with self.lock:
+                self.finished_at[submission.job_id] = time.perf_counter()
+            seeds = submission.params.image_seeds()
+            return JobResult(
+                model=model.name,
+                images=[
+                    ImageRef(index=i, seed=s, key=f"{submission.job_id}:{i}") for i, s in enumerate(seeds)
+                ],
+            )
+
+    class NoProgress:
+        def sync(self, progress: Any) -> set[str]:
+            return set()
+
+    results = MemoryResults()
+    engine = Engine(
+        model,
+        EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch),
+        results,
+        NoProgress(),
+        sampler_factory=lambda m: Sampler(m, unet_runner=runner),
+    )
+    engine.start()
+
+    def submit(count: int, seed0: int) -> tuple[list[Submission], float]:
+        jobs = []
+        for i in range(count):
+            params = GenerationParams(
+                prompt=f"{PROMPTS[i % len(PROMPTS)]}, number {seed0 + i}",
+                negative_prompt=NEGATIVE,
+                width=size,
+                height=size,
+                steps=steps,
+                guidance_scale=GUIDANCE,
+                eta=0.0,
+                seed=seed0 + i,
+                num_images=1,
+            )
+            jobs.append(Submission(job_id=uuid.uuid4().hex, params=params))
+        started = time.perf_counter()
+        for job in jobs:
+            engine.submit(job)
+        for job in jobs:
+            if not job.wait(timeout_s):
+                raise TimeoutError(f"engine jobs not done within {timeout_s} s")
+            job.outcome()  # raises the job's error, if any
+        return jobs, started
+
+    try:
+        submit(2, 10_000)  # warm-up at this size
+        before = engine.stats()
+        jobs, started = submit(requests, 0)
+        after = engine.stats()
+    finally:
+        engine.drain(0)
+        engine.join(60)
+    ends = sorted(results.finished_at[job.job_id] - started for job in jobs)
+    calls = max(1, after.unet_calls - before.unet_calls)
+    return {
+        "requests": requests,
+        "images_per_s": requests / ends[-1],
+        "p50_s": statistics.median(ends),
+        "p99_s": ends[min(len(ends) - 1, round(0.99 * (len(ends) - 1)))],
+        "rows_per_call": (after.unet_rows - before.unet_rows) / calls,
+        "span_s": ends[-1],
+    }
+
+
+def write_model_folder(model: StableDiffusion, config: str, out_dir: Path) -> Path:
+    """`model`'s weights as a float16 diffusers folder (what a worker loads with SD_MODEL)."""
+    from models.random_model import write_diffusers_folder
+
+    weights = {}
+    for name, module in (("unet", model.unet), ("vae", model.vae), ("text_encoder", model.text_encoder)):
+        weights[name] = {
+            k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()
+        }
+    weights["text_encoder"] = {
+        (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in weights["text_encoder"].items()
+    }
+    return write_diffusers_folder(out_dir, component_configs(config), weights, TOKENIZER_PAD_TOKEN["sd1"])
+
+
+def run_worker(
+    model: StableDiffusion, config: str, device: str, requests: int, size: int, steps: int, max_rows: int
+) -> dict[str, Any]:
+    """A real worker process (`python -m workers.main`, its default fast path) on a private
+    redis-server, fed `requests` jobs at once exactly as the API enqueues them (bench/worker_bench.py)."""
+    import argparse
+    import shutil
+
+    import worker_bench  # bench/ is on sys.path (bench/gpu.py); needs redis, rq, redis-server
+
+    from tests.helpers.redis_server import RedisServer
+
+    folder = Path(tempfile.mkdtemp(prefix="gpu-bench-model-"))
+    server = RedisServer()
+    try:
+        model_dir = write_model_folder(model, config, folder / "model")
+        server.start()
+        args = argparse.Namespace(
+            device=device,
+            dtype=None,
+            size=size,
+            steps=steps,
+            guidance=GUIDANCE,
+            requests=requests,
+            slots=None,
+            vae_batch=None,
+            torch_threads=None,
+            timeout_s=600,
+        )
+        row = worker_bench.run_mode("batched", max_rows, args, model_dir, server.url)
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"requests": requests, **row}

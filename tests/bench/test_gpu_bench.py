@@ -1,0 +1,106 @@
+"""bench/gpu.py on the CPU (--quick: tiny config, the same code paths as on a GPU), its figures
+(images/s, MFU against the card's peak) and bench/gpu_run.sh's syntax."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "bench")]
+
+import gpu  # noqa: E402
+import gpu_runs  # noqa: E402
+from gpu_report import markdown  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> None:
+    argv = ["--quick", "--steps", "2", "--batches", "1", "--ablation-batch", "1", "--engine-requests", "2"]
+    assert gpu.main([*argv, "--skip", "worker", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())
+    statuses = {name: stage["status"] for name, stage in results["stages"].items()}
+    assert statuses.pop("worker") == "skipped (--skip)"
+    assert set(statuses.values()) == {"ok"}, statuses
+    assert [row["batch"] for row in results["ours"]] == [1] and results["ours"][0]["images_per_s"] > 0
+    assert [row["batch"] for row in results["diffusers"]] == [1]
+    rows = results["precision"]["rows"]
+    assert rows["float16 eager"]["pass"] and rows["float16 fast path"]["pass"]
+    assert rows["bfloat16 eager"]["pass"] is None  # reported, no bar
+    assert results["engine"]["requests"] == 2 and results["engine"]["images_per_s"] > 0
+    names = [row["name"] for row in results["ablations"]]
+    assert names[0] == "fast path (default)" and "- CUDA graphs" in names and len(names) == 10
+    assert results["flops"]["source"] == "counted" and results["flops"]["unet_cfg_step_flop"] > 0
+    report = (tmp_path / "gpu_bench.md").read_text()
+    assert "| batch | ours img/s | diffusers img/s" in report and "| ablation (batch 1)" in report
+
+
+def test_mfu_uses_the_published_sd15_costs_and_the_cards_peak() -> None:
+    results = {
+        "meta": {"steps": 50, "peak_tflops": 989.0},
+        "flops": {
+            "unet_cfg_step_flop": gpu_runs.SD15_UNET_CFG_STEP_FLOP,
+            "vae_decode_flop": gpu_runs.SD15_VAE_DECODE_FLOP,
+        },
+    }
+    timing = gpu_runs.Timing(total_s=4.0, text_s=0.05, step_s=0.075, decode_s=0.2)
+    row = gpu.timing_row(results, 16, timing, [4.0])
+    assert row["images_per_s"] == pytest.approx(4.0)
+    assert row["mfu"] == pytest.approx(16 * (50 * 1.61e12 + 2.5e12) / 4.0 / 989e12)  # ~83 TFLOP an image
+    assert row["step_mfu"] == pytest.approx(16 * 1.61e12 / 0.075 / 989e12)
+    assert row["ms_per_step"] == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_is_read_off_the_drivers_name(name: str, peak: float | None) -> None:
+    assert gpu_runs.peak_tflops(name) == peak
+
+
+def test_report_of_a_partial_run_names_what_did_not_run() -> None:
+    results = {
+        "meta": {
+            "device_name": "NVIDIA H100 80GB HBM3",
+            "device": "cuda",
+            "date": "2026-01-01 00:00 UTC",
+            "torch": "2.11.0",
+            "cuda": "13.0",
+            "python": "3.12.3",
+            "command": "python bench/gpu.py",
+            "config": "sd15",
+            "size": 512,
+            "steps": 50,
+            "guidance": 7.5,
+            "peak_tflops": 989.0,
+        },
+        "stages": {"build": {"status": "ok"}, "worker": {"status": "error: RuntimeError: no redis-server"}},
+        "ours": [{"batch": 16, "images_per_s": 4.2, "ms_per_step": 70.0, "mfu": 0.35, "step_mfu": 0.37}],
+    }
+    report = markdown(results)
+    assert "### NVIDIA H100 80GB HBM3 (cuda)" in report
+    assert "| 16 | 4.200 | n/a | n/a | 70.0 | n/a | 35.0% | n/a | 37.0% |" in report
+    assert "- worker: error: RuntimeError: no redis-server" in report
+
+
+def test_gpu_run_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_run.sh")], check=True)
