@@ -180,33 +180,44 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
     return once
 
 
-def timed(fn, device: str) -> tuple[float, object]:
+def timed(fn, device: str) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result). CPU time is the steadier figure on a
+    shared machine: other processes' load stretches wall time but not our own CPU time (with one
+    torch thread; with several, OpenMP spin-waits inflate it)."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu_start, result
 
 
 def time_both(config_name: str, size: int, steps: int, repeats: int, device: str, dtype_name: str) -> dict:
-    """Both sides in this process, runs alternating; medians and the pixel difference."""
+    """Both sides in this process, runs alternating; medians, paired ratios and the pixel difference."""
     import numpy as np
 
     sides = {
         side: build_side(side, config_name, size, steps, device, dtype_name) for side in ("ours", "diffusers")
     }
     images = {side: fn() for side, fn in sides.items()}  # warm-up
-    times: dict[str, list[float]] = {side: [] for side in sides}
+    wall: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(repeats):
         for side, fn in sides.items():
-            elapsed, images[side] = timed(fn, device)
-            times[side].append(elapsed)
+            elapsed, cpu_s, images[side] = timed(fn, device)
+            wall[side].append(elapsed)
+            cpu[side].append(cpu_s)
     diff = int(np.abs(images["ours"].astype(int) - images["diffusers"].astype(int)).max())
     return {
-        "times_s": times,
-        "median_s": {s: statistics.median(t) for s, t in times.items()},
+        "times_s": wall,
+        "cpu_s": cpu,
+        "median_s": {s: statistics.median(t) for s, t in wall.items()},
+        "median_cpu_s": {s: statistics.median(t) for s, t in cpu.items()},
+        # ours / diffusers of back-to-back runs: robust to load that drifts during the benchmark
+        "paired_ratio": statistics.median(
+            o / d for o, d in zip(wall["ours"], wall["diffusers"], strict=True)
+        ),
         "max_pixel_diff": diff,
     }
 
@@ -285,15 +296,20 @@ def main() -> None:
                 "ours_s": timing["median_s"]["ours"],
                 "diffusers_s": timing["median_s"]["diffusers"],
                 "ratio": timing["median_s"]["ours"] / timing["median_s"]["diffusers"],
+                "paired_ratio": timing["paired_ratio"],
+                "ours_cpu_s": timing["median_cpu_s"]["ours"],
+                "diffusers_cpu_s": timing["median_cpu_s"]["diffusers"],
                 "ours_peak_gb": peaks["ours"] / 2**30,
                 "diffusers_peak_gb": peaks["diffusers"] / 2**30,
                 "max_pixel_diff": timing["max_pixel_diff"],
                 "times_s": timing["times_s"],
+                "cpu_s": timing["cpu_s"],
             }
         )
 
     header = (
         f"{'config':7} {'size':>5} {'steps':>5} {'ours s/img':>11} {'diffusers s/img':>16} {'ratio':>6} "
+        f"{'paired':>7} {'ours cpu s':>11} {'diff. cpu s':>12} "
         f"{'ours peak GB':>13} {'diffusers peak GB':>18} {'max px diff':>12}"
     )
     print(header)
@@ -301,7 +317,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['config']:7} {r['size']:>5} {r['steps']:>5} {r['ours_s']:>11.3f} {r['diffusers_s']:>16.3f} "
-            f"{r['ratio']:>6.2f} {r['ours_peak_gb']:>13.2f} {r['diffusers_peak_gb']:>18.2f} {r['max_pixel_diff']:>12}"
+            f"{r['ratio']:>6.2f} {r['paired_ratio']:>7.2f} {r['ours_cpu_s']:>11.2f} {r['diffusers_cpu_s']:>12.2f} "
+            f"{r['ours_peak_gb']:>13.2f} {r['diffusers_peak_gb']:>18.2f} {r['max_pixel_diff']:>12}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

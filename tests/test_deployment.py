@@ -49,7 +49,7 @@ def env_vars_read_by_code() -> set[str]:
     pattern = re.compile(
         r"""(?:os\.environ\.get|os\.getenv|os\.environ\.setdefault|environ\[)\(?\s*["']([A-Z][A-Z0-9_]+)["']"""
     )
-    for folder in ("models", "workers", "service", "schemas", "scripts", "training"):
+    for folder in ("models", "workers", "service", "schemas", "scripts", "training", "client"):
         for path in (ROOT / folder).rglob("*.py"):
             names |= set(pattern.findall(path.read_text(encoding="utf-8")))
     compose_text = (ROOT / "docker-compose.yml").read_text()
