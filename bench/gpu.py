@@ -230,8 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "counted": counted,
         }
         bench.log(
-            f"FLOPs per CFG step {counted['unet_cfg_step_flop'] / 1e12:.3f} T, per decode "
-            f"{counted['vae_decode_flop'] / 1e12:.3f} T (counted by torch.utils.flop_counter)"
+            f"FLOPs per CFG step {counted['unet_cfg_step_flop'] / 1e9:.1f} G, per decode "
+            f"{counted['vae_decode_flop'] / 1e9:.1f} G (counted by torch.utils.flop_counter)"
         )
 
     bench.stage("build", build)
@@ -286,7 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"ours batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
             )
         results["ours_runner"] = dataclasses.asdict(runner.stats())
-        state["runner"] = runner
+        runner.release()  # its graphs' memory, before diffusers and the worker need theirs
+        free_memory()
 
     bench.stage("ours", ours)
 
@@ -324,6 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), row["span_s"])
         row["runner"] = dataclasses.asdict(runner.stats())
+        runner.release()
+        free_memory()
         results["engine"] = row
         bench.log(f"engine, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s")
 
@@ -417,6 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-requests", type=int, help="jobs at once for engine/worker (default 32)")
     parser.add_argument("--worker-requests", type=int, help="default: --engine-requests")
     parser.add_argument("--max-rows", type=int, default=64, help="UNet rows per call (the worker's default)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--budget-s", type=float, help="skip optional stages past this (default 420)")
     parser.add_argument(
@@ -458,6 +462,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads or args.quick:
+        # one thread on a small shared CPU: OpenMP threads spin-waiting on busy cores make the tiny
+        # model 10-100x slower at random
+        torch.set_num_threads(args.threads or 1)
     results = run(args)
     failed = [k for k, v in results["stages"].items() if v["status"].startswith("error")]
     return 1 if failed or "ours" not in results else 0
