@@ -204,13 +204,16 @@ class UNetRunner:
         if self.config.compile_mode != "off":
             # one compiled graph per bucket: raise dynamo's recompile limit to the buckets we keep
             dynamo_config = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * self.config.max_graphs)
+            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * self.config.max_graphs))
             mode = None if self.config.compile_mode == "default" else self.config.compile_mode
             self.forward = torch.compile(unet, mode=mode, dynamic=False, backend=self.config.compile_backend)
         self._buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
         self._failed: set[BucketKey] = set()  # capture failed (not out of memory): eager from then on
         self._pool: tuple[int, int] | None = None  # one memory pool shared by every graph
         self._last_call: torch.cuda.Event | None = None
+        # one side stream for every warm-up: each new stream would get its own cuBLAS workspace
+        self._side_stream: torch.cuda.Stream | None = None
         self._stats = RunnerStats()
 
     @property
@@ -313,7 +316,9 @@ class UNetRunner:
         device = bucket.sample.device
         try:
             # warm-up on a side stream (cuDNN autotuning, cuBLAS workspaces, lazy init, compilation)
-            side = torch.cuda.Stream(device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device)
+            side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), attention_backend(self.config.sdpa_backend):
                 for _ in range(self.config.warmup_iters):

@@ -280,7 +280,8 @@ def test_cuda_graph_half_precision_fast_config(dtype: torch.dtype) -> None:
         sample, t, context, mask = unet_inputs(rows, seed=rows, device="cuda")
         args = (sample.to(dtype), t, context.to(dtype), mask)
         expected = reference(*args).float()
-        assert relative_error(runner(*args), expected) <= 1e-2
+        # two kernel orders in half precision; bfloat16 keeps 3 fewer mantissa bits
+        assert relative_error(runner(*args), expected) <= (1e-2 if dtype == torch.float16 else 3e-2)
     apply_backend_flags(AccelConfig())
 
 
@@ -295,13 +296,14 @@ def test_cuda_graph_memory_is_bounded(strict_fp32: None) -> None:
             runner(*unet_inputs(rows, length, masked, device="cuda"))
         torch.cuda.synchronize()
 
+    cycle()  # first-time allocations (cuBLAS workspaces of the side and capture streams...)
     cycle()
-    after_first = torch.cuda.memory_allocated()
+    steady = torch.cuda.memory_allocated()
     for _ in range(3):
         cycle()
-    assert torch.cuda.memory_allocated() <= after_first * 1.05 + 2**20
+    assert torch.cuda.memory_allocated() <= steady * 1.01 + 8 * 2**20
     stats = runner.stats()
-    assert len(stats.keys) == 2 and stats.evictions == 4 * len(shapes) - 2
+    assert len(stats.keys) == 2 and stats.evictions == 5 * len(shapes) - 2
 
 
 @cuda_only
