@@ -82,8 +82,6 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
         Variant("UNet bfloat16", BF16, FP32, fast),
         Variant("- TF32, - cuDNN autotune", half, FP32, r(fast, tf32=False, cudnn_benchmark=False)),
         Variant(f"all off: plain eager {h}", half, FP32, AccelConfig()),
-        Variant("attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
-        Variant("float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
         Variant(
             "+ torch.compile (default mode) in the graphs",
             half,
@@ -92,6 +90,8 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             slow=True,
             needs_s=150,  # inductor compiles the UNet once for the bucket
         ),
+        Variant("attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
+        Variant("float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
     ]
 
 
