@@ -9,6 +9,7 @@ spacing, and a negative previous timestep uses ``final_alpha_cumprod``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -127,23 +128,30 @@ class DDIMSchedule:
             clip_sample_range=float(cfg["clip_sample_range"]),
         )
 
+    @functools.cached_property
+    def max_steps(self) -> int:
+        """The most inference steps whose timesteps all exist (with leading spacing and
+        steps_offset 1, 1000 steps would ask for timestep 1000 of 0..999)."""
+        n = self.num_train_timesteps
+        return next(s for s in range(n, 0, -1) if int(self._spaced(s).max()) < n)
+
     def timesteps(self, num_steps: int) -> torch.Tensor:
         """The `num_steps` timesteps of a sampling run, first (noisiest) first: (num_steps,) int64.
 
         With 1000 training steps, leading spacing and steps_offset 1, 50 steps give 981, 961, ..., 1.
         """
+        if not 1 <= num_steps <= self.max_steps:
+            raise ValueError(f"steps must be between 1 and {self.max_steps}, got {num_steps}")
+        return torch.from_numpy(self._spaced(num_steps))
+
+    def _spaced(self, num_steps: int) -> np.ndarray:
         n = self.num_train_timesteps
-        if not 1 <= num_steps <= n:
-            raise ValueError(f"steps must be between 1 and {n}, got {num_steps}")
         if self.timestep_spacing == "linspace":
-            steps = np.linspace(0, n - 1, num_steps).round()[::-1].copy().astype(np.int64)
-        elif self.timestep_spacing == "leading":
+            return np.linspace(0, n - 1, num_steps).round()[::-1].copy().astype(np.int64)
+        if self.timestep_spacing == "leading":
             ratio = n // num_steps
-            steps = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64)
-            steps += self.steps_offset
-        else:  # trailing
-            steps = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
-        return torch.from_numpy(steps)
+            return (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + self.steps_offset
+        return np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1  # trailing
 
 
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:

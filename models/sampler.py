@@ -55,7 +55,7 @@ class GenerationRequest:
         for name, value in (("width", self.width), ("height", self.height)):
             if value < multiple or value % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
-        limit = model.schedule.num_train_timesteps
+        limit = model.schedule.max_steps
         checks = (
             ("steps", self.steps, 1, limit),
             ("guidance_scale", self.guidance_scale, 0.0, float("inf")),

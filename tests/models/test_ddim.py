@@ -23,7 +23,12 @@ def test_timesteps_match_diffusers(spacing: str, steps: int) -> None:
     config = {**SD_SCHEDULER, "timestep_spacing": spacing}
     reference = DDIMScheduler.from_config(config)
     reference.set_timesteps(steps)
-    assert DDIMSchedule.from_config(config).timesteps(steps).tolist() == reference.timesteps.tolist()
+    ours = DDIMSchedule.from_config(config)
+    if int(reference.timesteps.max()) >= 1000:  # diffusers would index past alphas_cumprod; we refuse
+        with pytest.raises(ValueError, match="steps must be between"):
+            ours.timesteps(steps)
+        return
+    assert ours.timesteps(steps).tolist() == reference.timesteps.tolist()
 
 
 @pytest.mark.parametrize(
@@ -112,7 +117,15 @@ def test_bad_scheduler_config_is_named(config: dict, message: str) -> None:
         DDIMSchedule.from_config({**SD_SCHEDULER, **config})
 
 
-@pytest.mark.parametrize("steps", [0, 1001])
+@pytest.mark.parametrize("steps", [0, 1000, 1001])
 def test_steps_out_of_range(steps: int) -> None:
-    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+    """Leading spacing with steps_offset 1 cannot take 1000 steps: it would need timestep 1000."""
+    with pytest.raises(ValueError, match="steps must be between 1 and 999"):
         DDIMSchedule.from_config(SD_SCHEDULER).timesteps(steps)
+
+
+@pytest.mark.parametrize(("spacing", "max_steps"), [("leading", 999), ("trailing", 1000), ("linspace", 1000)])
+def test_max_steps_is_the_most_that_exists(spacing: str, max_steps: int) -> None:
+    schedule = DDIMSchedule.from_config({**SD_SCHEDULER, "timestep_spacing": spacing})
+    assert schedule.max_steps == max_steps
+    assert int(schedule.timesteps(max_steps).max()) < 1000
