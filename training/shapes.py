@@ -51,8 +51,8 @@ POSITIONS: dict[str, tuple[int, int]] = {
 POSITION_SYNONYMS = {"middle": "center", "centre": "center"}
 
 CELL_CENTRES_PX = (12.0, 32.0, 52.0)  # centre of grid row/column 0, 1, 2 (the thirds' edges: 21.3, 42.7)
-JITTER_PX = 2.0  # shape centres move uniformly within +-JITTER_PX of their cell centre
-SIZE_RANGE_PX = (14.0, 18.0)  # side of the shape's bounding box, uniform
+JITTER_PX = 1.5  # shape centres move uniformly within +-JITTER_PX of their cell centre
+SIZE_RANGE_PX = (16.0, 20.0)  # side of the shape's bounding box, uniform
 
 COLOUR_NAMES = tuple(COLOURS)
 POSITION_NAMES = tuple(POSITIONS)

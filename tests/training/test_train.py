@@ -1,0 +1,64 @@
+"""The training script runs end to end on the tiny architecture and writes a loadable model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.loading import load_model
+from models.sampler import GenerationRequest, generate
+from training import train
+from training.diffusion import timestep_weights
+from training.schedule import warmup_cosine
+
+
+def test_training_runs_end_to_end_on_a_tiny_config(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    code = train.main(
+        [
+            "--out", str(out), "--architecture", "tiny", "--seed", "3",
+            "--vae-steps", "2", "--vae-batch", "2",
+            "--unet-steps", "2", "--unet-batch", "4", "--pool-size", "8",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    for name in ("model_index.json", "defaults.json", "training_summary.json", "tokenizer/vocab.json"):
+        assert (out / name).is_file(), name
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] > 0 and vae_config["scaling_factor"] != 1.0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["diffusion"]["steps"] == 2 and np.isfinite(summary["diffusion"]["final_loss"])
+
+    model = load_model(out)
+    assert model.native_size == (64, 64)
+    assert model.vae_scale_factor == 4
+    (image,) = generate(
+        model,
+        GenerationRequest(
+            "a red circle in the top left on a blue background", width=64, height=64, steps=2, seed=1
+        ),
+    )
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+
+
+def test_weights_are_stored_in_float16(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "model"
+    train.main(["--out", str(out), "--architecture", "tiny", "--vae-steps", "1", "--vae-batch", "2",
+                "--unet-steps", "1", "--unet-batch", "2", "--pool-size", "4"])  # fmt: skip
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+
+
+def test_schedules() -> None:
+    assert warmup_cosine(0, 100, 10) == 0.1
+    assert warmup_cosine(10, 100, 10) == 1.0
+    assert abs(warmup_cosine(100, 100, 10) - 0.05) < 1e-9
+    alphas = torch.linspace(0.999, 0.001, 1000)
+    weights = timestep_weights(alphas, gamma=5.0)
+    assert weights[0] < 0.01 and weights[-1] == 5.0  # clean latents weigh little, noisy ones most
+    assert abs(weights[500] - 2.0) < 0.01  # SNR 1: min-SNR 1, times 1 + 1/SNR = 2

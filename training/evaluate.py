@@ -1,0 +1,171 @@
+"""Score prompt-following on held-out (colour, shape, position) combinations.
+
+Images are generated through the serving pipeline (`load_model` + `models.sampler.Sampler`, the
+stepper behind `generate`, here with many requests per UNet call) and read back by the checker
+(`training.checker.detect`). Prints a table of colour / position / shape accuracy per guidance
+scale:
+
+    python -m training.evaluate --model models/embedded_model --per-triple 4 --guidance 1
+
+Every case is deterministic: its background, its caption template and its seed follow from its
+index, so two runs on one machine print the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.loading import load_model
+from models.sampler import GenerationRequest, Sampler
+from models.stable_diffusion import StableDiffusion
+from training.checker import Detection, detect
+from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 1234  # case k is generated with seed EVAL_SEED + k
+ATTRIBUTES = ("colour", "position", "shape")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One evaluation prompt and what its image should show."""
+
+    colour: str
+    shape: str
+    position: str
+    background: str
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracies (0..1) over `count` images at one guidance scale."""
+
+    guidance_scale: float
+    steps: int
+    count: int
+    colour: float
+    position: float
+    shape: float
+    all_three: float  # colour, position and shape all right
+    detected: float  # share of images where the checker found a shape at all
+    seconds_per_image: float
+
+
+def held_out_cases(per_triple: int, start: int = 0) -> list[Case]:
+    """`per_triple` cases for each held-out triple, cases start..start+per_triple-1 of each.
+
+    Case k of a triple uses background `k`-th of the other colours (rotated by the triple's index,
+    so every background appears), caption template k mod 8 and seed EVAL_SEED + global index.
+    """
+    cases = []
+    for t, (colour, shape, position) in enumerate(sorted(HELD_OUT)):
+        others = [c for c in COLOUR_NAMES if c != colour]
+        for k in range(start, start + per_triple):
+            background = others[(t + 3 * k) % len(others)]
+            template = TEMPLATES[(t + k) % len(TEMPLATES)]
+            prompt = template.format(c=colour, s=shape, p=position, b=background)
+            cases.append(Case(colour, shape, position, background, prompt, EVAL_SEED + t * 1000 + k))
+    return cases
+
+
+def generate_images(
+    model: StableDiffusion, cases: Sequence[Case], steps: int, guidance_scale: float, batch_size: int = 16
+) -> list[np.ndarray]:
+    """One (H, W, 3) uint8 image per case at the model's native size, `batch_size` requests per UNet call."""
+    width, height = model.native_size
+    sampler = Sampler(model)
+    images: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        requests = [
+            (i, GenerationRequest(c.prompt, "", width, height, steps, guidance_scale, 0.0, c.seed, 1))
+            for i, c in enumerate(cases[start : start + batch_size])
+        ]
+        active = [image for group in sampler.start(requests) for image in group]
+        while not active[0].done:
+            sampler.step(active)
+        images.extend(sampler.decode(active))
+    return images
+
+
+def score(cases: Sequence[Case], detections: Sequence[Detection | None]) -> dict[str, float]:
+    """Per-attribute accuracy of `detections` against `cases` (a missing shape is wrong on all)."""
+    hits = {name: 0 for name in (*ATTRIBUTES, "all_three", "detected")}
+    for case, found in zip(cases, detections, strict=True):
+        if found is None:
+            continue
+        right = {name: getattr(found, name) == getattr(case, name) for name in ATTRIBUTES}
+        hits["detected"] += 1
+        hits["all_three"] += all(right.values())
+        for name in ATTRIBUTES:
+            hits[name] += right[name]
+    return {name: count / max(len(cases), 1) for name, count in hits.items()}
+
+
+def evaluate(model: StableDiffusion, cases: Sequence[Case], steps: int, guidance_scale: float) -> Scores:
+    """Generate every case's image and score what the checker reads in it."""
+    start = time.perf_counter()
+    images = generate_images(model, cases, steps, guidance_scale)
+    seconds = (time.perf_counter() - start) / max(len(cases), 1)
+    accuracy = score(cases, [detect(image) for image in images])
+    return Scores(
+        guidance_scale=guidance_scale, steps=steps, count=len(cases), seconds_per_image=seconds, **accuracy
+    )
+
+
+def format_table(rows: Sequence[Scores]) -> str:
+    """A Markdown table of scores, one row per guidance scale."""
+    lines = [
+        "| guidance | steps | images | colour | position | shape | all three | shape found | s/image |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.guidance_scale:g} | {r.steps} | {r.count} | {r.colour:.1%} | {r.position:.1%} | "
+            f"{r.shape:.1%} | {r.all_three:.1%} | {r.detected:.1%} | {r.seconds_per_image:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def read_defaults(model_dir: Path) -> dict[str, float]:
+    """The model folder's defaults.json (steps, guidance_scale), or SD's 50 / 7.5 without one."""
+    path = model_dir / "defaults.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"steps": 50, "guidance_scale": 7.5}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("models/embedded_model"))
+    parser.add_argument("--per-triple", type=int, default=4, help="cases per held-out triple (24 triples)")
+    parser.add_argument("--steps", type=int, help="default: the model's defaults.json")
+    parser.add_argument("--guidance", type=float, action="append", help="guidance scale(s); repeatable")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = read_defaults(args.model)
+    steps = args.steps or int(defaults["steps"])
+    scales = args.guidance or [float(defaults["guidance_scale"]), 1.0]
+    model = load_model(args.model)
+    cases = held_out_cases(args.per_triple)
+    rows = [evaluate(model, cases, steps, scale) for scale in scales]
+    sys.stdout.write(format_table(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
