@@ -58,7 +58,7 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
     def read() -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
-            if "[make run] ready:" in line:
+            if "Ctrl-C stops everything" in line:  # the last line of the ready message
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -67,6 +67,7 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
         start = time.monotonic()
         assert ready.wait(READY_BOUND_S), "not ready in time:\n" + "".join(lines[-40:])
         url = f"http://127.0.0.1:{port}"
+        assert any(f"[make run] ready: {url}" in line for line in lines)
         assert any(f"curl -s -X POST {url}/v1/txt2img" in line for line in lines)
 
         with httpx.Client(base_url=url, timeout=10) as client:
