@@ -8,6 +8,7 @@ is not 0, so the picture can be reproduced).
 from __future__ import annotations
 
 import io
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -43,6 +44,33 @@ def format_parameters(
         fields.append(f"Eta: {eta:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+class Generation(Protocol):
+    """What a picture was made with: a models.sampler.GenerationRequest or a schemas GenerationParams."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    eta: float
+
+
+def parameters_of(generation: Generation, seed: int, model: str) -> str:
+    """The A1111 parameters text of the image of `generation` drawn with `seed`."""
+    return format_parameters(
+        prompt=generation.prompt,
+        negative_prompt=generation.negative_prompt,
+        steps=generation.steps,
+        guidance_scale=generation.guidance_scale,
+        seed=seed,
+        width=generation.width,
+        height=generation.height,
+        model=model,
+        eta=generation.eta,
+    )
 
 
 def encode_png(image: np.ndarray, parameters: str | None = None, compress_level: int = 4) -> bytes:

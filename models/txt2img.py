@@ -19,7 +19,7 @@ import torch
 
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.png import encode_png, format_parameters
+from models.png import encode_png, parameters_of
 from models.sampler import GenerationRequest, generate
 from models.single_file import CheckpointError
 
@@ -96,18 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(output_paths(args.out, len(images)), images, request.seeds(), strict=True):
-        parameters = format_parameters(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            seed=seed,
-            width=request.width,
-            height=request.height,
-            model=model.name,
-            eta=request.eta,
-        )
-        path.write_bytes(encode_png(image, parameters))
+        path.write_bytes(encode_png(image, parameters_of(request, seed, model.name)))
         logger.info("wrote %s (seed %d)", path, seed)
     logger.info("%d image(s) in %.2f s", len(images), elapsed)
     return 0

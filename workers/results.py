@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from models.png import encode_png, format_parameters
+from models.png import encode_png, parameters_of
 from schemas.jobs import ImageRef, JobResult
 from schemas.redis_keys import image_key
 from workers.submission import Submission
@@ -30,18 +30,7 @@ class ResultWriter:
             raise ValueError(f"job {submission.job_id}: {len(images)} pictures for {len(seeds)} seeds")
         refs, pngs = [], []
         for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            parameters = format_parameters(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                seed=seed,
-                width=params.width,
-                height=params.height,
-                model=self.model_name,
-                eta=params.eta,
-            )
-            pngs.append(encode_png(image, parameters))
+            pngs.append(encode_png(image, parameters_of(params, seed, self.model_name)))
             refs.append(ImageRef(index=index, seed=seed, key=image_key(submission.job_id, index)))
         self._set_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)})
         return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
