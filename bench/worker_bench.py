@@ -64,31 +64,14 @@ def build_model(name: str, cache: Path) -> Path:
 def build_sd15_random(target: Path) -> None:
     """SD 1.5's architecture (the shipped reference configs) with seeded random weights, fp16 on disk."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from models.configs import UNetConfig, VAEConfig
     from models.loading import SINGLE_FILE_CONFIGS, read_component_configs
-    from models.random_model import randomize_, write_diffusers_folder
+    from models.random_model import random_weights, write_diffusers_folder
     from models.tiny_configs import TOKENIZER_PAD_TOKEN
-    from models.unet import UNet2DConditionModel
-    from models.vae import AutoencoderKL
 
     print(f"building a random SD 1.5 model in {target} (once) ...", flush=True)
     configs = read_component_configs(SINGLE_FILE_CONFIGS["sd1"])
-    generator = torch.Generator().manual_seed(0)
-    modules = {
-        "unet": UNet2DConditionModel(UNetConfig.from_dict(configs["unet"])),
-        "vae": AutoencoderKL(VAEConfig.from_dict(configs["vae"])),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
-    }
-    weights = {}
-    for name, module in modules.items():
-        randomize_(module, generator)
-        weights[name] = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
-    weights["text_encoder"] = {
-        (k if k.startswith("text_model.") else "text_model." + k): v
-        for k, v in weights["text_encoder"].items()
-    }
+    weights = random_weights(configs, seed=0, dtype=torch.float16)
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     write_diffusers_folder(staging, configs, weights, TOKENIZER_PAD_TOKEN["sd1"])
     staging.rename(target)

@@ -45,11 +45,10 @@ def randomize_(module: nn.Module, generator: torch.Generator) -> None:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
 
 
-def random_components(
-    variant: str, seed: int = 0
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
-    """(configs, state dicts in diffusers naming) of a tiny random model of `variant` ("sd1"/"sd2")."""
-    configs = tiny_config(variant)
+def random_weights(
+    configs: dict[str, dict[str, Any]], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Seeded random weights, in diffusers naming, for the networks `configs` describes."""
     generator = torch.Generator("cpu").manual_seed(seed)
     modules: dict[str, nn.Module] = {
         "unet": UNet2DConditionModel(UNetConfig.from_dict(configs["unet"])),
@@ -59,13 +58,21 @@ def random_components(
     weights = {}
     for name, module in modules.items():
         randomize_(module, generator)
-        weights[name] = {k: v.contiguous() for k, v in module.state_dict().items()}
+        weights[name] = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
     # real checkpoints name the text tower's keys with the "text_model." prefix
     weights["text_encoder"] = {
         (k if k.startswith("text_model.") else "text_model." + k): v
         for k, v in weights["text_encoder"].items()
     }
-    return configs, weights
+    return weights
+
+
+def random_components(
+    variant: str, seed: int = 0
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
+    """(configs, state dicts in diffusers naming) of a tiny random model of `variant` ("sd1"/"sd2")."""
+    configs = tiny_config(variant)
+    return configs, random_weights(configs, seed)
 
 
 def write_diffusers_folder(
