@@ -208,7 +208,13 @@ def main() -> int:
             dtype_name(runtime.dtype),
             dtype_name(runtime.vae_dtype),
         )
-        model = load_model(model_path, runtime.device, runtime.dtype, vae_dtype=runtime.vae_dtype)
+        model = load_model(
+            model_path,
+            runtime.device,
+            runtime.dtype,
+            vae_dtype=runtime.vae_dtype,
+            config=settings.model_config_dir,
+        )
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
         return 2

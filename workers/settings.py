@@ -31,6 +31,11 @@ class WorkerSettings(JanitorSettings):
     model: str | None = Field(
         None, description="model folder or checkpoint file (default: the embedded model)"
     )
+    model_config_dir: str | None = Field(
+        None,
+        description="single-file checkpoints: a diffusers-format folder of configs (default: the shipped "
+        "SD 1.5 / SD 2.1 ones, chosen from the keys; set it e.g. for SD 2.x base, which is epsilon)",
+    )
     model_name: str | None = Field(
         None, description="name published and written in PNGs (default: file name)"
     )
