@@ -42,16 +42,9 @@ _RQ_MESSAGES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def api_status(rq_status: RqStatus | str | None, cancel_requested: bool = False) -> JobStatus:
-    """Map RQ's status to the API's; a job that failed after a cancel request counts as canceled.
-
-    The engine ends a canceled running job by raising out of the job function, which RQ records as
-    a failure: the cancel key the API set tells the two apart.
-    """
-    status = RQ_TO_API.get(RqStatus(rq_status), JobStatus.QUEUED) if rq_status else JobStatus.QUEUED
-    if status is JobStatus.FAILED and cancel_requested:
-        return JobStatus.CANCELED
-    return status
+def api_status(rq_status: RqStatus | str | None) -> JobStatus:
+    """Map RQ's status to the API's (a job RQ does not know yet counts as queued)."""
+    return RQ_TO_API.get(RqStatus(rq_status), JobStatus.QUEUED) if rq_status else JobStatus.QUEUED
 
 
 def _short(text: str) -> str:

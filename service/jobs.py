@@ -17,7 +17,7 @@ import redis
 from pydantic import ValidationError
 from redis.exceptions import WatchError
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.results import Result
@@ -131,7 +131,11 @@ class JobStore:
             position, (step, total_steps), cancel_requested, has_preview = pipe.execute()
 
         params = _params_of(job)
-        status = api_status(job.get_status(refresh=False), cancel_requested=bool(cancel_requested))
+        status = api_status(job.get_status(refresh=False))
+        error = error_from_meta(job.meta) or _error_of(job) if status is JobStatus.FAILED else None
+        if error is not None and cancel_requested and error[0] == "JobCanceled":
+            # a worker that records a cancel as a failure (RQ's default path) still means "canceled"
+            status, error = JobStatus.CANCELED, None
         snap = JobSnapshot(
             id=job.id,
             status=status,
@@ -149,7 +153,7 @@ class JobStore:
             snap.step = snap.total_steps = params.steps
             snap.result = _result_of(job)
         elif status is JobStatus.FAILED:
-            snap.error = error_from_meta(job.meta) or _error_of(job)
+            snap.error = error
         return snap
 
     def first_time_seen_finished(self, job_id: str) -> bool:
@@ -187,6 +191,8 @@ class JobStore:
                 return True
             except WatchError:
                 return False  # a worker started it: the cancel key stops it at its next step
+            except InvalidJobOperation:
+                return False  # a concurrent DELETE canceled it between our read and RQ's own check
 
     def _refetch(self, job: Job) -> Job:
         try:

@@ -73,6 +73,9 @@ class EngineConfig:
     idle_wait_s: float = 0.5  # longest sleep with nothing to do (a submission wakes it at once)
     writer_threads: int = 4  # PNG encoding (zlib releases the GIL) + Redis SET, off the engine thread
     test_oom_above_rows: int | None = None  # TEST ONLY, see workers/faults.py
+    # after this many UNet calls without an out-of-memory error, the rows per call double again (up
+    # to max_batch_rows): one huge request must not slow the worker down until it restarts
+    oom_recover_calls: int = 200
 
 
 class Engine:
@@ -87,7 +90,8 @@ class Engine:
         self.model = model
         self.config = config
         self.sampler = sampler_factory(model)
-        self.call_rows_limit = config.max_batch_rows  # halved by out-of-memory errors
+        self.call_rows_limit = config.max_batch_rows  # halved by out-of-memory errors, regrown later
+        self._calls_since_oom = 0
         self.vae_batch = config.vae_batch  # halved by out-of-memory errors while decoding
         self._results = results
         self._progress = progress
@@ -293,6 +297,7 @@ class Engine:
                 limit,
             )
             self.call_rows_limit = limit
+            self._calls_since_oom = 0
             with self._stats_lock:
                 self._stats.oom_splits += 1
             self._step_group(live)
@@ -309,6 +314,7 @@ class Engine:
                 RequestFailed(f"denoising failed at step {owners[0].step}: {error}", "GenerationFailed"),
             )
             return
+        self._regrow_after_oom()
         with self._stats_lock:
             stats = self._stats
             stats.unet_calls += 1
@@ -316,6 +322,21 @@ class Engine:
             stats.unet_requests += len(owners)
             stats.max_requests_per_call = max(stats.max_requests_per_call, len(owners))
             stats.last_batch_rows = rows
+
+    def _regrow_after_oom(self) -> None:
+        if self.call_rows_limit >= self.config.max_batch_rows:
+            return
+        self._calls_since_oom += 1
+        if self._calls_since_oom >= self.config.oom_recover_calls:
+            limit = min(self.config.max_batch_rows, self.call_rows_limit * 2)
+            log.info(
+                "%d UNet calls without running out of memory: rows per call %d -> %d",
+                self._calls_since_oom,
+                self.call_rows_limit,
+                limit,
+            )
+            self.call_rows_limit = limit
+            self._calls_since_oom = 0
 
     # --- 3. progress out, cancel flags in, time limits ---------------------------------------------------
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from workers.janitor import ConfigurationError, JanitorSettings, load_settings_class
 
-__all__ = ["ConfigurationError", "WorkerSettings", "get_settings", "load_settings"]
+__all__ = ["ConfigurationError", "WorkerSettings", "load_settings"]
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 SdpaBackend = Literal["flash", "efficient", "cudnn", "math", "auto"]
@@ -114,6 +113,22 @@ class WorkerSettings(JanitorSettings):
     def _check_buckets(cls, value: str) -> str:
         return ",".join(str(b) for b in parse_buckets(value))
 
+    @model_validator(mode="after")
+    def _check_liveness(self) -> WorkerSettings:
+        """A live worker must never look dead: its running jobs would be retried while they still run."""
+        beat = self.heartbeat_interval_s
+        problems = [
+            f"{name}={value:g} must be at least 3 x SD_HEARTBEAT_INTERVAL_S ({3 * beat:g})"
+            for name, value in (
+                ("SD_JOB_HEARTBEAT_TTL_S", self.job_heartbeat_ttl_s),
+                ("SD_WORKER_STALE_S", self.worker_stale_s),
+            )
+            if value < 3 * beat
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def resolved_worker_name(self) -> str:
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -132,9 +147,3 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 def load_settings(**overrides: object) -> WorkerSettings:
     """Settings from the environment (and `overrides`), or ConfigurationError with a clear message."""
     return load_settings_class(WorkerSettings, **overrides)
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> WorkerSettings:
-    """The process's settings, read once; tests build their own with load_settings()."""
-    return load_settings()

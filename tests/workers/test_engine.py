@@ -193,6 +193,18 @@ def test_out_of_memory_halves_the_calls_and_loses_nothing(make_engine, tiny_mode
     assert stats.call_rows_limit <= 2
 
 
+def test_rows_per_call_grow_back_after_out_of_memory(make_engine, tiny_model) -> None:
+    """Memory is short only above 2 rows: after `oom_recover_calls` clean calls the engine tries
+    bigger calls again (and is halved again), so one bad moment does not slow it down for good."""
+    engine, results, _ = make_engine(max_batch_rows=8, test_oom_above_rows=2, oom_recover_calls=3)
+    subs = [submit(engine, f"j{i}", seed=i, steps=12) for i in range(3)]
+    finish(subs)
+    for sub in subs:
+        assert sub.error is None, sub.error
+        assert_alone_equal(tiny_model, results, sub)
+    assert engine.stats().oom_splits >= 2  # halved, grown back, halved again
+
+
 def test_canceled_job_leaves_the_batch_and_others_finish(make_engine, tiny_model) -> None:
     engine, results, progress = make_engine()
     doomed = submit(engine, "doomed", steps=400)
