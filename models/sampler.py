@@ -17,7 +17,7 @@ import torch
 
 from models.ddim import ddim_step, guided_noise
 from models.stable_diffusion import StableDiffusion
-from models.text import PromptEncoder
+from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS, PromptEncoder
 from models.transfer import to_device
 
 MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
@@ -66,6 +66,15 @@ class GenerationRequest:
         for name, value, low, high in checks:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        for name, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            tokens = len(
+                model.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+            )
+            if tokens > MAX_PROMPT_TOKENS:
+                raise ValueError(
+                    f"{name} is {tokens} CLIP tokens long; at most {MAX_PROMPT_TOKENS} "
+                    f"({MAX_CHUNKS} chunks of {CHUNK_TOKENS}) are allowed"
+                )
 
 
 @dataclass(eq=False)

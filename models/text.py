@@ -15,6 +15,10 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 tokens
+# Longest prompt (and negative prompt) accepted: every image in a UNet call attends over the longest
+# context of the call, so one huge prompt would slow all its batch-mates down.
+MAX_CHUNKS = 8
+MAX_PROMPT_TOKENS = MAX_CHUNKS * CHUNK_TOKENS
 
 
 class PromptEncoder:

@@ -137,6 +137,15 @@ def test_long_prompt_uses_all_chunks(ours: dict[str, StableDiffusion]) -> None:
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
 
 
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_prompt_token_limit(field: str, ours: dict[str, StableDiffusion]) -> None:
+    fits = GenerationRequest(**{"prompt": "x", field: " ".join(["cat"] * 600)})
+    fits.validate(ours["sd1"])
+    too_long = GenerationRequest(**{"prompt": "x", field: " ".join(["cat"] * 601)})
+    with pytest.raises(ValueError, match=f"{field} is 601 CLIP tokens long; at most 600"):
+        too_long.validate(ours["sd1"])
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
