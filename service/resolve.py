@@ -44,6 +44,14 @@ def resolve_params(
         )
 
     seed = request.seed
+    if seed is not None and seed + request.num_images - 1 > SEED_MAX:
+        # the last image's seed would not fit in 32 bits: a seed a client could not send back
+        raise validation_error(
+            "seed",
+            f"Input should be at most {SEED_MAX - request.num_images + 1} with num_images={request.num_images} "
+            f"(image i uses seed + i, which must stay <= {SEED_MAX})",
+            "less_than_equal",
+        )
     if seed is None:
         # Leave room so that every image's seed (seed + index) stays within 32 bits.
         seed = secrets.randbelow(SEED_MAX - request.num_images + 2)

@@ -110,6 +110,9 @@ CASES = [
     ({"seed": SEED_MAX}, None, ()),
     ({"seed": SEED_MAX + 1}, "seed", (f"less than or equal to {SEED_MAX}",)),
     ({"seed": None}, None, ()),
+    # the last image's seed (seed + num_images - 1) must fit in 32 bits too
+    ({"seed": SEED_MAX - 2, "num_images": 3}, None, ()),
+    ({"seed": SEED_MAX - 1, "num_images": 3}, "seed", (f"at most {SEED_MAX - 2} with num_images=3",)),
     ({"seed": "1"}, "seed", ("valid integer",)),
     ({"seed": 1.5}, "seed", ("valid integer",)),
     ({"seed": 1.0}, None, ()),
