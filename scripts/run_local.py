@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = float(os.environ.get("SD_RUN_READY_TIMEOUT_S", "300"))
-STOP_TIMEOUT_S = 30.0
+# The worker drains on SIGTERM (running jobs finish within SD_DRAIN_TIMEOUT_S) before it exits.
+STOP_TIMEOUT_S = float(os.environ.get("SD_DRAIN_TIMEOUT_S", "60")) + 40.0
 
 
 def service_commands(host: str, port: str) -> dict[str, list[str]]:

@@ -112,7 +112,9 @@ def test_compose_contract() -> None:
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert any(v.endswith(":/models:ro") for v in gpu["volumes"])
     assert services["worker-cpu"]["profiles"] == ["cpu"]
-    assert "SD_MODEL" not in services["worker-cpu"]["environment"]  # the embedded model
+    assert services["worker-cpu"]["environment"]["SD_MODEL"] == ""  # the embedded model, whatever .env says
+    for name in ("api", "janitor", "worker", "worker-cpu"):
+        assert services[name]["env_file"] == ".env", name  # settings in .env reach every process
     for name, service in services.items():
         assert service.get("restart") == "unless-stopped", name
         for dep in (service.get("depends_on") or {}).values():

@@ -213,7 +213,7 @@ def main() -> int:
             runtime.device,
             runtime.dtype,
             vae_dtype=runtime.vae_dtype,
-            config=settings.model_config_dir,
+            config=settings.model_config_dir or None,
         )
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
