@@ -11,6 +11,7 @@ client that hangs up while waiting gets its job canceled too.
 # No `from __future__ import annotations`: FastAPI must see the request class built in build_router.
 
 import base64
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from schemas.jobs import JobStatus
@@ -207,9 +209,15 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> ImagesResponse | JSONResponse:
         txt2img = to_txt2img(body, settings)
         job = await run_in_threadpool(submit_job, services, txt2img, owner)
-        outcome = await wait_for_job(
-            services.redis.aio, job.id, settings.openai_wait_s, disconnected=request.is_disconnected
-        )
+        try:
+            outcome = await wait_for_job(
+                services.redis.aio, job.id, settings.openai_wait_s, disconnected=request.is_disconnected
+            )
+        except RedisError:
+            # the client gets a 503 and will not read this job: cancel it if Redis still lets us
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(cancel_unfinished, services, job.id, owner)
+            raise
         if outcome is not WaitOutcome.ENDED:
             unfinished = await run_in_threadpool(cancel_unfinished, services, job.id, owner)
             if unfinished is not None and outcome is WaitOutcome.DISCONNECTED:
