@@ -97,5 +97,11 @@ class ServiceClient:
         return self._request("DELETE", f"/v1/jobs/{job_id}").json()
 
     def download(self, path: str) -> bytes:
-        """The bytes at a path the API gave (image URLs are relative to its root)."""
+        """The bytes at a path the API gave (image URLs are relative to its root).
+
+        Only paths on this server: the API key goes with every request, so a URL pointing elsewhere
+        (a misconfigured or hostile server) is refused rather than followed.
+        """
+        if not path.startswith("/") or path.startswith("//"):
+            raise ApiError(f"refusing to download {path!r}: not a path on {self.base_url}")
         return self._request("GET", path).content

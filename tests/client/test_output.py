@@ -6,8 +6,9 @@ import io
 from pathlib import Path
 
 import httpx
+import pytest
 
-from client.api import describe_error
+from client.api import ApiError, ServiceClient, describe_error
 from client.cli import output_paths, parse_args, request_body
 from client.progress import ProgressLine, describe
 
@@ -67,3 +68,19 @@ def test_file_names_and_body() -> None:
     assert output_paths(Path("a/b.png"), 2) == [Path("a/b-0.png"), Path("a/b-1.png")]
     args = parse_args(["a cat", "--steps", "5", "--seed", "0", "--guidance-scale", "1"])
     assert request_body(args) == {"prompt": "a cat", "steps": 5, "seed": 0, "guidance_scale": 1.0}
+
+
+def test_downloads_only_from_the_server_it_talks_to() -> None:
+    """The API key goes with every request: an image URL pointing elsewhere is refused, not followed."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=b"png")
+
+    client = ServiceClient("http://api.local", api_key="secret", transport=httpx.MockTransport(handler))
+    assert client.download("/v1/jobs/x/images/0.png") == b"png"
+    for url in ("http://evil.example/steal.png", "//evil.example/x.png", "v1/relative.png"):
+        with pytest.raises(ApiError, match="refusing to download"):
+            client.download(url)
+    assert seen == ["http://api.local/v1/jobs/x/images/0.png"]
