@@ -59,10 +59,11 @@ def env_name(field: str, alias: object) -> str:
 
 def settings_rows() -> dict[str, list[str]]:
     from service.settings import Settings
+    from workers.janitor import JanitorSettings
     from workers.settings import WorkerSettings
 
     rows: dict[str, list[str]] = {}
-    for who, cls in (("api", Settings), ("worker", WorkerSettings)):
+    for who, cls in (("api", Settings), ("janitor", JanitorSettings), ("worker", WorkerSettings)):
         for field, info in cls.model_fields.items():
             name = env_name(field, info.validation_alias)
             default = info.default
