@@ -36,6 +36,10 @@ WORKER_STATS = (
     ("jobs_succeeded", "jobs_succeeded", "Jobs the worker finished"),
     ("jobs_failed", "jobs_failed", "Jobs the worker failed"),
     ("jobs_canceled", "jobs_canceled", "Jobs the worker canceled"),
+    ("jobs_requeued", "jobs_requeued", "Jobs the worker handed back to the queue (shutdown)"),
+    ("jobs_in_engine", "jobs_in_engine", "Jobs in the worker's engine now (running or waiting to join)"),
+    ("oom_splits", "oom_splits", "Out-of-memory errors that split a UNet call"),
+    ("call_rows_limit", "call_rows_limit", "Rows per UNet call now (lowered by out-of-memory errors)"),
 )
 
 
