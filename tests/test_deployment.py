@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def test_compose_file_validates(profile: str | None) -> None:
     argv = [binary] + (["--profile", profile] if profile else []) + ["config", "-q"]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+    assert all(path.startswith(str(tmp_path)) for path in result.stdout.split()), result.stdout  # the copies
 
 
 def test_api_image_has_no_torch() -> None:
@@ -156,3 +158,33 @@ def test_images_run_as_non_root() -> None:
         text = (ROOT / "docker" / name).read_text()
         assert "\nUSER sdserve" in text, name
     assert (ROOT / ".dockerignore").is_file()
+
+
+def test_api_image_files_run_without_torch(tmp_path: Path) -> None:
+    """Exactly what docker/api.Dockerfile copies imports the API and the janitor with no torch,
+    transformers or models/ around (the janitor runs in that image, compose's `janitor` service)."""
+    copies = re.findall(
+        r"^COPY (?!docker/)(.+)$", (ROOT / "docker" / "api.Dockerfile").read_text(), re.MULTILINE
+    )
+    for line in copies:
+        *sources, dest = line.split()
+        for source in sources:
+            src = ROOT / source.rstrip("/")
+            target = tmp_path / dest.rstrip("/") / (src.name if src.is_file() else "")
+            if src.is_dir():
+                shutil.copytree(src, target, dirs_exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'models', 'safetensors', 'numpy'): sys.modules[name] = None\n"
+        "import service.app, workers.janitor\n"
+        "print(service.app.__file__, workers.janitor.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(path.startswith(str(tmp_path)) for path in result.stdout.split()), result.stdout  # the copies
