@@ -102,3 +102,17 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert not [pid for pid in pids if alive(pid)], "orphans left behind"
     assert "[make run] stopped" in "".join(lines)
+
+
+def test_without_redis_server_one_clear_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PATH")}
+    env["PATH"] = str(tmp_path)  # no redis-server anywhere on it
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py")], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    assert "redis-server is not installed and REDIS_URL is not set" in out
+    assert "apt-get install redis-server" in out and "REDIS_URL=redis://" in out
+    assert "Traceback" not in out and "started" not in out  # nothing was started
