@@ -147,6 +147,11 @@ class Engine:
             self._thread.join(timeout_s)
         return not self.alive
 
+    def has_room(self) -> bool:
+        """False while jobs handed over still wait to join the batch: no point taking more now."""
+        with self._cond:
+            return not self._waiting
+
     def stats(self) -> EngineStats:
         with self._stats_lock:
             stats = self._stats.model_copy()

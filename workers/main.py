@@ -107,6 +107,7 @@ class WorkerProcess:
             job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
             result_ttl_s=settings.result_ttl_s,
             maintenance=self._maintenance,
+            has_room=self.engine.has_room,
         )
         width, height = model.native_size
         stamp = time.time()

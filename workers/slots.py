@@ -19,6 +19,7 @@ a thread among others needs it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -42,6 +43,7 @@ from workers.errors import JobCanceled, JobEnded, WorkerShuttingDown
 log = logging.getLogger(__name__)
 
 POLL_S = 1  # BLMOVE timeout: how soon an idle slot notices a stop request
+ROOM_POLL_S = 0.02  # how often a slot looks again whether the engine has room for another job
 RESTART_BACKOFF_S = (1.0, 5.0)  # first and longest wait before a dead slot loop is restarted
 
 
@@ -65,10 +67,12 @@ class SlotWorker(SimpleWorker):
         *args,
         job_heartbeat_ttl_s: int,
         maintenance: Callable[[SlotWorker], None] | None = None,
+        has_room: Callable[[], bool] | None = None,
         **kwargs,
     ) -> None:
         self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
         self._maintenance = maintenance
+        self._has_room = has_room
         self._outcomes: dict[str, BaseException] = {}  # job id -> exception it raised, until handled
         self.running: tuple[Job, object] | None = None  # (job, RQ execution), read by the heartbeat thread
         kwargs.setdefault("log_job_description", False)
@@ -107,12 +111,23 @@ class SlotWorker(SimpleWorker):
         """Like RQ's, but returns None within POLL_S of a stop request, and rides out Redis outages."""
         wait_s = 1.0
         idle_set = False
+        last_beat = 0.0
         while not self._stop_requested:
+            if self._has_room is not None and not self._has_room():
+                # The engine still holds jobs waiting to join its batch: leave new ones in the queue,
+                # where a worker with room can take them (and where the API shows them as queued).
+                if time.monotonic() - last_beat >= POLL_S:
+                    with contextlib.suppress(RedisError):
+                        self.heartbeat()
+                    last_beat = time.monotonic()
+                time.sleep(ROOM_POLL_S)
+                continue
             try:
                 if not idle_set:
                     self.set_state(WorkerStatus.IDLE)
                     idle_set = True
                 self.heartbeat()
+                last_beat = time.monotonic()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 result = self.queue_class.dequeue_any(
@@ -223,8 +238,10 @@ class SlotPool:
         job_heartbeat_ttl_s: int,
         result_ttl_s: int,
         maintenance: Callable[[SlotWorker], None] | None = None,
+        has_room: Callable[[], bool] | None = None,
     ) -> None:
         self.count = count
+        self._has_room = has_room
         self.worker_name = worker_name
         self._connect = connect
         self._job_heartbeat_ttl_s = job_heartbeat_ttl_s
@@ -271,6 +288,7 @@ class SlotPool:
                     worker_ttl=max(60, 2 * self._job_heartbeat_ttl_s),
                     job_heartbeat_ttl_s=self._job_heartbeat_ttl_s,
                     maintenance=self._maintenance,
+                    has_room=self._has_room,
                 )
                 self._workers[index] = worker
                 if self._stopping.is_set():
