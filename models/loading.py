@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_ASSETS = PACKAGE_DIR / "assets" / "clip_tokenizer"
-SINGLE_FILE_CONFIGS = {"sd1": PACKAGE_DIR / "reference_configs" / "sd1", "sd2": PACKAGE_DIR / "reference_configs" / "sd2"}
+SINGLE_FILE_CONFIGS = {
+    "sd1": PACKAGE_DIR / "reference_configs" / "sd1",
+    "sd2": PACKAGE_DIR / "reference_configs" / "sd2",
+}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # Weight file names in a diffusers folder, by preference (fp16 variants last).
@@ -86,7 +89,32 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
         raise CheckpointError(f"{folder} is not a diffusers-format folder: model_index.json is missing")
     configs = read_component_configs(folder)
     weights = {name: read_checkpoint(_weight_file(folder / name, name)) for name in _WEIGHT_NAMES}
-    return build_model(folder.name, configs, weights, tokenizer_dir=folder / "tokenizer")
+    model = build_model(folder.name, configs, weights, tokenizer_dir=folder / "tokenizer")
+    model.recommended = read_recommended(folder / "defaults.json")
+    return model
+
+
+def read_recommended(path: Path) -> dict[str, float]:
+    """A model folder's optional defaults.json: {"steps": int, "guidance_scale": float} (either may be
+    left out). Not part of the diffusers format: our embedded model ships one."""
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    allowed = {"steps": int, "guidance_scale": (int, float)}
+    recommended: dict[str, float] = {}
+    for key, value in data.items():
+        if key not in allowed:
+            continue  # free-form notes may sit beside the settings
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, allowed[key])
+            or value < (1 if key == "steps" else 0)
+        ):
+            raise CheckpointError(
+                f"{path}: {key} must be a {'positive integer' if key == 'steps' else 'number >= 0'}, got {value!r}"
+            )
+        recommended[key] = value
+    return recommended
 
 
 def load_single_file(path: Path, config: str | Path | None = None) -> StableDiffusion:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -25,6 +25,8 @@ class StableDiffusion:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: DDIMSchedule
+    # settings the model's authors recommend (a folder's optional defaults.json): {"steps", "guidance_scale"}
+    recommended: dict[str, float] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,8 @@ from models.single_file import CheckpointError
 
 logger = logging.getLogger("models.txt2img")
 
+DEFAULT_STEPS = 50  # when neither the command line nor the model's defaults.json says
+DEFAULT_GUIDANCE_SCALE = 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--width", type=int, help="default: the model's native width")
     parser.add_argument("--height", type=int, help="default: the model's native height")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, help="default: what the model recommends, else 50")
+    parser.add_argument("--guidance-scale", type=float, help="default: what the model recommends, else 7.5")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, help="default: random (printed)")
     parser.add_argument("--num-images", type=int, default=1)
@@ -79,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
         width=args.width or native_width,
         height=args.height or native_height,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        steps=args.steps if args.steps is not None else int(model.recommended.get("steps", DEFAULT_STEPS)),
+        guidance_scale=(
+            args.guidance_scale
+            if args.guidance_scale is not None
+            else float(model.recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+        ),
         eta=args.eta,
         seed=args.seed if args.seed is not None else random.randrange(2**32),
         num_images=args.num_images,

@@ -29,6 +29,10 @@ class WorkerInfo(BaseModel):
     native_width: int
     native_height: int
     size_multiple: int = 8  # width and height must be multiples of this
+    # the model's own recommended settings (from its folder's defaults.json), used by the API for
+    # requests that leave them out; None: the API's SD_DEFAULT_STEPS / SD_DEFAULT_GUIDANCE_SCALE
+    default_steps: int | None = None
+    default_guidance_scale: float | None = None
     device: str
     dtype: str
     max_batch_rows: int

@@ -60,8 +60,14 @@ def resolve_params(
         negative_prompt=request.negative_prompt,
         width=width,
         height=height,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
+        steps=request.steps
+        if "steps" in given or not worker or not worker.default_steps
+        else worker.default_steps,
+        guidance_scale=(
+            request.guidance_scale
+            if "guidance_scale" in given or not worker or worker.default_guidance_scale is None
+            else worker.default_guidance_scale
+        ),
         eta=request.eta,
         seed=seed,
         num_images=request.num_images,

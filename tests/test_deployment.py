@@ -137,7 +137,6 @@ def test_compose_file_validates(profile: str | None) -> None:
     argv = [binary] + (["--profile", profile] if profile else []) + ["config", "-q"]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert all(path.startswith(str(tmp_path)) for path in result.stdout.split()), result.stdout  # the copies
 
 
 def test_api_image_has_no_torch() -> None:

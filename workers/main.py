@@ -117,6 +117,8 @@ class WorkerProcess:
             native_width=width,
             native_height=height,
             size_multiple=model.vae_scale_factor,
+            default_steps=model.recommended.get("steps"),
+            default_guidance_scale=model.recommended.get("guidance_scale"),
             device=str(runtime.device),
             dtype=dtype_name(runtime.dtype),
             max_batch_rows=runtime.max_batch_rows,

@@ -130,3 +130,14 @@ def test_unsupported_or_broken_config(folder: Path) -> None:
     config_path.write_text("{not json")
     with pytest.raises(CheckpointError, match="is not valid JSON"):
         load_model(folder)
+
+
+def test_recommended_settings_from_defaults_json(folder: Path) -> None:
+    assert load_model(folder).recommended == {}
+    (folder / "defaults.json").write_text(
+        json.dumps({"steps": 20, "guidance_scale": 5.0, "note": "free text"})
+    )
+    assert load_model(folder).recommended == {"steps": 20, "guidance_scale": 5.0}
+    (folder / "defaults.json").write_text(json.dumps({"steps": "many"}))
+    with pytest.raises(CheckpointError, match="steps must be a positive integer"):
+        load_model(folder)

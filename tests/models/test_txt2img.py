@@ -89,3 +89,17 @@ def test_errors_are_clear(tmp_path: Path, random_models: dict[str, Path]) -> Non
     )
     assert bad_size.returncode == 2 and "width must be a positive multiple of 8" in bad_size.stderr
     assert "Traceback" not in missing.stderr + bad_size.stderr
+
+
+def test_steps_and_guidance_default_to_the_models_recommendation(
+    tmp_path: Path, random_models: dict[str, Path]
+) -> None:
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(random_models["sd1"], tmp_path / "model"))
+    (folder / "defaults.json").write_text(json.dumps({"steps": 3, "guidance_scale": 2.5}))
+    out = tmp_path / "d.png"
+    result = txt2img("--model", str(folder), "--prompt", "x", "--seed", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 2.5" in Image.open(out).text["parameters"]

@@ -191,6 +191,26 @@ def test_defaults_come_from_the_live_worker(client: httpx.Client, rdb) -> None:
     assert (job["request"]["width"], job["request"]["height"]) == (768, 640)
 
 
+def test_steps_and_guidance_default_to_what_the_served_model_recommends(client: httpx.Client, rdb) -> None:
+    publish_worker(rdb, default_steps=20, default_guidance_scale=4.0)
+    left_out = assert_accepted(client.post("/v1/txt2img", json={"prompt": "a red circle"}))
+    job = client.get(f"/v1/jobs/{left_out['id']}").json()
+    assert (job["request"]["steps"], job["request"]["guidance_scale"]) == (20, 4.0)
+    given = assert_accepted(
+        client.post("/v1/txt2img", json={"prompt": "x", "steps": 7, "guidance_scale": 7.5})
+    )
+    job = client.get(f"/v1/jobs/{given['id']}").json()
+    assert (job["request"]["steps"], job["request"]["guidance_scale"]) == (7, 7.5)
+
+
+def test_api_defaults_when_the_model_recommends_nothing(client: httpx.Client, rdb) -> None:
+    publish_worker(rdb)
+    job = client.get(
+        f"/v1/jobs/{assert_accepted(client.post('/v1/txt2img', json={'prompt': 'x'}))['id']}"
+    ).json()
+    assert (job["request"]["steps"], job["request"]["guidance_scale"]) == (50, 7.5)  # SD_DEFAULT_*
+
+
 def test_most_recent_live_worker_wins_and_stale_ones_are_ignored(client: httpx.Client, rdb) -> None:
     publish_worker(rdb, name="old", age_s=5, native_width=256, native_height=256)
     publish_worker(rdb, name="new", age_s=1, native_width=384, native_height=320)
