@@ -14,8 +14,9 @@ from service.settings import Settings
 def resolve_params(
     request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None
 ) -> GenerationParams:
-    """Fill width/height from the served model (or the fallback while none is alive), pick a seed,
-    and check what needs more than one field; a violation is a 422 naming the field."""
+    """Fill width/height (and steps/guidance when the model recommends them) from the served model
+    (or the fallbacks while none is alive), pick a seed, and check what needs more than one field;
+    a violation is a 422 naming the field."""
     given = request.model_dump(exclude_unset=True)
     native_w, native_h = (
         (worker.native_width, worker.native_height)

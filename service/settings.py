@@ -44,8 +44,12 @@ class Settings(BaseSettings):
     max_num_images: int = Field(8, ge=1, le=64, description="images per request")
     fallback_width: int = Field(512, description="default width while no live worker publishes its model")
     fallback_height: int = Field(512, description="default height while no live worker publishes its model")
-    default_steps: int = Field(50, ge=1, le=150, description="steps when the request leaves them out")
-    default_guidance_scale: float = Field(7.5, ge=0, le=30, description="guidance when left out")
+    default_steps: int = Field(
+        50, ge=1, le=150, description="steps when the request leaves them out and the model recommends none"
+    )
+    default_guidance_scale: float = Field(
+        7.5, ge=0, le=30, description="guidance when left out and the model recommends none"
+    )
 
     result_ttl_s: int = Field(3600, ge=1, description="how long results, errors and PNGs stay in Redis")
     job_timeout_s: int = Field(600, ge=1, description="RQ job_timeout: longest run of one job")
