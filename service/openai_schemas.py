@@ -126,6 +126,8 @@ MODEL_EXAMPLE = {
     "native_width": 512,
     "native_height": 512,
     "size_multiple": 8,
+    "default_steps": 20,
+    "default_guidance_scale": 7.5,
 }
 
 
@@ -139,6 +141,10 @@ class ModelObject(BaseModel):
     native_width: int = Field(description="Default width in pixels (not in OpenAI's API).")
     native_height: int = Field(description="Default height in pixels (not in OpenAI's API).")
     size_multiple: int = Field(SIZE_MULTIPLE, description="Width and height are multiples of this.")
+    default_steps: int = Field(
+        description="Steps a request gets when it leaves them out (not in OpenAI's API)."
+    )
+    default_guidance_scale: float = Field(description="Guidance a request gets when it leaves it out.")
 
 
 class ModelList(BaseModel):

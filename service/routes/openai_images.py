@@ -293,5 +293,11 @@ async def served_models(services: Services) -> list[ModelObject]:
                 native_width=info.native_width,
                 native_height=info.native_height,
                 size_multiple=info.size_multiple,
+                default_steps=info.default_steps or services.settings.default_steps,
+                default_guidance_scale=(
+                    info.default_guidance_scale
+                    if info.default_guidance_scale is not None
+                    else services.settings.default_guidance_scale
+                ),
             )
     return sorted(models.values(), key=lambda m: m.id)

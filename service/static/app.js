@@ -163,6 +163,8 @@ async function loadModels() {
   line.textContent = `model ${model.id}`;
   $("width").placeholder = `${model.native_width} (default)`;
   $("height").placeholder = `${model.native_height} (default)`;
+  $("steps").placeholder = `${model.default_steps} (default)`;
+  $("guidance_scale").placeholder = `${model.default_guidance_scale} (default)`;
 }
 
 // --- submit, follow, show -----------------------------------------------------------------------

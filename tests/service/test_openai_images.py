@@ -193,7 +193,10 @@ def test_client_hanging_up_cancels_its_job(idle_redis_url: str) -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(api.url + "/v1/images/generations", json={"prompt": PROMPT}, timeout=1.0)
         deadline = time.monotonic() + 10
-        while db.llen(f"rq:queue:{QUEUE_NAME}") and time.monotonic() < deadline:
+        # the cancel empties the queue a moment before the API logs it: wait for both
+        while (
+            db.llen(f"rq:queue:{QUEUE_NAME}") or "hung up" not in api.logs()
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert db.llen(f"rq:queue:{QUEUE_NAME}") == 0
         assert "hung up" in api.logs()
