@@ -29,8 +29,8 @@ class AutoencoderRecipe:
     """Hyperparameters of stage 1."""
 
     steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = 16
+    lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     kl_weight: float = 1e-6

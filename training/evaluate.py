@@ -5,7 +5,7 @@ stepper behind `generate`, here with many requests per UNet call) and read back 
 (`training.checker.detect`). Prints a table of colour / position / shape accuracy per guidance
 scale:
 
-    python -m training.evaluate --model models/embedded_model --per-triple 4 --guidance 1
+    python -m training.evaluate --model models/embedded_model --per-triple 8   # defaults and guidance 1
 
 Every case is deterministic: its background, its caption template and its seed follow from its
 index, so two runs on one machine print the same table.
@@ -29,7 +29,7 @@ from models.loading import load_model
 from models.sampler import GenerationRequest, Sampler
 from models.stable_diffusion import StableDiffusion
 from training.checker import Detection, detect
-from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES
+from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES, random_scene
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,21 @@ def held_out_cases(per_triple: int, start: int = 0) -> list[Case]:
             template = TEMPLATES[(t + k) % len(TEMPLATES)]
             prompt = template.format(c=colour, s=shape, p=position, b=background)
             cases.append(Case(colour, shape, position, background, prompt, EVAL_SEED + t * 1000 + k))
+    return cases
+
+
+def training_cases(count: int, seed: int = EVAL_SEED) -> list[Case]:
+    """`count` random cases of triples seen in training (a validation set for choosing sampling
+    defaults: the held-out triples stay untouched until the final score)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for k in range(count):
+        scene = random_scene(rng)
+        template = TEMPLATES[k % len(TEMPLATES)]
+        prompt = template.format(c=scene.colour, s=scene.shape, p=scene.position, b=scene.background)
+        cases.append(
+            Case(scene.colour, scene.shape, scene.position, scene.background, prompt, seed + 100_000 + k)
+        )
     return cases
 
 
@@ -152,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path("models/embedded_model"))
     parser.add_argument("--per-triple", type=int, default=4, help="cases per held-out triple (24 triples)")
+    parser.add_argument(
+        "--split",
+        choices=["held-out", "train"],
+        default="held-out",
+        help="held-out triples (the score), or triples seen in training (for choosing defaults)",
+    )
     parser.add_argument("--steps", type=int, help="default: the model's defaults.json")
     parser.add_argument("--guidance", type=float, action="append", help="guidance scale(s); repeatable")
     parser.add_argument("--threads", type=int, default=1)
@@ -161,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or int(defaults["steps"])
     scales = args.guidance or [float(defaults["guidance_scale"]), 1.0]
     model = load_model(args.model)
-    cases = held_out_cases(args.per_triple)
+    if args.split == "held-out":
+        cases = held_out_cases(args.per_triple)
+    else:
+        cases = training_cases(args.per_triple * len(HELD_OUT))
     rows = [evaluate(model, cases, steps, scale) for scale in scales]
     sys.stdout.write(format_table(rows) + "\n")
     return 0

@@ -59,6 +59,24 @@ def text_encoder_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in weights.items()}
 
 
+def save_model(
+    out_dir: Path,
+    configs: dict[str, dict[str, Any]],
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    vae: nn.Module,
+) -> None:
+    """Write a diffusers-format model folder (float16 safetensors) with its defaults.json."""
+    weights = {
+        "unet": float16_weights(unet),
+        "vae": float16_weights(vae),
+        "text_encoder": text_encoder_weights(text_encoder),
+    }
+    write_diffusers_folder(out_dir, configs, weights, PAD_TOKEN)
+    defaults = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE, "width": 64, "height": 64}
+    (out_dir / "defaults.json").write_text(json.dumps(defaults, indent=2) + "\n", encoding="utf-8")
+
+
 def train(
     out_dir: Path,
     seed: int,
@@ -66,8 +84,13 @@ def train(
     vae_recipe: AutoencoderRecipe,
     diffusion_recipe: DiffusionRecipe,
     pool_size: int,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
-    """Run both stages and write the model folder; returns the training summary."""
+    """Run both stages and write the model folder; returns the training summary.
+
+    With `checkpoint_every`, the EMA weights are also written every that many diffusion steps
+    to `out_dir/checkpoints/step-N` (complete model folders, for learning curves).
+    """
     seed_everything(seed)
     configs = architecture(arch)
     started = time.perf_counter()
@@ -92,16 +115,15 @@ def train(
         diffusion_recipe.batch_size,
     )
     tokenizer = load_tokenizer(TOKENIZER_ASSETS)
-    stage2 = train_diffusion(configs, tokenizer, pool, diffusion_recipe, seed)
 
-    weights = {
-        "unet": float16_weights(stage2.unet),
-        "vae": float16_weights(stage1.vae),
-        "text_encoder": text_encoder_weights(stage2.text_encoder),
-    }
-    write_diffusers_folder(out_dir, configs, weights, PAD_TOKEN)
-    defaults = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE, "width": 64, "height": 64}
-    (out_dir / "defaults.json").write_text(json.dumps(defaults, indent=2) + "\n", encoding="utf-8")
+    def save_checkpoint(step: int, unet: nn.Module, text_encoder: nn.Module) -> None:
+        save_model(out_dir / "checkpoints" / f"step-{step}", configs, unet, text_encoder, stage1.vae)
+
+    stage2 = train_diffusion(
+        configs, tokenizer, pool, diffusion_recipe, seed, save_checkpoint, checkpoint_every
+    )
+
+    save_model(out_dir, configs, stage2.unet, stage2.text_encoder, stage1.vae)
     summary = {
         "seed": seed,
         "architecture": arch,
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-batch", type=int, default=diffusion_defaults.batch_size)
     parser.add_argument("--pool-size", type=int, default=12000, help="encoded training images for stage 2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also save the model every N diffusion steps"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     vae_recipe = replace(
@@ -153,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.unet_batch,
         warmup_steps=min(diffusion_defaults.warmup_steps, max(args.unet_steps // 10, 1)),
     )
-    train(args.out, args.seed, args.architecture, vae_recipe, diffusion_recipe, args.pool_size)
+    train(
+        args.out,
+        args.seed,
+        args.architecture,
+        vae_recipe,
+        diffusion_recipe,
+        args.pool_size,
+        args.checkpoint_every,
+    )
     return 0
 
 

@@ -61,14 +61,22 @@ def test_last_step_uses_alphas_cumprod_0_without_set_alpha_to_one() -> None:
     torch.testing.assert_close(out, sample / one.alphas_cumprod[1] ** 0.5)
 
 
+# the embedded model's schedule: zero terminal SNR (alpha_bar = 0 at t = 999), v-prediction, trailing
+ZERO_SNR = {"rescale_betas_zero_snr": True, "set_alpha_to_one": True, "steps_offset": 0}
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_batched_rows_equal_diffusers_row_by_row(prediction_type: str, spacing: str) -> None:
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_batched_rows_equal_diffusers_row_by_row(prediction_type: str, spacing: str, zero_snr: bool) -> None:
     """Rows at different timesteps, step counts and etas, in one call, equal diffusers per row."""
     config = {**SD_SCHEDULER, "prediction_type": prediction_type, "timestep_spacing": spacing}
+    if zero_snr:
+        config.update(ZERO_SNR)
     schedule = DDIMSchedule.from_config(config)
     gen = torch.Generator().manual_seed(0)
-    rows = [(50, 0, 0.0), (50, 49, 0.0), (20, 7, 0.5), (3, 2, 1.0), (1000, 500, 0.3)]  # (steps, index, eta)
+    # (steps, index, eta); index 0 of trailing spacing is t = 999
+    rows = [(50, 0, 0.0), (50, 49, 0.0), (20, 7, 0.5), (3, 2, 1.0), (1000, 500, 0.3), (20, 0, 0.5)]
     sample = torch.randn(len(rows), 4, 3, 5, generator=gen)
     model_output = torch.randn(len(rows), 4, 3, 5, generator=gen)
     noise = torch.randn(len(rows), 4, 3, 5, generator=gen)

@@ -49,8 +49,14 @@ def test_env_vars_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"SD_DEVICE": "tpu"}, "SD_DEVICE"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"SD_DTYPE": "float8"}, "SD_DTYPE"),
-        ({"SD_HEARTBEAT_INTERVAL_S": "20"}, "SD_JOB_HEARTBEAT_TTL_S=30 must be at least 3 x SD_HEARTBEAT_INTERVAL_S"),
-        ({"SD_HEARTBEAT_INTERVAL_S": "5", "SD_WORKER_STALE_S": "10"}, "SD_WORKER_STALE_S=10 must be at least"),
+        (
+            {"SD_HEARTBEAT_INTERVAL_S": "20"},
+            "SD_JOB_HEARTBEAT_TTL_S=30 must be at least 3 x SD_HEARTBEAT_INTERVAL_S",
+        ),
+        (
+            {"SD_HEARTBEAT_INTERVAL_S": "5", "SD_WORKER_STALE_S": "10"},
+            "SD_WORKER_STALE_S=10 must be at least",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: dict, named: str) -> None:
