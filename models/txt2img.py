@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
     try:
         model = load_model(args.model or default_model_path(), device=args.device, dtype=dtype)
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:  # OSError: a missing path or the embedded model missing
         logger.error("cannot load the model: %s", err)
         return 2
     native_width, native_height = model.native_size

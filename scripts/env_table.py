@@ -27,8 +27,8 @@ EXTRA = [
     (
         "SD_CACHE_DIR",
         "~/.cache/sdserve",
-        "where a random default model is built when no embedded model exists",
-        "worker, CLI",
+        "where benchmarks keep the random models they build (`bench/worker_bench.py`)",
+        "bench",
     ),
     ("SD_URL", "http://127.0.0.1:8000", "server the `sd-txt2img` client talks to", "sd-txt2img"),
     ("SD_API_KEY", "(empty)", "API key the `sd-txt2img` client sends (one of SD_API_KEYS)", "sd-txt2img"),

@@ -19,7 +19,7 @@ from service.settings import SIZE_MULTIPLE, Settings
 STEPS_MAX = 150
 GUIDANCE_SCALE_MAX = 30.0
 
-PROMPT_EXAMPLE = "a watercolor painting of a lighthouse at dawn, soft light"
+PROMPT_EXAMPLE = "a red circle in the top left on a blue background"  # what the embedded model draws
 JOB_ID_EXAMPLE = "3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b"
 
 

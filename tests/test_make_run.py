@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -13,10 +14,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from models.default_model import EMBEDDED_MODEL_DIR
 from tests.helpers.redis_server import free_port
+from training.checker import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_BOUND_S = 240  # the bar: a PNG within 2 minutes of install; model load and warm-up included
@@ -42,7 +46,7 @@ def make_run_command() -> list[str]:
 def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # make run starts its own Redis
-    env.update({"PORT": str(port), "SD_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"})
+    env.update({"PORT": str(port), "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
         make_run_command(),
         cwd=ROOT,
@@ -72,7 +76,7 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
 
         with httpx.Client(base_url=url, timeout=10) as client:
             submitted = client.post(
-                "/v1/txt2img", json={"prompt": "a red circle in the top left", "seed": 5, "steps": 10}
+                "/v1/txt2img", json={"prompt": "a red circle in the top left on a blue background", "seed": 5}
             )
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
@@ -88,6 +92,12 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
             image = Image.open(io.BytesIO(png.content))
             assert image.size == (job["request"]["width"], job["request"]["height"])
             assert "Seed: 5" in image.text["parameters"]
+            # the embedded model, at the steps and guidance it recommends, draws the colours asked
+            defaults = json.loads((EMBEDDED_MODEL_DIR / "defaults.json").read_text())
+            assert job["request"]["steps"] == defaults["steps"]
+            assert job["request"]["guidance_scale"] == defaults["guidance_scale"]
+            found = detect(np.asarray(image.convert("RGB")))  # colours: see MODEL_CARD.md for the rest
+            assert found is not None and (found.colour, found.background) == ("red", "blue"), found
     finally:
         pids = [
             int(m.group(1)) for line in lines for m in [re.search(r"started \w+ \(pid (\d+)\)", line)] if m

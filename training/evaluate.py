@@ -34,7 +34,7 @@ from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES, random_scene
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # case k is generated with seed EVAL_SEED + k
-ATTRIBUTES = ("colour", "position", "shape")
+ATTRIBUTES = ("colour", "position", "shape")  # what the bars are on; the background is scored too
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Scores:
     position: float
     shape: float
     all_three: float  # colour, position and shape all right
+    background: float
     detected: float  # share of images where the checker found a shape at all
     seconds_per_image: float
 
@@ -117,13 +118,14 @@ def generate_images(
 
 def score(cases: Sequence[Case], detections: Sequence[Detection | None]) -> dict[str, float]:
     """Per-attribute accuracy of `detections` against `cases` (a missing shape is wrong on all)."""
-    hits = {name: 0 for name in (*ATTRIBUTES, "all_three", "detected")}
+    hits = {name: 0 for name in (*ATTRIBUTES, "all_three", "background", "detected")}
     for case, found in zip(cases, detections, strict=True):
         if found is None:
             continue
         right = {name: getattr(found, name) == getattr(case, name) for name in ATTRIBUTES}
         hits["detected"] += 1
         hits["all_three"] += all(right.values())
+        hits["background"] += found.background == case.background
         for name in ATTRIBUTES:
             hits[name] += right[name]
     return {name: count / max(len(cases), 1) for name, count in hits.items()}
@@ -143,13 +145,14 @@ def evaluate(model: StableDiffusion, cases: Sequence[Case], steps: int, guidance
 def format_table(rows: Sequence[Scores]) -> str:
     """A Markdown table of scores, one row per guidance scale."""
     lines = [
-        "| guidance | steps | images | colour | position | shape | all three | shape found | s/image |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| guidance | steps | images | colour | position | shape | all three | background | shape found | s/image |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.guidance_scale:g} | {r.steps} | {r.count} | {r.colour:.1%} | {r.position:.1%} | "
-            f"{r.shape:.1%} | {r.all_three:.1%} | {r.detected:.1%} | {r.seconds_per_image:.2f} |"
+            f"{r.shape:.1%} | {r.all_three:.1%} | {r.background:.1%} | {r.detected:.1%} | "
+            f"{r.seconds_per_image:.2f} |"
         )
     return "\n".join(lines)
 

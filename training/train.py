@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-batch", type=int, default=vae_defaults.batch_size)
     parser.add_argument("--unet-steps", type=int, default=diffusion_defaults.steps)
     parser.add_argument("--unet-batch", type=int, default=diffusion_defaults.batch_size)
+    parser.add_argument(
+        "--shape-weight",
+        type=float,
+        default=diffusion_defaults.shape_weight,
+        help="diffusion loss weight of the shape's latent pixels (1: uniform)",
+    )
     parser.add_argument("--pool-size", type=int, default=12000, help="encoded training images for stage 2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         diffusion_defaults,
         steps=args.unet_steps,
         batch_size=args.unet_batch,
+        shape_weight=args.shape_weight,
         warmup_steps=min(diffusion_defaults.warmup_steps, max(args.unet_steps // 10, 1)),
     )
     train(

@@ -25,7 +25,11 @@ def ours(random_models: dict[str, Path]) -> dict[str, StableDiffusion]:
 def diffusers_images(folder: Path, request: GenerationRequest) -> np.ndarray:
     """diffusers' StableDiffusionPipeline + DDIMScheduler with a list of CPU generators."""
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        folder,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32,  # the embedded model is stored in float16
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -73,6 +77,20 @@ def test_without_guidance_equals_diffusers(
     expected = diffusers_images(random_models["sd1"], request)
     got = np.stack(generate(ours["sd1"], request))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_embedded_model_equals_diffusers() -> None:
+    """The embedded model's schedule (zero terminal SNR, v-prediction, trailing) in both pipelines."""
+    from models.default_model import EMBEDDED_MODEL_DIR
+
+    request = GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=20, eta=0.5, seed=3, num_images=2
+    )
+    expected = diffusers_images(EMBEDDED_MODEL_DIR, request)
+    got = np.stack(generate(load_model(EMBEDDED_MODEL_DIR), request))
+    assert got.shape == expected.shape == (2, 64, 64, 3)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+    assert got.std() > 10
 
 
 def test_request_alone_equals_request_in_a_batch(ours: dict[str, StableDiffusion]) -> None:

@@ -25,9 +25,12 @@ def test_training_cases_never_use_a_held_out_triple() -> None:
 
 def test_score_counts_each_attribute_and_missing_shapes() -> None:
     cases = held_out_cases(1)[:3]
-    right = Detection(cases[0].colour, cases[0].shape, cases[0].position, "x", 100, (0.0, 0.0), 0.9)
+    right = Detection(
+        cases[0].colour, cases[0].shape, cases[0].position, cases[0].background, 100, (0.0, 0.0), 0.9
+    )
     wrong_position = Detection(cases[1].colour, cases[1].shape, "nowhere", "x", 100, (0.0, 0.0), 0.9)
     scores = score(cases, [right, wrong_position, None])
     assert scores["colour"] == scores["shape"] == 2 / 3
     assert scores["position"] == scores["all_three"] == 1 / 3
     assert scores["detected"] == 2 / 3
+    assert scores["background"] == 1 / 3
