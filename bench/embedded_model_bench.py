@@ -12,7 +12,6 @@ image and the ratio ours / diffusers (lower is better). CPU only: this is the la
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> 
     return statistics.median(times)
 
 
-def ours(folder: Path, steps: int, guidance: float, repeats: int) -> float:
+def ours(folder: Path, steps: int, guidance: float, repeats: int) -> tuple[float, tuple[int, int]]:
+    """(median seconds per image, the native (width, height) it was timed at)."""
     from models.loading import load_model
     from models.sampler import GenerationRequest, generate
 
@@ -45,7 +45,7 @@ def ours(folder: Path, steps: int, guidance: float, repeats: int) -> float:
     request = GenerationRequest(
         PROMPT, width=width, height=height, steps=steps, guidance_scale=guidance, seed=0
     )
-    return median_seconds(lambda: generate(model, request), repeats)
+    return median_seconds(lambda: generate(model, request), repeats), (width, height)
 
 
 def diffusers_side(folder: Path, steps: int, guidance: float, repeats: int) -> float:
@@ -87,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    defaults = json.loads((args.model / "defaults.json").read_text(encoding="utf-8"))
-    steps = args.steps or int(defaults["steps"])
-    guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
+    from models.loading import read_recommended
 
-    ours_s = ours(args.model, steps, guidance, args.repeats)
+    recommended = read_recommended(args.model / "defaults.json")
+    steps = args.steps or int(recommended["steps"])
+    guidance = args.guidance if args.guidance is not None else float(recommended["guidance_scale"])
+
+    ours_s, (width, height) = ours(args.model, steps, guidance, args.repeats)
     theirs_s = diffusers_side(args.model, steps, guidance, args.repeats)
-    size = f"{defaults.get('width', '?')}x{defaults.get('height', '?')}"
+    size = f"{width}x{height}"
     print(f"embedded model, {size}, {steps} DDIM steps, guidance {guidance:g}, {args.threads} thread(s), "
           f"median of {args.repeats}")  # fmt: skip
     print("| pipeline | s / image | ratio ours / diffusers |")

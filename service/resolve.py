@@ -11,6 +11,18 @@ from service.schemas import Txt2ImgRequestBase
 from service.settings import Settings
 
 
+def sampling_defaults(settings: Settings, worker: WorkerInfo | None) -> tuple[int, float]:
+    """(steps, guidance_scale) for a request that leaves them out: what the served model recommends,
+    else SD_DEFAULT_STEPS / SD_DEFAULT_GUIDANCE_SCALE."""
+    steps = worker.default_steps if worker and worker.default_steps else settings.default_steps
+    guidance_scale = (
+        worker.default_guidance_scale
+        if worker and worker.default_guidance_scale is not None
+        else settings.default_guidance_scale
+    )
+    return steps, guidance_scale
+
+
 def resolve_params(
     request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None
 ) -> GenerationParams:
@@ -56,19 +68,14 @@ def resolve_params(
     if seed is None:
         # Leave room so that every image's seed (seed + index) stays within 32 bits.
         seed = secrets.randbelow(SEED_MAX - request.num_images + 2)
+    default_steps, default_guidance_scale = sampling_defaults(settings, worker)
     return GenerationParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         width=width,
         height=height,
-        steps=request.steps
-        if "steps" in given or not worker or not worker.default_steps
-        else worker.default_steps,
-        guidance_scale=(
-            request.guidance_scale
-            if "guidance_scale" in given or not worker or worker.default_guidance_scale is None
-            else worker.default_guidance_scale
-        ),
+        steps=request.steps if "steps" in given else default_steps,
+        guidance_scale=request.guidance_scale if "guidance_scale" in given else default_guidance_scale,
         eta=request.eta,
         seed=seed,
         num_images=request.num_images,

@@ -14,7 +14,6 @@ index, so two runs on one machine print the same table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from models.loading import load_model
 from models.sampler import GenerationRequest, Sampler
 from models.stable_diffusion import StableDiffusion
+from models.txt2img import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from training.checker import Detection, detect
 from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES, random_scene
 
@@ -157,14 +157,6 @@ def format_table(rows: Sequence[Scores]) -> str:
     return "\n".join(lines)
 
 
-def read_defaults(model_dir: Path) -> dict[str, float]:
-    """The model folder's defaults.json (steps, guidance_scale), or SD's 50 / 7.5 without one."""
-    path = model_dir / "defaults.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"steps": 50, "guidance_scale": 7.5}
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
@@ -176,15 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         default="held-out",
         help="held-out triples (the score), or triples seen in training (for choosing defaults)",
     )
-    parser.add_argument("--steps", type=int, help="default: the model's defaults.json")
+    parser.add_argument("--steps", type=int, help="default: the model's defaults.json, else 50")
     parser.add_argument("--guidance", type=float, action="append", help="guidance scale(s); repeatable")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = read_defaults(args.model)
-    steps = args.steps or int(defaults["steps"])
-    scales = args.guidance or [float(defaults["guidance_scale"]), 1.0]
     model = load_model(args.model)
+    steps = args.steps or int(model.recommended.get("steps", DEFAULT_STEPS))
+    scales = args.guidance or [float(model.recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)), 1.0]
     if args.split == "held-out":
         cases = held_out_cases(args.per_triple)
     else:

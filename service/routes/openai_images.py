@@ -47,6 +47,7 @@ from service.openai_schemas import (
     OpenAIErrorBody,
     generation_request_model,
 )
+from service.resolve import sampling_defaults
 from service.routes.jobs import count_if_first_seen_finished, image_url
 from service.schemas import PROMPT_EXAMPLE, Txt2ImgRequestBase, request_model
 from service.settings import SIZE_MULTIPLE, Settings
@@ -287,17 +288,14 @@ async def served_models(services: Services) -> list[ModelObject]:
     for info in await live_workers(services.redis.aio, services.settings.worker_stale_s):
         known = models.get(info.model)
         if known is None or info.started_at < known.created:
+            default_steps, default_guidance_scale = sampling_defaults(services.settings, info)
             models[info.model] = ModelObject(
                 id=info.model,
                 created=int(info.started_at),
                 native_width=info.native_width,
                 native_height=info.native_height,
                 size_multiple=info.size_multiple,
-                default_steps=info.default_steps or services.settings.default_steps,
-                default_guidance_scale=(
-                    info.default_guidance_scale
-                    if info.default_guidance_scale is not None
-                    else services.settings.default_guidance_scale
-                ),
+                default_steps=default_steps,
+                default_guidance_scale=default_guidance_scale,
             )
     return sorted(models.values(), key=lambda m: m.id)

@@ -9,6 +9,7 @@ level: it places the shape where the initial noise suggests), so they are not as
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from models.default_model import EMBEDDED_MODEL_DIR
 from models.loading import load_model
 from models.stable_diffusion import StableDiffusion
-from training.evaluate import Scores, evaluate, held_out_cases, read_defaults
+from training.evaluate import Scores, evaluate, held_out_cases
 
 CASES_PER_TRIPLE = 3
 MIN_COLOUR = 0.88  # 97% measured on 192 images; about 3 standard errors of a 72-image subset below
@@ -35,18 +36,18 @@ def model() -> StableDiffusion:
 
 @pytest.fixture(scope="module")
 def scores(model: StableDiffusion) -> dict[str, Scores]:
-    defaults = read_defaults(EMBEDDED_MODEL_DIR)
+    steps, guidance_scale = model.recommended["steps"], model.recommended["guidance_scale"]
     cases = held_out_cases(CASES_PER_TRIPLE)
     start = time.perf_counter()
-    guided = evaluate(model, cases, int(defaults["steps"]), float(defaults["guidance_scale"]))
-    unguided = evaluate(model, cases, int(defaults["steps"]), 1.0)
+    guided = evaluate(model, cases, steps, guidance_scale)
+    unguided = evaluate(model, cases, steps, 1.0)
     seconds = time.perf_counter() - start
     assert seconds < 120, f"the evaluation subset took {seconds:.0f} s"
     return {"guided": guided, "unguided": unguided}
 
 
 def test_native_size_and_defaults(model: StableDiffusion) -> None:
-    defaults = read_defaults(EMBEDDED_MODEL_DIR)
+    defaults = json.loads((EMBEDDED_MODEL_DIR / "defaults.json").read_text())
     assert model.native_size == (defaults["width"], defaults["height"]) == (64, 64)
     assert model.vae_scale_factor == 4
     assert 0.05 < model.vae.config.scaling_factor < 5
