@@ -104,7 +104,9 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
         ]
         os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / docker stop does to the launcher
         proc.wait(timeout=90)
-        reader.join(timeout=5)
+        # under `make run`, make exits at the signal while its child, the launcher, still stops the
+        # services and prints its last line: read until every writer has closed the pipe
+        reader.join(timeout=90)
 
     assert len(pids) == 4, "".join(lines[-40:])  # redis, api, worker, janitor
     deadline = time.monotonic() + 10
