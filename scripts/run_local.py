@@ -146,8 +146,17 @@ def wait_ready(launcher: Launcher, url: str) -> None:
 
 def main() -> None:
     launcher = Launcher()
-    signal.signal(signal.SIGTERM, lambda *_: (launcher.stop(), sys.exit(0)))
-    signal.signal(signal.SIGINT, lambda *_: (launcher.stop(), sys.exit(0)))
+
+    def on_signal(*_: object) -> None:
+        # make forwards the SIGTERM/SIGINT its process group got, so a second one arrives while
+        # stop() runs: it must not cut the orderly stop short with sys.exit
+        if launcher.stopping:
+            return
+        launcher.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
