@@ -102,10 +102,10 @@ class AccelConfig:
         return next((b for b in self.buckets if b >= rows), None)
 
 
-# The worker's defaults on CUDA (workers/settings.py can switch each one off).
-FAST_CUDA = AccelConfig(
-    channels_last=True, sdpa_backend="flash", cuda_graphs=True, tf32=True, cudnn_benchmark=True
-)
+# The worker's defaults on CUDA (workers/settings.py can switch each one). Measured on an H100
+# (docs/benchmarks.md): channels_last and forcing flash attention each cost ~10% at 32 UNet rows
+# (PyTorch's choice there is cuDNN attention), so both stay off.
+FAST_CUDA = AccelConfig(cuda_graphs=True, tf32=True, cudnn_benchmark=True)
 
 
 def apply_backend_flags(config: AccelConfig) -> None:

@@ -5,8 +5,9 @@ decode can overflow to NaN, i.e. black pictures; the VAE is ~3% of an image's FL
 in flight on CUDA, 8 on CPU; VAE decode 8 latents per call on CUDA, 4 on CPU; slots (jobs in
 flight) = max rows / 2, enough to fill the batch with one-image guided requests without hoarding
 jobs other workers could take. On CUDA the UNet takes the fast path of models/accel.py (CUDA graphs
-per batch bucket, channels_last, flash attention, TF32, cuDNN autotuning), each part switchable;
-on the CPU it is called plainly, as before.
+per batch bucket, PyTorch's choice of attention kernel, TF32, cuDNN autotuning; channels_last,
+a forced attention kernel and torch.compile on request), each part switchable; on the CPU it is
+called plainly, as before.
 """
 
 from __future__ import annotations

@@ -62,9 +62,11 @@ class WorkerSettings(JanitorSettings):
     cuda_graph_max: int = Field(
         16, ge=1, le=256, description="cuda: buckets kept captured (least recently used freed)"
     )
-    channels_last: bool = Field(True, description="cuda: UNet and VAE convolutions in channels_last")
+    channels_last: bool = Field(
+        False, description="cuda: UNet and VAE convolutions in channels_last (slower on an H100)"
+    )
     sdpa_backend: SdpaBackend = Field(
-        "flash", description="cuda: UNet attention kernel (auto: PyTorch's choice)"
+        "auto", description="cuda: UNet attention kernel (auto: PyTorch's choice, cuDNN on an H100)"
     )
     compile: CompileMode = Field(
         "off", description="cuda: torch.compile mode of the UNet (slow start: compiled per bucket)"
