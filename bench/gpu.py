@@ -59,6 +59,7 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 class Variant:
     """One configuration of our path: UNet/text dtype, VAE dtype, fast-path switches."""
 
+    key: str  # short name for --ablations
     name: str
     dtype: torch.dtype
     vae_dtype: torch.dtype
@@ -72,17 +73,20 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     r = dataclasses.replace
     h = str(half).removeprefix("torch.")
     return [
-        Variant("fast path (default)", half, FP32, fast),
-        Variant("- CUDA graphs", half, FP32, r(fast, cuda_graphs=False)),
-        Variant("- channels_last", half, FP32, r(fast, channels_last=False)),
-        Variant("attention: PyTorch's choice", half, FP32, r(fast, sdpa_backend="auto")),
-        Variant("attention: efficient", half, FP32, r(fast, sdpa_backend="efficient")),
-        Variant("attention: cudnn", half, FP32, r(fast, sdpa_backend="cudnn")),
-        Variant("VAE float16", half, FP16, fast),
-        Variant("UNet bfloat16", BF16, FP32, fast),
-        Variant("- TF32, - cuDNN autotune", half, FP32, r(fast, tf32=False, cudnn_benchmark=False)),
-        Variant(f"all off: plain eager {h}", half, FP32, AccelConfig()),
+        Variant("default", "fast path (default)", half, FP32, fast),
+        Variant("no-graphs", "- CUDA graphs", half, FP32, r(fast, cuda_graphs=False)),
+        Variant("channels-last", "+ channels_last", half, FP32, r(fast, channels_last=True)),
+        Variant("flash", "attention: flash", half, FP32, r(fast, sdpa_backend="flash")),
+        Variant("efficient", "attention: efficient", half, FP32, r(fast, sdpa_backend="efficient")),
+        Variant("cudnn", "attention: cudnn", half, FP32, r(fast, sdpa_backend="cudnn")),
+        Variant("vae-fp16", "VAE float16", half, FP16, fast),
+        Variant("bf16", "UNet bfloat16", BF16, FP32, fast),
         Variant(
+            "no-tf32", "- TF32, - cuDNN autotune", half, FP32, r(fast, tf32=False, cudnn_benchmark=False)
+        ),
+        Variant("eager", f"all off: plain eager {h}", half, FP32, AccelConfig()),
+        Variant(
+            "compile",
             "+ torch.compile (default mode) in the graphs",
             half,
             FP32,
@@ -90,8 +94,8 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             slow=True,
             needs_s=150,  # inductor compiles the UNet once for the bucket
         ),
-        Variant("attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
-        Variant("float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
+        Variant("math", "attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
+        Variant("fp32", "float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
     ]
 
 
@@ -245,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         apply_backend_flags(AccelConfig())  # float32 reference without TF32
         master.apply(model, FP32, FP32)
         _, reference = runs.run_ours(model, None, batch, args.size, args.steps)
+        state["fp32_latents"] = reference
         rows = {}
         for name, dtype, accel in (
             ("float16 eager", FP16, None),
@@ -277,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return runs.repeat(lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats)
 
     def ours() -> None:
-        runner = set_variant(Variant("fast", half, FP32, fast))
+        runner = set_variant(Variant("fast", "fast", half, FP32, fast))
         rows = results.setdefault("ours", [])
         for batch in args.batches:
             timing, totals = time_ours(runner, batch, args.repeats)
@@ -291,17 +296,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     bench.stage("ours", ours)
 
+    def agreement(key: str, pipe: Any, dtype_name: str, reference: torch.Tensor) -> None:
+        """How close diffusers' final latents are to ours: same weights, seeds, prompts."""
+        _, latents = runs.run_diffusers(pipe, 2, args.size, args.steps, output_type="latent")
+        latents, reference = latents.float(), reference.float()
+        error = ((latents - reference).norm() / reference.norm()).item()
+        results[key] = {
+            "diffusers_dtype": dtype_name,
+            "relative_error": error,
+            "finite": bool(latents.isfinite().all()),
+            "norms": [latents.norm().item(), reference.norm().item()],
+        }
+        bench.log(f"{key}: final latents {error:.2e} apart ({results[key]})")
+
     def diffusers() -> None:
-        master.apply(model, half, FP32)
         prepare(model, AccelConfig())  # diffusers gets plain contiguous weights
         torch_default_flags()  # and PyTorch's stock backend settings
+        if "fp32_latents" in state:  # float32 both sides: the pipelines' agreement without rounding
+            torch.backends.cudnn.allow_tf32 = False
+            master.apply(model, FP32, FP32)
+            pipe = runs.build_diffusers(model, config, FP32)
+            agreement("diffusers_vs_ours_fp32", pipe, "float32", state["fp32_latents"])
+            del pipe
+            torch_default_flags()
+        master.apply(model, half, FP32)
         pipe = runs.build_diffusers(model, config, half)
         if "fp16_latents" in state:  # same weights, seeds and dtype: how close are the two pipelines?
-            _, latents = runs.run_diffusers(pipe, 2, args.size, args.steps, output_type="latent")
-            reference = state["fp16_latents"]
-            error = ((latents.float() - reference.float()).norm() / reference.float().norm()).item()
-            results["diffusers_vs_ours_fp16"] = {"diffusers_dtype": args.dtype, "relative_error": error}
-            bench.log(f"diffusers ({args.dtype}) vs ours (float16, eager): final latents {error:.2e} apart")
+            agreement("diffusers_vs_ours_fp16", pipe, args.dtype, state["fp16_latents"])
         rows = results.setdefault("diffusers", [])
         for batch in args.batches:
             runs.run_diffusers(pipe, batch, args.size, min(2, args.steps))  # warm-up
@@ -319,18 +340,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench.stage("diffusers", diffusers)
 
     def engine() -> None:
-        runner = set_variant(Variant("fast", half, FP32, fast))
-        row = runs.run_engine(
-            model, runner, args.engine_requests, args.size, args.steps, args.max_rows, args.vae_batch
-        )
-        row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), row["span_s"])
-        row["runner"] = dataclasses.asdict(runner.stats())
+        runner = set_variant(Variant("fast", "fast", half, FP32, fast))
+        rows = results.setdefault("engine", [])
+        for requests in args.engine_requests:
+            row = runs.run_engine(
+                model, runner, requests, args.size, args.steps, args.max_rows, args.vae_batch
+            )
+            flop = _times(flop_per_image(results, args.steps), row["requests"])
+            row["mfu"] = mfu(results, flop, row["span_s"])
+            row["runner"] = dataclasses.asdict(runner.stats())
+            rows.append(row)
+            bench.log(f"engine, {requests} requests at once: {row['images_per_s']:.3f} images/s")
         runner.release()
         free_memory()
-        results["engine"] = row
-        bench.log(f"engine, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s")
+
+    def engine_compiled() -> None:
+        """The same loads with torch.compile inside the graphs (SD_COMPILE=default): only the
+        load's own bucket is compiled (about 40 s each on an H100)."""
+        accel = dataclasses.replace(fast, compile_mode="default", compile_backend=args.compile_backend)
+        runner = set_variant(Variant("compile", "compile", half, FP32, accel))
+        rows = results.setdefault("engine", [])
+        for requests in args.engine_requests:
+            row = runs.run_engine(
+                model,
+                runner,
+                requests,
+                args.size,
+                args.steps,
+                args.max_rows,
+                args.vae_batch,
+                warm_all_buckets=False,
+            )
+            flop = _times(flop_per_image(results, args.steps), row["requests"])
+            row.update(mfu=mfu(results, flop, row["span_s"]), label="engine + torch.compile")
+            row["runner"] = dataclasses.asdict(runner.stats())
+            rows.append(row)
+            bench.log(f"engine + compile, {requests} requests: {row['images_per_s']:.3f} images/s")
+        runner.release()
+        free_memory()
 
     bench.stage("engine", engine, needs_s=args.est_engine_s)
+    if args.engine_compile:
+        bench.stage(
+            "engine: compiled", engine_compiled, needs_s=args.est_engine_s + 60 * len(args.engine_requests)
+        )
 
     def worker() -> None:
         master.apply(model, half, FP32)
@@ -347,7 +400,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = results.setdefault("ablations", [])
     for variant in ablations(fast, half, args.compile_backend):
-        if variant.slow and not args.slow_ablations:
+        if args.ablations is not None:
+            if variant.key not in args.ablations:
+                continue
+        elif variant.slow and not args.slow_ablations:
             continue
 
         def ablate(variant: Variant = variant) -> None:
@@ -409,6 +465,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation-batch", type=int, help="default 16 (2 with --quick)")
     parser.add_argument("--ablation-repeats", type=int, default=1)
     parser.add_argument(
+        "--ablations",
+        nargs="*",
+        choices=[v.key for v in ablations(FAST_CUDA, FP16, "inductor")],
+        help="run only these ablations, in the bench's order (default: all; slow ones per --slow-ablations)",
+    )
+    parser.add_argument(
         "--slow-ablations",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -417,8 +479,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-backend", help="torch.compile backend (default inductor; eager with --quick)"
     )
-    parser.add_argument("--engine-requests", type=int, help="jobs at once for engine/worker (default 32)")
-    parser.add_argument("--worker-requests", type=int, help="default: --engine-requests")
+    parser.add_argument(
+        "--engine-requests", type=int, nargs="+", help="jobs at once, one engine run each (default 16 32)"
+    )
+    parser.add_argument("--worker-requests", type=int, help="default: the largest --engine-requests")
+    parser.add_argument(
+        "--engine-compile",
+        action="store_true",
+        help="also run the engine loads with torch.compile in the graphs (~1 minute of compile per load)",
+    )
     parser.add_argument("--max-rows", type=int, default=64, help="UNet rows per call (the worker's default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
     parser.add_argument("--vae-batch", type=int, default=8)
@@ -442,17 +511,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ablation_batch": 2 if quick else 16,
         "compile_backend": "eager" if quick else "inductor",
         "dtype": "float32" if quick else "float16",  # half precision crawls on most CPUs
-        "engine_requests": 4 if quick else 32,
+        "engine_requests": [4] if quick else [16, 32],
         "budget_s": 600 if quick else 420,
         "slow_ablations": not quick,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.worker_requests = args.worker_requests or args.engine_requests
+    args.worker_requests = args.worker_requests or max(args.engine_requests)
     args.diffusers_repeats = args.diffusers_repeats or args.repeats
     # rough costs used to skip optional stages when the budget runs short (seconds, H100)
-    args.est_engine_s = 5 if quick else 25
+    args.est_engine_s = (5 if quick else 20) * len(args.engine_requests)
     args.est_worker_s = 20 if quick else 75
     args.est_ablation_s = 2 if quick else 15
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -28,10 +28,14 @@ def markdown(results: dict[str, Any]) -> str:
         for name, row in p["rows"].items():
             verdict = {True: "yes", False: "NO", None: "(no bar)"}[row["pass"]]
             lines.append(f"| {name} | {row['relative_error']:.2e} | {verdict} |")
-        if "diffusers_vs_ours_fp16" in results:
-            d = results["diffusers_vs_ours_fp16"]
-            name = f"diffusers ({d['diffusers_dtype']}) vs ours (float16 eager)"
-            lines.append(f"| {name} | {d['relative_error']:.2e} | |")
+        for key, ours_name in (
+            ("diffusers_vs_ours_fp32", "float32"),
+            ("diffusers_vs_ours_fp16", "float16 eager"),
+        ):
+            if key in results:
+                d = results[key]
+                name = f"diffusers ({d['diffusers_dtype']}) vs ours ({ours_name})"
+                lines.append(f"| {name} | {d['relative_error']:.2e} | |")
         lines.append("")
     ours = {r["batch"]: r for r in results.get("ours", [])}
     theirs = {r["batch"]: r for r in results.get("diffusers", [])}
@@ -51,15 +55,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(a and a['step_mfu'], percent=True)} |"
             )
         lines.append("")
-    streams = [(k, results[k]) for k in ("engine", "worker") if results.get(k)]
+    # "engine" holds one row per load (a single row in older result files)
+    engine = results.get("engine") or []
+    streams = [("engine", row) for row in (engine if isinstance(engine, list) else [engine])]
+    streams += [("worker", results["worker"])] if results.get("worker") else []
     if streams:
-        lines += ["| continuous batching | requests at once | img/s | p50 s | p99 s | rows/call | MFU |"]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += [
+            "| continuous batching | requests at once | img/s | p50 s | p99 s | rows/call | MFU "
+            "| 1st step done s | step gap ms | after last step s |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|"]
         label = {"engine": "engine in-process (no Redis)", "worker": "real worker + Redis"}
         for key, row in streams:
+            phases = row.get("phases") or {}
             lines.append(
-                f"| {label[key]} | {row['requests']} | {row['images_per_s']:.3f} | {row['p50_s']:.2f} "
-                f"| {row['p99_s']:.2f} | {row['rows_per_call']:.1f} | {_f(row.get('mfu'), percent=True)} |"
+                f"| {row.get('label', label[key])} | {row['requests']} | {row['images_per_s']:.3f} "
+                f"| {row['p50_s']:.2f} | {row['p99_s']:.2f} | {row['rows_per_call']:.1f} "
+                f"| {_f(row.get('mfu'), percent=True)} | {_f(phases.get('first_step_end_s'), 2)} "
+                f"| {_f(phases.get('median_step_gap_ms'), 1)} | {_f(phases.get('after_last_step_s'), 2)} |"
             )
         lines.append("")
     if results.get("ablations"):

@@ -7,6 +7,7 @@ repeats after a warm-up (which also captures the CUDA graphs and runs cuDNN's au
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import threading
@@ -270,9 +271,14 @@ def run_engine(
     max_rows: int,
     vae_batch: int,
     timeout_s: float = 600,
-) -> dict[str, float]:
+    warm_all_buckets: bool = True,
+) -> dict[str, Any]:
     """The real engine (admission, continuous batching, decode, PNG encoding on its writer threads)
-    with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once."""
+    with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once.
+
+    Warm-up first, as the worker's: every bucket up to the load's rows (`warm_all_buckets`; else
+    only the load's own bucket, for torch.compile's minute per bucket), then the same load for 2
+    steps (the same calls, decode chunks and PNG sizes as the timed run)."""
     from models.png import encode_png
     from schemas.jobs import GenerationParams, ImageRef, JobResult
     from workers.engine import Engine, EngineConfig
@@ -300,6 +306,21 @@ def run_engine(
         def sync(self, progress: Any) -> set[str]:
             return set()
 
+    if runner is not None:  # capture (compile) the buckets the load will use, as the worker does
+        f = model.vae_scale_factor
+        latent = (model.latent_channels, size // f, size // f)
+        context = (77, model.text_encoder.config.hidden_size)
+        rows = min(2 * requests, max_rows)
+        if warm_all_buckets:
+            runner.warm_up(latent, context, rows)
+        else:
+            with torch.no_grad():
+                runner(
+                    torch.randn((rows, *latent), device=model.device, dtype=model.dtype),
+                    torch.full((rows,), 500, device=model.device),
+                    torch.randn((rows, *context), device=model.device, dtype=model.dtype),
+                    None,
+                )
     results = MemoryResults()
     engine = Engine(
         model,
@@ -310,7 +331,7 @@ def run_engine(
     )
     engine.start()
 
-    def submit(count: int, seed0: int) -> tuple[list[Submission], float]:
+    def submit(count: int, seed0: int, steps: int = steps) -> tuple[list[Submission], float]:
         jobs = []
         for i in range(count):
             params = GenerationParams(
@@ -334,12 +355,19 @@ def run_engine(
             job.outcome()  # raises the job's error, if any
         return jobs, started
 
+    steps_seen = StepTimes()
+    engine_log = logging.getLogger("workers.engine")
+    level = engine_log.level
     try:
-        submit(2, 10_000)  # warm-up at this size
+        submit(requests, 10_000, steps=2)  # warm-up: this load, 2 steps
         before = engine.stats()
+        engine_log.addHandler(steps_seen)
+        engine_log.setLevel(logging.DEBUG)  # its per-step debug line: when each step's host work ended
         jobs, started = submit(requests, 0)
         after = engine.stats()
     finally:
+        engine_log.removeHandler(steps_seen)
+        engine_log.setLevel(level)
         engine.drain(0)
         engine.join(60)
     ends = sorted(results.finished_at[job.job_id] - started for job in jobs)
@@ -351,7 +379,37 @@ def run_engine(
         "p99_s": ends[min(len(ends) - 1, round(0.99 * (len(ends) - 1)))],
         "rows_per_call": (after.unet_rows - before.unet_rows) / calls,
         "span_s": ends[-1],
+        "phases": steps_seen.phases(started, ends[-1]),
     }
+
+
+class StepTimes(logging.Handler):
+    """Collects the engine's per-step debug lines: when each step's host work ended and how long it
+    took. On a GPU the host runs ahead of the device until something waits for it, so the cadence
+    of these lines shows where the host waits (a sync per step makes it the device's step time)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.ends: list[float] = []
+        self.host_s: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("step:"):
+            self.ends.append(time.perf_counter())
+            self.host_s.append(float(record.args[-1]))  # type: ignore[index]
+
+    def phases(self, started: float, span_s: float) -> dict[str, float | None]:
+        if not self.ends:
+            return {"steps_logged": 0}
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
+        return {
+            "steps_logged": len(self.ends),
+            "first_step_end_s": self.ends[0] - started,
+            "last_step_end_s": self.ends[-1] - started,
+            "after_last_step_s": span_s - (self.ends[-1] - started),
+            "median_step_gap_ms": statistics.median(gaps) * 1000 if gaps else None,
+            "median_step_host_ms": statistics.median(self.host_s) * 1000,
+        }
 
 
 def write_model_folder(model: StableDiffusion, config: str, out_dir: Path) -> Path:

@@ -29,6 +29,7 @@ def one_torch_thread():
 
 def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> None:
     argv = ["--quick", "--steps", "2", "--batches", "1", "--ablation-batch", "1", "--engine-requests", "2"]
+    argv += ["--engine-compile"]  # the compiled pass, with the eager backend on the CPU
     assert gpu.main([*argv, "--skip", "worker", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     statuses = {name: stage["status"] for name, stage in results["stages"].items()}
@@ -39,12 +40,29 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     rows = results["precision"]["rows"]
     assert rows["float16 eager"]["pass"] and rows["float16 fast path"]["pass"]
     assert rows["bfloat16 eager"]["pass"] is None  # reported, no bar
-    assert results["engine"]["requests"] == 2 and results["engine"]["images_per_s"] > 0
+    plain, compiled = results["engine"]
+    assert plain["requests"] == compiled["requests"] == 2 and compiled["label"] == "engine + torch.compile"
+    assert plain["images_per_s"] > 0 and compiled["images_per_s"] > 0
+    # the engine's own per-step lines were seen: every timed step, after the first one ended
+    assert plain["phases"]["steps_logged"] == 2 and 0 < plain["phases"]["first_step_end_s"] < plain["span_s"]
     names = [row["name"] for row in results["ablations"]]
     assert names[0] == "fast path (default)" and "- CUDA graphs" in names and len(names) == 10
     assert results["flops"]["source"] == "counted" and results["flops"]["unet_cfg_step_flop"] > 0
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| batch | ours img/s | diffusers img/s" in report and "| ablation (batch 1)" in report
+    assert "| engine + torch.compile | 2 |" in report
+
+
+def test_ablations_can_be_chosen_by_key(tmp_path: Path) -> None:
+    argv = ["--quick", "--steps", "2", "--batches", "1", "--ablation-batch", "1", "--engine-requests", "2"]
+    argv += ["--skip", "precision", "diffusers", "engine", "worker", "--ablations", "compile", "default"]
+    assert gpu.main([*argv, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())
+    # the bench's order, whatever the order asked: the fast path first, the slow compile last
+    assert [row["name"] for row in results["ablations"]] == [
+        "fast path (default)",
+        "+ torch.compile (default mode) in the graphs",
+    ]
 
 
 def test_mfu_uses_the_published_sd15_costs_and_the_cards_peak() -> None:
