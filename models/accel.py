@@ -15,8 +15,9 @@
   cudnn, math, or PyTorch's choice).
 - **channels_last** memory format of the UNet and VAE convolutions (cuDNN's native layout for
   half-precision tensor cores; our blocks keep the input's format, see models/blocks.py).
-- **torch.compile** of the UNet (off by default: minutes of start-up per bucket), alone or inside
-  our graphs.
+- **torch.compile** of the UNet (off by default: about 40 s of start-up per bucket for SD 1.5 on
+  an H100), alone or inside our graphs, for every latent shape or only chosen ones
+  (`compile_latents`: the worker's native size, compiled at warm-up; other sizes run uncompiled).
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
 
 On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
@@ -68,6 +69,10 @@ class AccelConfig:
     pad_to_bucket: bool = False  # pad rows to buckets even without graphs (compile, tests)
     compile_mode: str = "off"  # a value of COMPILE_MODES
     compile_backend: str = "inductor"  # tests use "eager" to check the plumbing quickly
+    # latent shapes (C, h, w) whose buckets are compiled; () compiles every shape. Each compile takes
+    # about 40 s for SD 1.5 on an H100: the worker compiles its native size during warm-up, and a
+    # request of another size takes the uncompiled graphs instead of stalling the whole batch.
+    compile_latents: tuple[tuple[int, int, int], ...] = ()
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
     warmup_iters: int = 2  # eager runs on a side stream before a capture
@@ -91,6 +96,9 @@ class AccelConfig:
             raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
         if self.warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1, got {self.warmup_iters}")
+        for shape in self.compile_latents:
+            if len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
+                raise ValueError(f"compile_latents must hold (C, h, w) latent shapes, got {shape!r}")
 
     @property
     def bucketed(self) -> bool:
@@ -200,14 +208,14 @@ class UNetRunner:
     def __init__(self, unet: nn.Module, config: AccelConfig | None = None) -> None:
         self.unet = unet
         self.config = config or AccelConfig()
-        self.forward: nn.Module = unet
+        self.compiled: nn.Module | None = None
         if self.config.compile_mode != "off":
             # one compiled graph per bucket: raise dynamo's recompile limit to the buckets we keep
             dynamo_config = torch._dynamo.config
             name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * self.config.max_graphs))
             mode = None if self.config.compile_mode == "default" else self.config.compile_mode
-            self.forward = torch.compile(unet, mode=mode, dynamic=False, backend=self.config.compile_backend)
+            self.compiled = torch.compile(unet, mode=mode, dynamic=False, backend=self.config.compile_backend)
         self._buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
         self._failed: set[BucketKey] = set()  # capture failed (not out of memory): eager from then on
         self._pool: tuple[int, int] | None = None  # one memory pool shared by every graph
@@ -215,6 +223,14 @@ class UNetRunner:
         # one side stream for every warm-up: each new stream would get its own cuBLAS workspace
         self._side_stream: torch.cuda.Stream | None = None
         self._stats = RunnerStats()
+
+    def forward_for(self, latent: tuple[int, ...]) -> nn.Module:
+        """The compiled UNet for latents of this (C, h, w) shape when it is to be compiled, else the
+        plain one."""
+        wanted = self.config.compile_latents
+        if self.compiled is not None and (not wanted or tuple(latent) in wanted):
+            return self.compiled
+        return self.unet
 
     @property
     def device(self) -> torch.device:
@@ -244,8 +260,12 @@ class UNetRunner:
         if bucket is None:
             if self.config.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
+            # beyond the largest bucket the row count varies call by call: compiled only when every
+            # shape is to be compiled
+            compile_all = self.compiled is not None and not self.config.compile_latents
+            forward = self.compiled if compile_all else self.unet
             with attention_backend(self.config.sdpa_backend):
-                output = self.forward(sample, timesteps, context, mask)
+                output = forward(sample, timesteps, context, mask)
         else:
             self._stats.padded_rows += bucket - rows
             output = self._run_bucket(bucket, sample, timesteps, context, mask)
@@ -288,9 +308,10 @@ class UNetRunner:
             assert bucket.output is not None
             # a copy: the next replay of any graph of the shared pool may overwrite the output
             return bucket.output[:n].clone()
+        forward = self.forward_for(key.latent)
         with attention_backend(self.config.sdpa_backend):
-            output = self.forward(*bucket.inputs())
-        if self.config.compile_mode == "reduce-overhead":
+            output = forward(*bucket.inputs())
+        if forward is self.compiled and self.config.compile_mode == "reduce-overhead":
             output = output.clone()  # compile's own graphs overwrite their outputs on the next call
         return output[:n]
 
@@ -314,6 +335,7 @@ class UNetRunner:
     def _capture(self, key: BucketKey, bucket: _Bucket) -> None:
         started = time.perf_counter()
         device = bucket.sample.device
+        forward = self.forward_for(key.latent)
         try:
             # warm-up on a side stream (cuDNN autotuning, cuBLAS workspaces, lazy init, compilation)
             if self._side_stream is None:
@@ -322,7 +344,7 @@ class UNetRunner:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), attention_backend(self.config.sdpa_backend):
                 for _ in range(self.config.warmup_iters):
-                    self.forward(*bucket.inputs())
+                    forward(*bucket.inputs())
             torch.cuda.current_stream(device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -332,7 +354,7 @@ class UNetRunner:
                 attention_backend(self.config.sdpa_backend),
                 torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
             ):
-                output = self.forward(*bucket.inputs())
+                output = forward(*bucket.inputs())
         except torch.OutOfMemoryError:
             self._buckets.pop(key, None)  # the caller (the engine) halves the rows and retries
             raise

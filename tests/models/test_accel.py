@@ -98,6 +98,8 @@ def test_bucket_is_the_smallest_that_holds_the_rows() -> None:
         ({"sdpa_backend": "fast"}, "sdpa_backend"),
         ({"compile_mode": "turbo"}, "compile_mode"),
         ({"compile_mode": "reduce-overhead", "cuda_graphs": True}, "reduce-overhead"),
+        ({"compile_latents": ((4, 8),)}, "compile_latents"),
+        ({"compile_latents": ((4, 0, 8),)}, "compile_latents"),
         ({"buckets": (4, 2)}, "buckets"),
         ({"buckets": ()}, "buckets"),
         ({"max_graphs": 0}, "max_graphs"),
@@ -186,6 +188,29 @@ def test_attention_backends_on_cpu_change_nothing(
     runner = UNetRunner(unet, AccelConfig(sdpa_backend=backend))
     args = unet_inputs(3, 154 if masked else 77, masked)
     assert max_diff(runner(*args), unet(*args)) <= 1e-5
+
+
+def test_compile_only_the_chosen_latent_shapes(unet: UNet2DConditionModel) -> None:
+    """compile_latents: buckets of those latent shapes run the compiled UNet, other shapes (and calls
+    beyond the largest bucket) the plain one, which gives the same outputs and never compiles."""
+    torch._dynamo.reset()
+    config = AccelConfig(
+        compile_mode="default", compile_backend="eager", buckets=BUCKETS, compile_latents=((4, 8, 8),)
+    )
+    runner = UNetRunner(unet, config)
+    assert runner.forward_for((4, 8, 8)) is runner.compiled is not None
+    assert runner.forward_for((4, 8, 16)) is unet
+    g = torch.Generator().manual_seed(3)
+    for sample in (torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 4, 8, 16), generator=g)):
+        timesteps = torch.randint(0, 1000, (3,), generator=g)
+        context = torch.randn((3, 77, CONTEXT_DIM), generator=g)
+        assert max_diff(runner(sample, timesteps, context), unet(sample, timesteps, context)) <= 1e-5
+    beyond = unet_inputs(BUCKETS[-1] + 1)  # past the largest bucket: never compiled
+    assert max_diff(runner(*beyond), unet(*beyond)) <= 1e-5
+    # every shape compiled when none is named (the default)
+    everything = UNetRunner(unet, AccelConfig(compile_mode="default", compile_backend="eager"))
+    assert everything.forward_for((4, 8, 16)) is everything.compiled is not None
+    torch._dynamo.reset()
 
 
 def test_compiled_runner_plumbing(unet: UNet2DConditionModel) -> None:

@@ -42,6 +42,26 @@ def test_env_vars_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_batch_rows == 12 and settings.test_oom_above_rows == 4
 
 
+def test_compile_is_for_the_native_size_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.default_model import default_model_path
+    from models.loading import load_model
+    from workers.device import accel_config
+    from workers.main import fast_path
+
+    model = load_model(default_model_path())
+    c = model.latent_channels
+    h, w = (n // model.vae_scale_factor for n in reversed(model.native_size))
+    assert fast_path(None, load_settings(), model) is None  # the CPU: no fast path at all
+    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
+    monkeypatch.setenv("SD_COMPILE", "default")
+    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ((c, h, w),)
+    monkeypatch.setenv("SD_COMPILE_SIZES", "all")
+    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
+    monkeypatch.setenv("SD_COMPILE_SIZES", "some")
+    with pytest.raises(ConfigurationError, match="SD_COMPILE_SIZES"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
