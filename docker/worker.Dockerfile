@@ -22,7 +22,11 @@ RUN python -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyp
 COPY schemas/ schemas/
 COPY models/ models/
 COPY workers/ workers/
-ENV PYTHONPATH=/app SD_CACHE_DIR=/home/sdserve/.cache/sdserve
+ENV PYTHONPATH=/app SD_CACHE_DIR=/home/sdserve/.cache/sdserve TORCHINDUCTOR_CACHE_DIR=/cache/inductor
+# torch.compile's kernels (SD_COMPILE): compose mounts a volume here, so a restarted worker reuses
+# them instead of compiling again (the folder exists, owned by the worker's user, for the volume to
+# take its ownership)
+RUN mkdir -p /cache/inductor && chown -R sdserve /cache
 
 USER sdserve
 CMD ["python", "-m", "workers.main"]
