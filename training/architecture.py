@@ -98,7 +98,23 @@ TINY["text_encoder"].update(
     {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "projection_dim": 16}
 )
 
-ARCHITECTURES = {"embedded": EMBEDDED, "tiny": TINY}
+# Candidate: one more UNet level, so the mid block works on 2x2 latents where every cell is a corner
+# and its zero padding says which one (absolute position for the caption's position words).
+EMBEDDED_DEEP: dict[str, dict[str, Any]] = copy.deepcopy(EMBEDDED)
+EMBEDDED_DEEP["unet"].update(
+    {
+        "block_out_channels": [32, 64, 128, 128],
+        "down_block_types": [
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    }
+)
+
+ARCHITECTURES = {"embedded": EMBEDDED, "embedded-deep": EMBEDDED_DEEP, "tiny": TINY}
 
 
 def architecture(name: str) -> dict[str, dict[str, Any]]:

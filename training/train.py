@@ -27,7 +27,7 @@ from torch import nn
 
 from models.loading import TOKENIZER_ASSETS, load_tokenizer
 from models.random_model import write_diffusers_folder
-from training.architecture import PAD_TOKEN, architecture
+from training.architecture import ARCHITECTURES, PAD_TOKEN, architecture
 from training.autoencoder import (
     AutoencoderRecipe,
     encode_posteriors,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="diffusers-format folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--architecture", choices=["embedded", "tiny"], default="embedded")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="embedded")
     parser.add_argument("--vae-steps", type=int, default=vae_defaults.steps)
     parser.add_argument("--vae-batch", type=int, default=vae_defaults.batch_size)
     parser.add_argument("--unet-steps", type=int, default=diffusion_defaults.steps)
@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=diffusion_defaults.shape_weight,
         help="diffusion loss weight of the shape's latent pixels (1: uniform)",
+    )
+    parser.add_argument(
+        "--text-aux-weight",
+        type=float,
+        default=diffusion_defaults.text_aux_weight,
+        help="weight of the text encoder's attribute-classification loss (0: off)",
     )
     parser.add_argument("--pool-size", type=int, default=12000, help="encoded training images for stage 2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.unet_steps,
         batch_size=args.unet_batch,
         shape_weight=args.shape_weight,
+        text_aux_weight=args.text_aux_weight,
         warmup_steps=min(diffusion_defaults.warmup_steps, max(args.unet_steps // 10, 1)),
     )
     train(

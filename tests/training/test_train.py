@@ -62,3 +62,36 @@ def test_schedules() -> None:
     weights = timestep_weights(alphas, gamma=5.0)
     assert weights[-1] == 1.0 and weights[500] == 1.0  # pure noise and SNR ~1: full weight
     assert abs(weights[0] - 5.0 / 999.0) < 1e-3  # nearly clean: capped at gamma / SNR
+
+
+def test_attribute_heads_read_every_attribute_of_kept_captions() -> None:
+    """The text encoder's auxiliary loss: trained alone on fixed features it learns the four
+    attributes; rows whose caption was dropped ("") add nothing."""
+    from training.diffusion import AttributeHeads
+    from training.shapes import random_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng) for _ in range(64)]
+    # features that hold the attributes (one-hot, concatenated): a linear head can read them
+    features = torch.cat(
+        [
+            torch.nn.functional.one_hot(
+                torch.tensor([names.index(getattr(s, attribute)) for s in scenes]), len(names)
+            ).float()
+            for attribute, names in AttributeHeads.ATTRIBUTES
+        ],
+        dim=1,
+    )
+    torch.manual_seed(0)
+    heads = AttributeHeads(features.shape[1])
+    before = heads.loss(features, scenes).item()
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        heads.loss(features, scenes).backward()
+        optimizer.step()
+    assert before > 1.0 and heads.loss(features, scenes).item() < 0.05
+    assert heads.loss(features[:2], [None, None]).item() == 0.0
+    # a dropped caption's row does not count: garbage features there change nothing
+    mixed = torch.cat([features[:4], torch.randn(1, features.shape[1]) * 100])
+    assert heads.loss(mixed, [*scenes[:4], None]).item() == heads.loss(features[:4], scenes[:4]).item()
