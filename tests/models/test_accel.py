@@ -386,3 +386,28 @@ def test_a_failed_capture_falls_back_to_eager(strict_fp32: None) -> None:
         args = unet_inputs(3, device="cuda")
         assert max_diff(runner(*args), unet(*args)) <= 1e-4
     assert runner.stats().failed_captures == 1 and runner.stats().replays == 0
+
+
+@cuda_only
+def test_cuda_graphs_with_compile_for_one_latent_shape() -> None:
+    """The worker's SD_COMPILE: graphs of the compiled UNet for the chosen latent shape, graphs of
+    the plain UNet for another, both as the eager UNet computes them."""
+    torch._dynamo.reset()
+    unet = tiny_unet("cuda", torch.float16)
+    config = AccelConfig(
+        cuda_graphs=True,
+        buckets=BUCKETS,
+        compile_mode="default",
+        compile_backend="eager",  # the wiring, not inductor's code generation
+        compile_latents=((4, 8, 8),),
+    )
+    runner = UNetRunner(unet, config)
+    g = torch.Generator().manual_seed(5)
+    for latent in ((4, 8, 8), (4, 8, 16)):
+        sample = torch.randn((3, *latent), generator=g).to("cuda", torch.float16)
+        t = torch.randint(0, 1000, (3,), generator=g).cuda()
+        context = torch.randn((3, 77, CONTEXT_DIM), generator=g).to("cuda", torch.float16)
+        expected = unet(sample, t, context).float()
+        assert relative_error(runner(sample, t, context), expected) <= 1e-2, latent
+    assert runner.stats().captures == 2 and runner.stats().failed_captures == 0
+    torch._dynamo.reset()
