@@ -380,6 +380,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         free_memory()
 
     bench.stage("engine", engine, needs_s=args.est_engine_s)
+
+    def profile() -> None:
+        """Where one UNet call of --ablation-batch images spends its time: the top kernels (or CPU
+        ops) by self time, eager with the default's kernel choices (graphs hide nothing from
+        the profiler, but eager names every op)."""
+        master.apply(model, half, FP32)
+        prepare(model, dataclasses.replace(fast, cuda_graphs=False))
+        results["profile"] = runs.profile_unet(model, 2 * args.ablation_batch, args.size, top=25)
+        for row in results["profile"]["top"][:10]:
+            bench.log(f"{row['share']:6.1%} {row['ms_per_call']:8.2f} ms  {row['name'][:90]}")
+
+    if args.profile:
+        bench.stage("profile", profile, needs_s=20)
     if args.engine_compile:
         bench.stage(
             "engine: compiled", engine_compiled, needs_s=args.est_engine_s + 60 * len(args.engine_requests)
@@ -483,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine-requests", type=int, nargs="+", help="jobs at once, one engine run each (default 16 32)"
     )
     parser.add_argument("--worker-requests", type=int, help="default: the largest --engine-requests")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one UNet call: its top kernels by time (~10 s)"
+    )
     parser.add_argument(
         "--engine-compile",
         action="store_true",

@@ -75,6 +75,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(phases.get('median_step_gap_ms'), 1)} | {_f(phases.get('after_last_step_s'), 2)} |"
             )
         lines.append("")
+    if results.get("profile"):
+        p = results["profile"]
+        lines += [
+            f"Profile: one UNet call of {p['rows']} rows, {p['ms_per_call']:.1f} ms of {p['time']} time "
+            f"(eager, mean of {p['calls']}); top ops by self time:",
+            "",
+            "| op | ms per call | share | calls per UNet call |",
+            "|---|---|---|---|",
+        ]
+        for row in p["top"][:15]:
+            name = row["name"].replace("|", "/")[:100]
+            lines.append(
+                f"| `{name}` | {row['ms_per_call']:.2f} | {100 * row['share']:.1f}% "
+                f"| {row['count_per_call']:.0f} |"
+            )
+        lines.append("")
     if results.get("ablations"):
         base = results["ablations"][0]["images_per_s"]
         lines += [f"| ablation (batch {results['ablations'][0]['batch']}) | img/s | ms/step | vs fast path |"]

@@ -259,6 +259,55 @@ def count_flops(model: StableDiffusion, size: int) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def profile_unet(
+    model: StableDiffusion, rows: int, size: int, top: int = 25, calls: int = 3
+) -> dict[str, Any]:
+    """torch.profiler over `calls` UNet calls of `rows` rows (after 2 warm-up calls): the `top` ops
+    by self time (device time on a GPU, host time on the CPU), with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f = model.vae_scale_factor
+    device, dtype = model.device, model.dtype
+    sample = torch.randn((rows, model.latent_channels, size // f, size // f), device=device, dtype=dtype)
+    context = torch.randn((rows, 77, model.text_encoder.config.hidden_size), device=device, dtype=dtype)
+    timesteps = torch.full((rows,), 500, device=device)
+    for _ in range(2):
+        model.unet(sample, timesteps, context)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            model.unet(sample, timesteps, context)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(event: Any) -> float:
+        if not cuda:
+            return event.self_cpu_time_total
+        # renamed from *_cuda_* to *_device_* in recent PyTorch
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return {
+        "rows": rows,
+        "calls": calls,
+        "time": "device" if cuda else "host",
+        "ms_per_call": total / 1000 / calls,
+        "top": [
+            {
+                "name": e.key,
+                "ms_per_call": self_us(e) / 1000 / calls,
+                "share": self_us(e) / total,
+                "count_per_call": e.count / calls,
+            }
+            for e in events[:top]
+        ],
+    }
+
+
 # --- continuous batching: the engine in this process, and a real worker ------------------------------
 
 

@@ -29,7 +29,7 @@ def one_torch_thread():
 
 def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> None:
     argv = ["--quick", "--steps", "2", "--batches", "1", "--ablation-batch", "1", "--engine-requests", "2"]
-    argv += ["--engine-compile"]  # the compiled pass, with the eager backend on the CPU
+    argv += ["--engine-compile", "--profile"]  # the compiled pass (eager backend on the CPU), a profile
     assert gpu.main([*argv, "--skip", "worker", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     statuses = {name: stage["status"] for name, stage in results["stages"].items()}
@@ -51,6 +51,11 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| batch | ours img/s | diffusers img/s" in report and "| ablation (batch 1)" in report
     assert "| engine + torch.compile | 2 |" in report
+    profile = results["profile"]
+    assert profile["rows"] == 2 and profile["time"] == "host" and len(profile["top"]) > 5
+    assert any("conv" in row["name"] for row in profile["top"][:5])  # a UNet's time is mostly convs
+    assert sum(row["share"] for row in profile["top"]) <= 1.0 + 1e-6
+    assert "Profile: one UNet call of 2 rows" in report
 
 
 def test_ablations_can_be_chosen_by_key(tmp_path: Path) -> None:
