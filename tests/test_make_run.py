@@ -92,12 +92,14 @@ def test_make_run_serves_a_png_and_stops_cleanly(tmp_path: Path) -> None:
             image = Image.open(io.BytesIO(png.content))
             assert image.size == (job["request"]["width"], job["request"]["height"])
             assert "Seed: 5" in image.text["parameters"]
-            # the embedded model, at the steps and guidance it recommends, draws the colours asked
+            # the embedded model, at the steps and guidance it recommends, draws what was asked
             defaults = json.loads((EMBEDDED_MODEL_DIR / "defaults.json").read_text())
             assert job["request"]["steps"] == defaults["steps"]
             assert job["request"]["guidance_scale"] == defaults["guidance_scale"]
-            found = detect(np.asarray(image.convert("RGB")))  # colours: see MODEL_CARD.md for the rest
-            assert found is not None and (found.colour, found.background) == ("red", "blue"), found
+            found = detect(np.asarray(image.convert("RGB")))
+            assert found is not None, "no shape on a plain background"
+            asked = ("red", "circle", "top left", "blue")
+            assert (found.colour, found.shape, found.position, found.background) == asked, found
     finally:
         pids = [
             int(m.group(1)) for line in lines for m in [re.search(r"started \w+ \(pid (\d+)\)", line)] if m

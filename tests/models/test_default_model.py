@@ -30,14 +30,14 @@ def test_the_embedded_model_is_the_default_and_fits_the_size_budget() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "colour", "background"),
+    ("prompt", "colour", "shape", "position", "background"),
     [
-        ("a red circle in the top left on a blue background", "red", "blue"),  # a held-out triple
-        ("yellow square, bottom right, black background", "yellow", "black"),  # another template
+        ("a red circle in the top left on a blue background", "red", "circle", "top left", "blue"),
+        ("yellow square, bottom right, black background", "yellow", "square", "bottom right", "black"),
     ],
 )
-def test_txt2img_without_model_draws_the_colours_asked(
-    tmp_path: Path, prompt: str, colour: str, background: str
+def test_txt2img_without_model_draws_what_is_asked(
+    tmp_path: Path, prompt: str, colour: str, shape: str, position: str, background: str
 ) -> None:
     out = tmp_path / "shape.png"
     result = subprocess.run(
@@ -51,8 +51,12 @@ def test_txt2img_without_model_draws_the_colours_asked(
     assert f"Steps: {defaults['steps']}," in image.text["parameters"]
     found = detect(np.asarray(image.convert("RGB")))
     assert found is not None  # one shape on a plain background
-    # colours only: the shipped model does not yet follow position and shape words (MODEL_CARD.md)
-    assert (found.colour, found.background) == (colour, background), found
+    assert (found.colour, found.shape, found.position, found.background) == (
+        colour,
+        shape,
+        position,
+        background,
+    ), found
 
 
 def test_a_missing_embedded_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
