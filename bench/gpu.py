@@ -339,26 +339,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     bench.stage("diffusers", diffusers)
 
-    def engine() -> None:
-        runner = set_variant(Variant("fast", "fast", half, FP32, fast))
-        rows = results.setdefault("engine", [])
-        for requests in args.engine_requests:
-            row = runs.run_engine(
-                model, runner, requests, args.size, args.steps, args.max_rows, args.vae_batch
-            )
-            flop = _times(flop_per_image(results, args.steps), row["requests"])
-            row["mfu"] = mfu(results, flop, row["span_s"])
-            row["runner"] = dataclasses.asdict(runner.stats())
-            rows.append(row)
-            bench.log(f"engine, {requests} requests at once: {row['images_per_s']:.3f} images/s")
-        runner.release()
-        free_memory()
-
-    def engine_compiled() -> None:
-        """The same loads with torch.compile inside the graphs (SD_COMPILE=default): only the
-        load's own bucket is compiled (about 40 s each on an H100)."""
-        accel = dataclasses.replace(fast, compile_mode="default", compile_backend=args.compile_backend)
-        runner = set_variant(Variant("compile", "compile", half, FP32, accel))
+    def engine_loads(accel: AccelConfig, label: str | None = None) -> None:
+        """Each --engine-requests load through the real engine with this fast path. With compile,
+        only the loads' own buckets are compiled (about 40 s each on an H100), not every bucket."""
+        runner = set_variant(Variant(label or "fast", label or "fast", half, FP32, accel))
         rows = results.setdefault("engine", [])
         for requests in args.engine_requests:
             row = runs.run_engine(
@@ -369,15 +353,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.steps,
                 args.max_rows,
                 args.vae_batch,
-                warm_all_buckets=False,
+                warm_all_buckets=accel.compile_mode == "off",
             )
             flop = _times(flop_per_image(results, args.steps), row["requests"])
-            row.update(mfu=mfu(results, flop, row["span_s"]), label="engine + torch.compile")
+            row["mfu"] = mfu(results, flop, row["span_s"])
             row["runner"] = dataclasses.asdict(runner.stats())
+            if label:
+                row["label"] = label
             rows.append(row)
-            bench.log(f"engine + compile, {requests} requests: {row['images_per_s']:.3f} images/s")
+            bench.log(f"{label or 'engine'}, {requests} requests at once: {row['images_per_s']:.3f} images/s")
         runner.release()
         free_memory()
+
+    def engine() -> None:
+        engine_loads(fast)
+
+    def engine_compiled() -> None:
+        accel = dataclasses.replace(fast, compile_mode="default", compile_backend=args.compile_backend)
+        engine_loads(accel, "engine + torch.compile")
 
     bench.stage("engine", engine, needs_s=args.est_engine_s)
 

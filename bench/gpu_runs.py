@@ -325,9 +325,9 @@ def run_engine(
     """The real engine (admission, continuous batching, decode, PNG encoding on its writer threads)
     with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once.
 
-    Warm-up first, as the worker's: every bucket up to the load's rows (`warm_all_buckets`; else
-    only the load's own bucket, for torch.compile's minute per bucket), then the same load for 2
-    steps (the same calls, decode chunks and PNG sizes as the timed run)."""
+    Warm-up first: every bucket up to the load's rows, as the worker does at start
+    (`warm_all_buckets`; off for torch.compile's ~40 s per bucket), then the same load for 2 steps,
+    which runs (so captures or compiles) the load's own calls, decode chunks and PNG sizes."""
     from models.png import encode_png
     from schemas.jobs import GenerationParams, ImageRef, JobResult
     from workers.engine import Engine, EngineConfig
@@ -355,21 +355,10 @@ def run_engine(
         def sync(self, progress: Any) -> set[str]:
             return set()
 
-    if runner is not None:  # capture (compile) the buckets the load will use, as the worker does
+    if runner is not None and warm_all_buckets:
         f = model.vae_scale_factor
         latent = (model.latent_channels, size // f, size // f)
-        context = (77, model.text_encoder.config.hidden_size)
-        rows = min(2 * requests, max_rows)
-        if warm_all_buckets:
-            runner.warm_up(latent, context, rows)
-        else:
-            with torch.no_grad():
-                runner(
-                    torch.randn((rows, *latent), device=model.device, dtype=model.dtype),
-                    torch.full((rows,), 500, device=model.device),
-                    torch.randn((rows, *context), device=model.device, dtype=model.dtype),
-                    None,
-                )
+        runner.warm_up(latent, (77, model.text_encoder.config.hidden_size), min(2 * requests, max_rows))
     results = MemoryResults()
     engine = Engine(
         model,

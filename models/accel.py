@@ -224,11 +224,12 @@ class UNetRunner:
         self._side_stream: torch.cuda.Stream | None = None
         self._stats = RunnerStats()
 
-    def forward_for(self, latent: tuple[int, ...]) -> nn.Module:
+    def forward_for(self, latent: tuple[int, ...] | None) -> nn.Module:
         """The compiled UNet for latents of this (C, h, w) shape when it is to be compiled, else the
-        plain one."""
+        plain one. None: a call beyond the largest bucket, whose row count varies call by call, so
+        compiled only when every shape is."""
         wanted = self.config.compile_latents
-        if self.compiled is not None and (not wanted or tuple(latent) in wanted):
+        if self.compiled is not None and (not wanted or (latent is not None and tuple(latent) in wanted)):
             return self.compiled
         return self.unet
 
@@ -260,12 +261,8 @@ class UNetRunner:
         if bucket is None:
             if self.config.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
-            # beyond the largest bucket the row count varies call by call: compiled only when every
-            # shape is to be compiled
-            compile_all = self.compiled is not None and not self.config.compile_latents
-            forward = self.compiled if compile_all else self.unet
             with attention_backend(self.config.sdpa_backend):
-                output = forward(sample, timesteps, context, mask)
+                output = self.forward_for(None)(sample, timesteps, context, mask)
         else:
             self._stats.padded_rows += bucket - rows
             output = self._run_bucket(bucket, sample, timesteps, context, mask)

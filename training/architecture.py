@@ -3,8 +3,8 @@
 `EMBEDDED` is the shipped model: 64x64 RGB images, a KL-f4 autoencoder (4 x 16 x 16 latents),
 a UNet of four levels (16, 8, 4 and 2 latent pixels a side) with cross-attention at all but the
 first, and a 3-layer CLIP text tower of width 64 over the full 49,408-token CLIP BPE vocabulary.
-`TINY` is a seconds-to-train three-level version for tests. The scheduler is SD's, rescaled to zero terminal SNR, with
-v-prediction and trailing DDIM timesteps (see `SCHEDULER`).
+`TINY` is a seconds-to-train three-level version for tests. The scheduler is SD's, rescaled to
+zero terminal SNR, with v-prediction and trailing DDIM timesteps (see `SCHEDULER`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ EMBEDDED: dict[str, dict[str, Any]] = {
         "out_channels": 4,
         # the 2x2 level: there every cell is a corner and its zero padding says which, so the
         # caption's position words can be turned into places (with three levels, 4x4 at the
-        # bottom, a model trained the same way placed shapes at 17%; with four, 94% by 1,500 steps)
+        # bottom, a model trained the same way placed shapes at 21%; with four, 94% by 1,500 steps)
         "block_out_channels": [32, 64, 128, 128],
         "layers_per_block": 1,
         "down_block_types": ["DownBlock2D", *["CrossAttnDownBlock2D"] * 3],
