@@ -94,6 +94,39 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             slow=True,
             needs_s=150,  # inductor compiles the UNet once for the bucket
         ),
+        Variant(
+            "compile-cl",
+            "+ torch.compile + channels_last",
+            half,
+            FP32,
+            r(fast, compile_mode="default", compile_backend=compile_backend, channels_last=True),
+            slow=True,
+            needs_s=150,
+        ),
+        Variant(
+            "compile-dynamic",
+            "+ torch.compile, batch dimension dynamic (one graph for all buckets)",
+            half,
+            FP32,
+            r(fast, compile_mode="default", compile_backend=compile_backend, compile_dynamic_batch=True),
+            slow=True,
+            needs_s=150,
+        ),
+        Variant(
+            "compile-dynamic-cl",
+            "+ torch.compile, batch dimension dynamic, + channels_last",
+            half,
+            FP32,
+            r(
+                fast,
+                compile_mode="default",
+                compile_backend=compile_backend,
+                compile_dynamic_batch=True,
+                channels_last=True,
+            ),
+            slow=True,
+            needs_s=150,
+        ),
         Variant("math", "attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
         Variant("fp32", "float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
     ]
@@ -278,8 +311,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return prepare(model, variant.accel)
 
     def time_ours(runner: Any, batch: int, repeats: int) -> tuple[runs.Timing, list[float]]:
-        runs.run_ours(model, runner, batch, args.size, min(2, args.steps))  # warm-up: capture, autotune
-        return runs.repeat(lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats)
+        timing, totals, _ = time_ours_latents(runner, batch, repeats)
+        return timing, totals
+
+    def time_ours_latents(runner: Any, batch: int, repeats: int) -> tuple[runs.Timing, list[float], Any]:
+        """Timing, and the final latents of the warm-up run (2 steps: capture, autotune, compile)."""
+        _, latents = runs.run_ours(model, runner, batch, args.size, min(2, args.steps))
+        timing, totals = runs.repeat(
+            lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats
+        )
+        return timing, totals, latents
 
     def ours() -> None:
         runner = set_variant(Variant("fast", "fast", half, FP32, fast))
@@ -369,8 +410,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine_loads(fast)
 
     def engine_compiled() -> None:
+        """With the fastest torch.compile variant of this run's ablations (default mode if none ran)."""
         accel = dataclasses.replace(fast, compile_mode="default", compile_backend=args.compile_backend)
-        engine_loads(accel, "engine + torch.compile")
+        label = "engine + torch.compile"
+        compiled = [row for row in results.get("ablations", []) if row.get("compiled")]
+        if compiled:
+            best = max(compiled, key=lambda row: row["images_per_s"])
+            accel, label = variants[best["key"]].accel, f"engine, {best['name']}"
+        engine_loads(accel, label)
 
     bench.stage("engine", engine, needs_s=args.est_engine_s)
 
@@ -384,28 +431,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in results["profile"]["top"][:10]:
             bench.log(f"{row['share']:6.1%} {row['ms_per_call']:8.2f} ms  {row['name'][:90]}")
 
-    if args.profile:
-        bench.stage("profile", profile, needs_s=20)
-    if args.engine_compile:
-        bench.stage(
-            "engine: compiled", engine_compiled, needs_s=args.est_engine_s + 60 * len(args.engine_requests)
-        )
-
-    def worker() -> None:
-        master.apply(model, half, FP32)
-        free_memory()  # the worker process needs its own GPU memory
-        row = runs.run_worker(
-            model, config, args.device, args.worker_requests, args.size, args.steps, args.max_rows
-        )
-        span_s = row["requests"] / row["images_per_s"]
-        row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), span_s)
-        results["worker"] = row
-        bench.log(f"worker, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s")
-
-    bench.stage("worker", worker, needs_s=args.est_worker_s)
-
     rows = results.setdefault("ablations", [])
-    for variant in ablations(fast, half, args.compile_backend):
+    variants = {variant.key: variant for variant in ablations(fast, half, args.compile_backend)}
+    for variant in variants.values():
         if args.ablations is not None:
             if variant.key not in args.ablations:
                 continue
@@ -414,16 +442,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def ablate(variant: Variant = variant) -> None:
             runner = set_variant(variant)
-            timing, totals = time_ours(runner, args.ablation_batch, args.ablation_repeats)
+            timing, totals, latents = time_ours_latents(runner, args.ablation_batch, args.ablation_repeats)
             row = timing_row(results, args.ablation_batch, timing, totals)
-            row.update(name=variant.name, captures=runner.stats().captures)
+            row.update(
+                key=variant.key,
+                name=variant.name,
+                captures=runner.stats().captures,
+                compiled=variant.accel.compile_mode != "off",
+            )
+            # outputs kept? final latents of the 2-step warm-up against the default fast path's
+            reference = state.setdefault("ablation_latents", latents.float())
+            row["vs_default_relative_error"] = (
+                (latents.float() - reference).norm() / reference.norm()
+            ).item()
             rows.append(row)
-            bench.log(f"{variant.name}: {row['images_per_s']:.3f} images/s, {row['ms_per_step']:.1f} ms/step")
+            bench.log(
+                f"{variant.name}: {row['images_per_s']:.3f} images/s, {row['ms_per_step']:.1f} ms/step, "
+                f"latents {row['vs_default_relative_error']:.1e} from the first ablation's"
+            )
             runner.release()
             free_memory()
 
         scale = 1.0 if args.device.startswith("cuda") else args.est_ablation_s / 15
         bench.stage(f"ablation: {variant.name}", ablate, needs_s=variant.needs_s * scale)
+
+    if args.profile:
+        bench.stage("profile", profile, needs_s=20)
+    if args.engine_compile:
+        bench.stage(
+            "engine: compiled", engine_compiled, needs_s=args.est_engine_s + 20 * len(args.engine_requests)
+        )
+
+    def worker() -> None:
+        """The real worker with its defaults, or (--worker-compile) with torch.compile as this run's
+        ablations measured it, set through its environment as an operator would: the fastest
+        dynamic-batch variant when one ran (a static compile of all nine buckets takes minutes of
+        start-up), else the fastest compiled one."""
+        master.apply(model, half, FP32)
+        free_memory()  # the worker process needs its own GPU memory
+        env = {}
+        compiled = [row for row in results.get("ablations", []) if row.get("compiled")]
+        if args.worker_compile and compiled:
+            dynamic = [row for row in compiled if variants[row["key"]].accel.compile_dynamic_batch]
+            best = max(dynamic or compiled, key=lambda row: row["images_per_s"])
+            accel = variants[best["key"]].accel
+            env = {
+                "SD_COMPILE": accel.compile_mode,
+                "SD_CHANNELS_LAST": str(accel.channels_last).lower(),
+                "SD_COMPILE_DYNAMIC_BATCH": str(accel.compile_dynamic_batch).lower(),
+            }
+        row = runs.run_worker(
+            model, config, args.device, args.worker_requests, args.size, args.steps, args.max_rows, env
+        )
+        span_s = row["requests"] / row["images_per_s"]
+        row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), span_s)
+        results["worker"] = row
+        bench.log(
+            f"worker {env}, {row['requests']} requests at once: {row['images_per_s']:.3f} images/s "
+            f"(ready {row['start_s']:.0f} s after its start)"
+        )
+
+    bench.stage("worker", worker, needs_s=args.est_worker_s * (1.5 if args.worker_compile else 1))
 
     results["elapsed_s"] = round(bench.elapsed(), 1)
     bench.save()
@@ -496,6 +575,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine-compile",
         action="store_true",
         help="also run the engine loads with torch.compile in the graphs (~1 minute of compile per load)",
+    )
+    parser.add_argument(
+        "--worker-compile",
+        action="store_true",
+        help="run the worker with the fastest torch.compile variant of the ablations (SD_COMPILE...)",
     )
     parser.add_argument("--max-rows", type=int, default=64, help="UNet rows per call (the worker's default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")

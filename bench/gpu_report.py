@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def _f(value: float | None, digits: int = 2, percent: bool = False) -> str:
+def _f(value: float | None, digits: int = 2, kind: str = "f", percent: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}{kind}}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -75,6 +75,29 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(phases.get('median_step_gap_ms'), 1)} | {_f(phases.get('after_last_step_s'), 2)} |"
             )
         lines.append("")
+        diagnosed = [(key, row) for key, row in streams if row.get("control")]
+        if diagnosed:
+            lines += [
+                "Engine against the same batch through the Sampler directly (same runner, just before); "
+                "UNet calls timed on the device:",
+                "",
+                "| load | path | img/s | UNet calls | ms per call | ms between call starts | longest gap ms "
+                "| UNet share of the span | 2-step load: fresh thread, again (s) |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for _, row in diagnosed:
+                for path, img_s, calls in (
+                    ("engine", row["images_per_s"], row.get("unet_calls") or {}),
+                    ("direct", row["control"]["images_per_s"], row["control"].get("unet_calls") or {}),
+                ):
+                    lines.append(
+                        f"| {row.get('label', 'engine')}, {row['requests']} | {path} | {img_s:.3f} "
+                        f"| {calls.get('calls', 0)} | {_f(calls.get('median_call_ms'), 1)} "
+                        f"| {_f(calls.get('median_cadence_ms'), 1)} | {_f(calls.get('max_gap_ms'), 1)} "
+                        f"| {_f(calls.get('unet_share'), percent=True)} "
+                        f"| {', '.join(f'{x:.2f}' for x in row.get('warm_up_loads_s', [])) if path == 'engine' else ''} |"
+                    )
+            lines.append("")
     if results.get("profile"):
         p = results["profile"]
         lines += [
@@ -93,12 +116,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if results.get("ablations"):
         base = results["ablations"][0]["images_per_s"]
-        lines += [f"| ablation (batch {results['ablations'][0]['batch']}) | img/s | ms/step | vs fast path |"]
-        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| ablation (batch {results['ablations'][0]['batch']}) | img/s | ms/step | vs fast path "
+            "| latents vs the first row (2 steps) |"
+        ]
+        lines += ["|---|---|---|---|---|"]
         for row in results["ablations"]:
             lines.append(
                 f"| {row['name']} | {row['images_per_s']:.3f} | {row['ms_per_step']:.1f} "
-                f"| {row['images_per_s'] / base:.2f}x |"
+                f"| {row['images_per_s'] / base:.2f}x | {_f(row.get('vs_default_relative_error'), 1, 'e')} |"
             )
         lines.append("")
     bad = {k: v["status"] for k, v in results["stages"].items() if v["status"] != "ok"}

@@ -359,13 +359,19 @@ def run_engine(
         f = model.vae_scale_factor
         latent = (model.latent_channels, size // f, size // f)
         runner.warm_up(latent, (77, model.text_encoder.config.hidden_size), min(2 * requests, max_rows))
+    timed = TimedUNet(runner if runner is not None else model.unet, model.device)
+    # control: the same batch through the Sampler directly, same runner, same minute (warm first)
+    run_ours(model, timed, requests, size, min(2, steps), max_rows, vae_batch)
+    timed.start()
+    control, _ = run_ours(model, timed, requests, size, steps, max_rows, vae_batch)
+    control_calls = timed.summary()
     results = MemoryResults()
     engine = Engine(
         model,
         EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch),
         results,
         NoProgress(),
-        sampler_factory=lambda m: Sampler(m, unet_runner=runner),
+        sampler_factory=lambda m: Sampler(m, unet_runner=timed),
     )
     engine.start()
 
@@ -397,12 +403,20 @@ def run_engine(
     engine_log = logging.getLogger("workers.engine")
     level = engine_log.level
     try:
-        submit(requests, 10_000, steps=2)  # warm-up: this load, 2 steps
+        # warm-up: this load for 2 steps, twice. The first pays what is new to the engine's thread
+        # (cuDNN autotuning is kept per thread: every VAE decode shape again, as the worker would
+        # without its warm-up on the engine thread); the second shows the steady state.
+        warm_loads_s = []
+        for seed0 in (10_000, 20_000):
+            warm_jobs, warm_started = submit(requests, seed0, steps=2)
+            warm_loads_s.append(max(results.finished_at[job.job_id] for job in warm_jobs) - warm_started)
         before = engine.stats()
         engine_log.addHandler(steps_seen)
         engine_log.setLevel(logging.DEBUG)  # its per-step debug line: when each step's host work ended
+        timed.start()
         jobs, started = submit(requests, 0)
         after = engine.stats()
+        engine_calls = timed.summary()
     finally:
         engine_log.removeHandler(steps_seen)
         engine_log.setLevel(level)
@@ -418,7 +432,73 @@ def run_engine(
         "rows_per_call": (after.unet_rows - before.unet_rows) / calls,
         "span_s": ends[-1],
         "phases": steps_seen.phases(started, ends[-1]),
+        "warm_up_loads_s": warm_loads_s,  # 2-step loads: first on a fresh engine thread, then again
+        "unet_calls": engine_calls,
+        "control": {
+            "what": "the same batch through the Sampler directly, same runner, just before",
+            "images_per_s": requests / control.total_s,
+            **control.as_dict(),
+            "unet_calls": control_calls,
+        },
     }
+
+
+class TimedUNet:
+    """A UNet runner wrapped in CUDA events (perf_counter on the CPU): where each call starts and
+    ends on the device, so an engine run splits into UNet time and the gaps between calls."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor], device: torch.device) -> None:
+        self.inner = inner
+        self.cuda = device.type == "cuda"
+        self.calls: list[tuple[Any, Any, int]] | None = None  # (start, end, rows) while recording
+
+    def start(self) -> None:
+        self.calls = []
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __call__(self, sample: torch.Tensor, *args: Any) -> torch.Tensor:
+        if self.calls is None:
+            return self.inner(sample, *args)
+        start = self._mark()
+        output = self.inner(sample, *args)
+        self.calls.append((start, self._mark(), sample.shape[0]))
+        return output
+
+    def summary(self) -> dict[str, Any]:
+        """Calls recorded since start(): device ms per call (median), cadence between call starts,
+        and the UNet's share of the span from the first call's start to the last one's end."""
+        calls, self.calls = self.calls or [], None
+        if not calls:
+            return {"calls": 0}
+        if self.cuda:
+            torch.cuda.synchronize()
+
+            def ms(a: Any, b: Any) -> float:
+                return a.elapsed_time(b)
+        else:
+
+            def ms(a: Any, b: Any) -> float:
+                return (b - a) * 1000
+
+        inside = [ms(start, end) for start, end, _ in calls]
+        cadence = [ms(a[0], b[0]) for a, b in zip(calls, calls[1:], strict=False)]
+        span = ms(calls[0][0], calls[-1][1])
+        return {
+            "calls": len(calls),
+            "rows": sorted({rows for _, _, rows in calls}),
+            "median_call_ms": statistics.median(inside),
+            "max_call_ms": max(inside),
+            "median_cadence_ms": statistics.median(cadence) if cadence else None,
+            "max_gap_ms": max((c - i for c, i in zip(cadence, inside, strict=False)), default=None),
+            "span_ms": span,
+            "unet_share": sum(inside) / span if span > 0 else None,
+        }
 
 
 class StepTimes(logging.Handler):
@@ -467,10 +547,18 @@ def write_model_folder(model: StableDiffusion, config: str, out_dir: Path) -> Pa
 
 
 def run_worker(
-    model: StableDiffusion, config: str, device: str, requests: int, size: int, steps: int, max_rows: int
+    model: StableDiffusion,
+    config: str,
+    device: str,
+    requests: int,
+    size: int,
+    steps: int,
+    max_rows: int,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A real worker process (`python -m workers.main`, its default fast path) on a private
-    redis-server, fed `requests` jobs at once exactly as the API enqueues them (bench/worker_bench.py)."""
+    """A real worker process (`python -m workers.main`, its default fast path changed by `env`) on a
+    private redis-server, fed `requests` jobs at once exactly as the API enqueues them
+    (bench/worker_bench.py)."""
     import argparse
     import shutil
 
@@ -494,9 +582,11 @@ def run_worker(
             vae_batch=None,
             torch_threads=None,
             timeout_s=600,
+            worker_env=env,
+            start_timeout_s=400,  # torch.compile at warm-up, when env asks for it
         )
         row = worker_bench.run_mode("batched", max_rows, args, model_dir, server.url)
     finally:
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
-    return {"requests": requests, **row}
+    return {"requests": requests, "env": env or {}, **row}

@@ -99,7 +99,10 @@ def run_mode(
     if args.vae_batch:
         env["SD_VAE_BATCH"] = str(args.vae_batch)
     queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
-    with WorkerProcess(env) as worker:
+    env.update(getattr(args, "worker_env", None) or {})
+    launched = time.monotonic()
+    with WorkerProcess(env).start(timeout_s=getattr(args, "start_timeout_s", 120.0)) as worker:
+        start_s = time.monotonic() - launched  # process start to ready: model load and warm-up
         submit_and_wait(queue, client, args, seeds=[10_000 + i for i in range(2)])  # warm-up at this size
         before = published_stats(client, worker.name, expect_jobs=2)
         started = time.time()
@@ -120,6 +123,7 @@ def run_mode(
         "rows_per_call": (after.unet_rows - before.unet_rows) / max(1, calls),
         "requests_per_call": (after.unet_requests - before.unet_requests) / max(1, calls),
         "wall_s": wall_s,
+        "start_s": start_s,
     }
 
 

@@ -73,6 +73,10 @@ class AccelConfig:
     # about 40 s for SD 1.5 on an H100: the worker compiles its native size during warm-up, and a
     # request of another size takes the uncompiled graphs instead of stalling the whole batch.
     compile_latents: tuple[tuple[int, int, int], ...] = ()
+    # one compiled graph for every bucket of a latent shape (the batch dimension symbolic) instead of
+    # one per bucket: one compile at start-up instead of nine (a 1-row bucket still gets its own,
+    # as torch specialises size 1)
+    compile_dynamic_batch: bool = False
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
     warmup_iters: int = 2  # eager runs on a side stream before a capture
@@ -160,7 +164,9 @@ class BucketKey:
 class _Bucket:
     """Static inputs of one bucket and, on CUDA, the graph that reads them and its output."""
 
-    def __init__(self, key: BucketKey, device: torch.device, channels_last: bool) -> None:
+    def __init__(
+        self, key: BucketKey, device: torch.device, channels_last: bool, dynamic_batch: bool = False
+    ) -> None:
         c, h, w = key.latent
         length, width = key.context
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -171,6 +177,10 @@ class _Bucket:
         self.timesteps = torch.zeros((key.rows,), dtype=key.timestep_dtype, device=device)
         self.context = torch.zeros((key.rows, length, width), dtype=key.dtype, device=device)
         self.mask = torch.ones((key.rows, length), dtype=torch.bool, device=device) if key.masked else None
+        if dynamic_batch:  # torch.compile: one graph for every bucket of this shape (rows symbolic)
+            for tensor in self.inputs():
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Tensor | None = None  # (rows, C', h, w), written by each replay
 
@@ -215,7 +225,12 @@ class UNetRunner:
             name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * self.config.max_graphs))
             mode = None if self.config.compile_mode == "default" else self.config.compile_mode
-            self.compiled = torch.compile(unet, mode=mode, dynamic=False, backend=self.config.compile_backend)
+            # dynamic=None: shapes static unless marked dynamic (the buckets' batch dimension, see
+            # _Bucket); False would ignore the marks
+            dynamic = None if self.config.compile_dynamic_batch else False
+            self.compiled = torch.compile(
+                unet, mode=mode, dynamic=dynamic, backend=self.config.compile_backend
+            )
         self._buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
         self._failed: set[BucketKey] = set()  # capture failed (not out of memory): eager from then on
         self._pool: tuple[int, int] | None = None  # one memory pool shared by every graph
@@ -224,14 +239,18 @@ class UNetRunner:
         self._side_stream: torch.cuda.Stream | None = None
         self._stats = RunnerStats()
 
-    def forward_for(self, latent: tuple[int, ...] | None) -> nn.Module:
+    def forward_for(self, latent: tuple[int, ...] | None, masked: bool = False) -> nn.Module:
         """The compiled UNet for latents of this (C, h, w) shape when it is to be compiled, else the
         plain one. None: a call beyond the largest bucket, whose row count varies call by call, so
-        compiled only when every shape is."""
+        compiled only when every shape is. With chosen shapes (compiled at warm-up, unmasked), a
+        call with a key mask (prompts of different chunk counts) runs the plain UNet too: compiling
+        its graph mid-batch would stall every running job for as long as a warm-up compile."""
         wanted = self.config.compile_latents
-        if self.compiled is not None and (not wanted or (latent is not None and tuple(latent) in wanted)):
+        if self.compiled is None:
+            return self.unet
+        if not wanted:
             return self.compiled
-        return self.unet
+        return self.compiled if latent is not None and tuple(latent) in wanted and not masked else self.unet
 
     @property
     def device(self) -> torch.device:
@@ -305,7 +324,7 @@ class UNetRunner:
             assert bucket.output is not None
             # a copy: the next replay of any graph of the shared pool may overwrite the output
             return bucket.output[:n].clone()
-        forward = self.forward_for(key.latent)
+        forward = self.forward_for(key.latent, key.masked)
         with attention_backend(self.config.sdpa_backend):
             output = forward(*bucket.inputs())
         if forward is self.compiled and self.config.compile_mode == "reduce-overhead":
@@ -325,14 +344,19 @@ class UNetRunner:
             # no graph holds the shared pool any more: PyTorch frees it, so the next capture needs a
             # new one (reusing the id of a freed pool is not allowed)
             self._pool = None
-        bucket = _Bucket(key, self.device, self.config.channels_last)
+        bucket = _Bucket(
+            key,
+            self.device,
+            self.config.channels_last,
+            dynamic_batch=self.config.compile_dynamic_batch and self.compiled is not None,
+        )
         self._buckets[key] = bucket
         return bucket
 
     def _capture(self, key: BucketKey, bucket: _Bucket) -> None:
         started = time.perf_counter()
         device = bucket.sample.device
-        forward = self.forward_for(key.latent)
+        forward = self.forward_for(key.latent, key.masked)
         try:
             # warm-up on a side stream (cuDNN autotuning, cuBLAS workspaces, lazy init, compilation)
             if self._side_stream is None:

@@ -116,7 +116,9 @@ class Upsample2D(nn.Module):
         # (B, C, H, W) -> (B, C, *size) or (B, C, 2H, 2W)
         # nearest-upsample kernels have failed on large batches / outputs over 2**31 elements with
         # non-contiguous inputs (diffusers issue 984, pytorch issue 141831); the copy is rarely needed
-        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
+        # (torch.compile generates its own kernel: no copy, and no guard on the batch size, which
+        # would split a dynamic-batch compile in two)
+        if not torch.compiler.is_compiling() and (x.shape[0] >= 64 or x.numel() * 2 > 2**31):
             x = x.contiguous()
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -72,6 +72,7 @@ def accel_config(settings: WorkerSettings) -> AccelConfig:
         buckets=parse_buckets(settings.cuda_graph_buckets),
         max_graphs=settings.cuda_graph_max,
         compile_mode=settings.compile,
+        compile_dynamic_batch=settings.compile_dynamic_batch,
         tf32=settings.tf32,
         cudnn_benchmark=settings.cudnn_benchmark,
     )

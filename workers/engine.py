@@ -109,9 +109,32 @@ class Engine:
 
     # --- called from other threads ------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sd-engine", daemon=True)
+    def start(self, warm_up: Callable[[], None] | None = None) -> None:
+        """Start the engine thread; with `warm_up`, run it on that thread first and return once it is
+        done (raising what it raised, the engine then stopped). On that thread, because PyTorch keeps
+        cuDNN's autotuning results per thread: a warm-up on another thread would leave the engine's
+        first decode of each batch size to autotune again (seconds on a GPU, mid-batch)."""
+        ready = threading.Event()
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if warm_up is not None:
+                    warm_up()
+            except BaseException as error:
+                outcome.append(error)
+                self.failure = error
+                return
+            finally:
+                ready.set()
+            self._run()
+
+        self._thread = threading.Thread(target=run, name="sd-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if outcome:
+            self._writer.shutdown(wait=False)
+            raise RuntimeError(f"the engine's warm-up failed: {outcome[0]!r}") from outcome[0]
 
     @property
     def alive(self) -> bool:

@@ -12,11 +12,13 @@ status: 0 after a drain, 1 if the engine crashed, 2 for bad configuration or an 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -60,10 +62,12 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
     )
 
 
-def warm_up(model: StableDiffusion, runner: UNetRunner | None, max_rows: int) -> None:
+def warm_up(model: StableDiffusion, runner: UNetRunner | None, max_rows: int, vae_batch: int) -> None:
     """One tiny guided generation, so the first job does not pay for lazy initialisation; with the
     fast path, also capture the UNet's CUDA graphs of every batch bucket at the native size (and,
-    with SD_COMPILE, compile them first: about 40 s a bucket for SD 1.5 on an H100)."""
+    with SD_COMPILE, compile them first: about 40 s a bucket for SD 1.5 on an H100), and decode
+    every VAE batch size up to `vae_batch` once (cuDNN autotunes each new shape). Run it on the
+    engine's thread (Engine.start), where those autotuning results are kept."""
     started = time.perf_counter()
     width, height = model.native_size
     generate(
@@ -73,7 +77,18 @@ def warm_up(model: StableDiffusion, runner: UNetRunner | None, max_rows: int) ->
     if runner is not None:
         context = (CONTEXT_TOKENS, model.text_encoder.config.hidden_size)
         buckets = runner.warm_up(native_latent(model), context, max_rows)
-    log.info("warm-up done in %.2f s (%d UNet buckets prepared)", time.perf_counter() - started, buckets)
+    decodes = 0
+    if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
+        sampler = Sampler(model)
+        for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
+            sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
+            decodes += 1
+    log.info(
+        "warm-up done in %.2f s (%d UNet buckets prepared, %d VAE batch sizes)",
+        time.perf_counter() - started,
+        buckets,
+        decodes,
+    )
 
 
 def fast_path(
@@ -101,8 +116,10 @@ class WorkerProcess:
         model: StableDiffusion,
         model_name: str,
         runner: UNetRunner | None = None,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._warm_up = warm_up  # run on the engine's thread before the first job is taken
         self.runtime = runtime
         self.name = settings.resolved_worker_name()
         client = redis_client(settings)
@@ -173,7 +190,11 @@ class WorkerProcess:
             self.engine.drain(0)
 
     def run(self) -> int:
-        self.engine.start()
+        try:
+            self.engine.start(warm_up=self._warm_up)
+        except RuntimeError:
+            log.critical("cannot start: the warm-up failed", exc_info=True)
+            return 1
         jobs.set_engine(self.engine)
         self.heartbeat.start()
         self.slots.start()
@@ -243,9 +264,10 @@ def main() -> int:
     if accel is not None:
         runner = prepare(model, accel)
         log.info("UNet fast path: %s", accel)
+    warm = None
     if settings.warmup:
-        warm_up(model, runner, runtime.max_batch_rows)
-    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, runner).run()
+        warm = functools.partial(warm_up, model, runner, runtime.max_batch_rows, runtime.vae_batch)
+    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, runner, warm).run()
 
 
 if __name__ == "__main__":

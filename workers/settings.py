@@ -73,6 +73,11 @@ class WorkerSettings(JanitorSettings):
         description="cuda: torch.compile mode of the UNet (1.3x at batch 16 on an H100; ~40 s of "
         "start-up per bucket)",
     )
+    compile_dynamic_batch: bool = Field(
+        False,
+        description="cuda, with SD_COMPILE: one compiled graph for every batch bucket (batch size "
+        "symbolic; 1 row apart) instead of one compile per bucket",
+    )
     compile_sizes: Literal["native", "all"] = Field(
         "native",
         description="cuda, with SD_COMPILE: compile the native size's buckets at warm-up (other sizes "

@@ -9,6 +9,7 @@ capture failures) run on a GPU machine (bench/gpu_run.sh runs them there).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,7 @@ def test_compile_only_the_chosen_latent_shapes(unet: UNet2DConditionModel) -> No
     runner = UNetRunner(unet, config)
     assert runner.forward_for((4, 8, 8)) is runner.compiled is not None
     assert runner.forward_for((4, 8, 16)) is unet
+    assert runner.forward_for((4, 8, 8), masked=True) is unet  # not warmed up: no mid-batch compile
     g = torch.Generator().manual_seed(3)
     for sample in (torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 4, 8, 16), generator=g)):
         timesteps = torch.randint(0, 1000, (3,), generator=g)
@@ -210,6 +212,7 @@ def test_compile_only_the_chosen_latent_shapes(unet: UNet2DConditionModel) -> No
     # every shape compiled when none is named (the default)
     everything = UNetRunner(unet, AccelConfig(compile_mode="default", compile_backend="eager"))
     assert everything.forward_for((4, 8, 16)) is everything.compiled is not None
+    assert everything.forward_for((4, 8, 8), masked=True) is everything.compiled
     torch._dynamo.reset()
 
 
@@ -221,6 +224,31 @@ def test_compiled_runner_plumbing(unet: UNet2DConditionModel) -> None:
         args = unet_inputs(rows, seed=rows)
         assert max_diff(runner(*args), unet(*args)) <= 1e-5
     torch._dynamo.reset()
+
+
+def test_dynamic_batch_compiles_one_graph_for_every_bucket_above_one(unet: UNet2DConditionModel) -> None:
+    """compile_dynamic_batch: buckets 2, 4 and 8 share one compiled graph (the batch size symbolic),
+    bucket 1 gets its own (torch specialises size 1); outputs stay those of the plain UNet. Without
+    it, every bucket compiles its own graph."""
+
+    def graphs_compiled(config: AccelConfig) -> int:
+        compiled: list[str] = []
+
+        def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+            compiled.append(str([getattr(x, "shape", x) for x in example_inputs][:1]))
+            return graph.forward  # run the captured graph as it is
+
+        torch._dynamo.reset()
+        runner = UNetRunner(unet, dataclasses.replace(config, compile_backend=counting_backend))
+        for rows in (1, 2, 3, 4, 7, 8, 2):
+            args = unet_inputs(rows, seed=rows)
+            assert max_diff(runner(*args), unet(*args)) <= 1e-5, rows
+        torch._dynamo.reset()
+        return len(compiled)
+
+    static = AccelConfig(compile_mode="default", buckets=BUCKETS)
+    assert graphs_compiled(static) == len(BUCKETS)
+    assert graphs_compiled(dataclasses.replace(static, compile_dynamic_batch=True)) == 2
 
 
 def test_prepare_sets_the_memory_format_and_leaves_the_cpu_flags(random_models: dict[str, Path]) -> None:

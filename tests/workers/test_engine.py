@@ -269,3 +269,28 @@ def test_a_crash_of_the_loop_itself_loses_no_job(make_engine) -> None:
     assert engine.join(30) and isinstance(engine.failure, RuntimeError)
     with pytest.raises(WorkerShuttingDown):
         submit(engine, "late")
+
+
+def test_warm_up_runs_on_the_engine_thread_before_any_job(make_engine) -> None:
+    """PyTorch keeps cuDNN's autotuning per thread, so the warm-up must run where the jobs run: on
+    the engine's thread, and finished before start() returns (no job waits behind it)."""
+    engine, results, _ = make_engine(start=False)
+    seen: list[str] = []
+    engine.start(warm_up=lambda: seen.append(threading.current_thread().name))
+    assert seen == ["sd-engine"]
+    job = submit(engine, "after-warm-up")
+    finish([job])
+    assert job.outcome().images and "after-warm-up" in results.pictures
+
+
+def test_a_failed_warm_up_is_loud_and_takes_no_job(make_engine) -> None:
+    engine, _, _ = make_engine(start=False)
+
+    def broken() -> None:
+        raise RuntimeError("no GPU memory for the graphs")
+
+    with pytest.raises(RuntimeError, match="warm-up failed.*no GPU memory"):
+        engine.start(warm_up=broken)
+    assert not engine.alive and engine.failure is not None
+    with pytest.raises(WorkerShuttingDown):
+        submit(engine, "refused")
