@@ -325,9 +325,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def ours() -> None:
         runner = set_variant(Variant("fast", "fast", half, FP32, fast))
         rows = results.setdefault("ours", [])
+        weights = weight_bytes(model.unet, model.vae, model.text_encoder)
         for batch in args.batches:
-            timing, totals = time_ours(runner, batch, args.repeats)
-            rows.append(timing_row(results, batch, timing, totals))
+            with PeakMemory(weights) as peak:
+                timing, totals = time_ours(runner, batch, args.repeats)
+            rows.append({**timing_row(results, batch, timing, totals), "peak_gb": peak.gb})
             bench.log(
                 f"ours batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
             )
@@ -365,13 +367,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "fp16_latents" in state:  # same weights, seeds and dtype: how close are the two pipelines?
             agreement("diffusers_vs_ours_fp16", pipe, args.dtype, state["fp16_latents"])
         rows = results.setdefault("diffusers", [])
+        weights = weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
         for batch in args.batches:
-            runs.run_diffusers(pipe, batch, args.size, min(2, args.steps))  # warm-up
-            timing, totals = runs.repeat(
-                lambda b=batch, p=pipe: runs.run_diffusers(p, b, args.size, args.steps)[0],
-                args.diffusers_repeats,
-            )
-            rows.append(timing_row(results, batch, timing, totals))
+            with PeakMemory(weights) as peak:
+                runs.run_diffusers(pipe, batch, args.size, min(2, args.steps))  # warm-up
+                timing, totals = runs.repeat(
+                    lambda b=batch, p=pipe: runs.run_diffusers(p, b, args.size, args.steps)[0],
+                    args.diffusers_repeats,
+                )
+            rows.append({**timing_row(results, batch, timing, totals), "peak_gb": peak.gb})
             bench.log(
                 f"diffusers batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
             )
@@ -509,6 +513,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(markdown(results))
     return results
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class PeakMemory:
+    """GPU memory a pipeline needs for a batch: its weights plus the peak allocated above what was
+    allocated on entry (activations, workspaces, graph pools captured meanwhile). The bench keeps
+    other things on the GPU (float32 master weights), so the process's own peak would overstate it."""
+
+    def __init__(self, weights: int) -> None:
+        self.weights = weights
+        self.gb: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.gb = (torch.cuda.max_memory_allocated() - self.base + self.weights) / 1e9
 
 
 def _times(flop: float | None, count: int) -> float | None:

@@ -42,8 +42,8 @@ def markdown(results: dict[str, Any]) -> str:
     if ours or theirs:
         lines += [
             "| batch | ours img/s | diffusers img/s | speed-up | ours ms/step | diffusers ms/step "
-            "| ours MFU | diffusers MFU | ours UNet-step MFU |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| ours MFU | diffusers MFU | ours UNet-step MFU | ours GPU GB | diffusers GPU GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for batch in sorted(set(ours) | set(theirs)):
             a, b = ours.get(batch), theirs.get(batch)
@@ -52,7 +52,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {batch} | {_f(a and a['images_per_s'], 3)} | {_f(b and b['images_per_s'], 3)} "
                 f"| {speedup} | {_f(a and a['ms_per_step'], 1)} | {_f(b and b['ms_per_step'], 1)} "
                 f"| {_f(a and a['mfu'], percent=True)} | {_f(b and b['mfu'], percent=True)} "
-                f"| {_f(a and a['step_mfu'], percent=True)} |"
+                f"| {_f(a and a['step_mfu'], percent=True)} | {_f(a and a.get('peak_gb'), 2)} "
+                f"| {_f(b and b.get('peak_gb'), 2)} |"
             )
         lines.append("")
     # "engine" holds one row per load (a single row in older result files)
