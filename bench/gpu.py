@@ -69,20 +69,31 @@ class Variant:
 
 
 def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> list[Variant]:
-    """The fast path, then each part of it switched off or changed alone (`half`: its UNet dtype)."""
+    """The fast path, then the uncompiled path (CUDA graphs only) and each part of it switched off
+    or changed alone, then torch.compile's variants on top of it (`half`: the UNet dtype)."""
     r = dataclasses.replace
     h = str(half).removeprefix("torch.")
+    fast = r(fast, compile_backend=compile_backend) if fast.compile_mode != "off" else fast
+    graphs = r(fast, compile_mode="off", channels_last=False)  # what the variants below change
     return [
-        Variant("default", "fast path (default)", half, FP32, fast),
-        Variant("no-graphs", "- CUDA graphs", half, FP32, r(fast, cuda_graphs=False)),
-        Variant("channels-last", "+ channels_last", half, FP32, r(fast, channels_last=True)),
-        Variant("flash", "attention: flash", half, FP32, r(fast, sdpa_backend="flash")),
-        Variant("efficient", "attention: efficient", half, FP32, r(fast, sdpa_backend="efficient")),
-        Variant("cudnn", "attention: cudnn", half, FP32, r(fast, sdpa_backend="cudnn")),
-        Variant("vae-fp16", "VAE float16", half, FP16, fast),
-        Variant("bf16", "UNet bfloat16", BF16, FP32, fast),
         Variant(
-            "no-tf32", "- TF32, - cuDNN autotune", half, FP32, r(fast, tf32=False, cudnn_benchmark=False)
+            "default",
+            "fast path (default)",
+            half,
+            FP32,
+            fast,
+            needs_s=150 if fast.compile_mode != "off" else 15,
+        ),
+        Variant("graphs", "CUDA graphs only (SD_COMPILE=off)", half, FP32, graphs),
+        Variant("no-graphs", "- CUDA graphs", half, FP32, r(graphs, cuda_graphs=False)),
+        Variant("channels-last", "+ channels_last", half, FP32, r(graphs, channels_last=True)),
+        Variant("flash", "attention: flash", half, FP32, r(graphs, sdpa_backend="flash")),
+        Variant("efficient", "attention: efficient", half, FP32, r(graphs, sdpa_backend="efficient")),
+        Variant("cudnn", "attention: cudnn", half, FP32, r(graphs, sdpa_backend="cudnn")),
+        Variant("vae-fp16", "VAE float16", half, FP16, graphs),
+        Variant("bf16", "UNet bfloat16", BF16, FP32, graphs),
+        Variant(
+            "no-tf32", "- TF32, - cuDNN autotune", half, FP32, r(graphs, tf32=False, cudnn_benchmark=False)
         ),
         Variant("eager", f"all off: plain eager {h}", half, FP32, AccelConfig()),
         Variant(
@@ -90,7 +101,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             "+ torch.compile (default mode) in the graphs",
             half,
             FP32,
-            r(fast, compile_mode="default", compile_backend=compile_backend),
+            r(graphs, compile_mode="default", compile_backend=compile_backend),
             slow=True,
             needs_s=150,  # inductor compiles the UNet once for the bucket
         ),
@@ -99,7 +110,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             "+ torch.compile + channels_last",
             half,
             FP32,
-            r(fast, compile_mode="default", compile_backend=compile_backend, channels_last=True),
+            r(graphs, compile_mode="default", compile_backend=compile_backend, channels_last=True),
             slow=True,
             needs_s=150,
         ),
@@ -108,7 +119,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             "+ torch.compile, batch dimension dynamic (one graph for all buckets)",
             half,
             FP32,
-            r(fast, compile_mode="default", compile_backend=compile_backend, compile_dynamic_batch=True),
+            r(graphs, compile_mode="default", compile_backend=compile_backend, compile_dynamic_batch=True),
             slow=True,
             needs_s=150,
         ),
@@ -118,7 +129,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             half,
             FP32,
             r(
-                fast,
+                graphs,
                 compile_mode="default",
                 compile_backend=compile_backend,
                 compile_dynamic_batch=True,
@@ -127,8 +138,8 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             slow=True,
             needs_s=150,
         ),
-        Variant("math", "attention: math", half, FP32, r(fast, sdpa_backend="math"), slow=True, needs_s=30),
-        Variant("fp32", "float32 UNet (TF32)", FP32, FP32, fast, slow=True, needs_s=40),
+        Variant("math", "attention: math", half, FP32, r(graphs, sdpa_backend="math"), slow=True, needs_s=30),
+        Variant("fp32", "float32 UNet (TF32)", FP32, FP32, graphs, slow=True, needs_s=40),
     ]
 
 
@@ -250,7 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
     results = bench.results
     device, config = bench.device, args.config
-    fast, half = FAST_CUDA, DTYPES[args.dtype]
+    # the worker's default fast path (compiled; --compile-backend eager on the CPU check)
+    fast, half = dataclasses.replace(FAST_CUDA, compile_backend=args.compile_backend), DTYPES[args.dtype]
     note = "" if device.type == "cuda" else " (CPU: no graph capture, the bucketed path runs eagerly)"
     bench.log(f"{results['meta']['device_name']} | torch {torch.__version__} | {config}{note}")
     state: dict[str, Any] = {}
@@ -430,7 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ops) by self time, eager with the default's kernel choices (graphs hide nothing from
         the profiler, but eager names every op)."""
         master.apply(model, half, FP32)
-        prepare(model, dataclasses.replace(fast, cuda_graphs=False))
+        prepare(model, dataclasses.replace(fast, cuda_graphs=False, compile_mode="off", channels_last=False))
         results["profile"] = runs.profile_unet(model, 2 * args.ablation_batch, args.size, top=25)
         for row in results["profile"]["top"][:10]:
             bench.log(f"{row['share']:6.1%} {row['ms_per_call']:8.2f} ms  {row['name'][:90]}")
@@ -484,19 +496,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start-up), else the fastest compiled one."""
         master.apply(model, half, FP32)
         free_memory()  # the worker process needs its own GPU memory
-        env = {}
+        # INFO: its warm-up and graph captures; TORCH_LOGS: any recompile, with its reason
+        env = {"SD_LOG_LEVEL": "INFO", "TORCH_LOGS": "recompiles"}
         compiled = [row for row in results.get("ablations", []) if row.get("compiled")]
         if args.worker_compile and compiled:
             dynamic = [row for row in compiled if variants[row["key"]].accel.compile_dynamic_batch]
             best = max(dynamic or compiled, key=lambda row: row["images_per_s"])
             accel = variants[best["key"]].accel
-            env = {
+            env |= {
                 "SD_COMPILE": accel.compile_mode,
                 "SD_CHANNELS_LAST": str(accel.channels_last).lower(),
                 "SD_COMPILE_DYNAMIC_BATCH": str(accel.compile_dynamic_batch).lower(),
             }
+        log_path = bench.out / "worker.log" if bench.out else None  # kept even if the run is cut short
+        if bench.out:
+            bench.out.mkdir(parents=True, exist_ok=True)
         row = runs.run_worker(
-            model, config, args.device, args.worker_requests, args.size, args.steps, args.max_rows, env
+            model,
+            config,
+            args.device,
+            args.worker_requests,
+            args.size,
+            args.steps,
+            args.max_rows,
+            env,
+            log_path,
         )
         span_s = row["requests"] / row["images_per_s"]
         row["mfu"] = mfu(results, _times(flop_per_image(results, args.steps), row["requests"]), span_s)

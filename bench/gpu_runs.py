@@ -555,6 +555,7 @@ def run_worker(
     steps: int,
     max_rows: int,
     env: dict[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """A real worker process (`python -m workers.main`, its default fast path changed by `env`) on a
     private redis-server, fed `requests` jobs at once exactly as the API enqueues them
@@ -583,6 +584,7 @@ def run_worker(
             torch_threads=None,
             timeout_s=600,
             worker_env=env,
+            worker_log=log_path,
             start_timeout_s=400,  # torch.compile at warm-up, when env asks for it
         )
         row = worker_bench.run_mode("batched", max_rows, args, model_dir, server.url)

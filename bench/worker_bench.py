@@ -101,7 +101,8 @@ def run_mode(
     queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
     env.update(getattr(args, "worker_env", None) or {})
     launched = time.monotonic()
-    with WorkerProcess(env).start(timeout_s=getattr(args, "start_timeout_s", 120.0)) as worker:
+    worker_process = WorkerProcess(env, log_path=getattr(args, "worker_log", None))
+    with worker_process.start(timeout_s=getattr(args, "start_timeout_s", 120.0)) as worker:
         start_s = time.monotonic() - launched  # process start to ready: model load and warm-up
         submit_and_wait(queue, client, args, seeds=[10_000 + i for i in range(2)])  # warm-up at this size
         before = published_stats(client, worker.name, expect_jobs=2)

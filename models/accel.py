@@ -30,7 +30,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -115,9 +115,18 @@ class AccelConfig:
 
 
 # The worker's defaults on CUDA (workers/settings.py can switch each one). Measured on an H100
-# (docs/benchmarks.md): channels_last and forcing flash attention each cost ~10% at 32 UNet rows
-# (PyTorch's choice there is cuDNN attention), so both stay off.
-FAST_CUDA = AccelConfig(cuda_graphs=True, tf32=True, cudnn_benchmark=True)
+# (docs/benchmarks.md), batch 16: torch.compile in the graphs 1.24x, with channels_last 1.31x
+# (uncompiled, channels_last costs 10%), one dynamic-batch compile for all buckets; forcing flash
+# attention costs ~10% (PyTorch's choice there is cuDNN attention).
+FAST_CUDA = AccelConfig(
+    cuda_graphs=True,
+    tf32=True,
+    cudnn_benchmark=True,
+    compile_mode="default",
+    compile_dynamic_batch=True,
+    channels_last=True,
+)
+GRAPHS_ONLY_CUDA = replace(FAST_CUDA, compile_mode="off", channels_last=False)  # start in seconds
 
 
 def apply_backend_flags(config: AccelConfig) -> None:

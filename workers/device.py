@@ -5,9 +5,9 @@ decode can overflow to NaN, i.e. black pictures; the VAE is ~3% of an image's FL
 in flight on CUDA, 8 on CPU; VAE decode 8 latents per call on CUDA, 4 on CPU; slots (jobs in
 flight) = max rows / 2, enough to fill the batch with one-image guided requests without hoarding
 jobs other workers could take. On CUDA the UNet takes the fast path of models/accel.py (CUDA graphs
-per batch bucket, PyTorch's choice of attention kernel, TF32, cuDNN autotuning; channels_last,
-a forced attention kernel and torch.compile on request), each part switchable; on the CPU it is
-called plainly, as before.
+per batch bucket, compiled by torch.compile with a dynamic batch dimension, channels_last with it,
+PyTorch's choice of attention kernel, TF32, cuDNN autotuning), each part switchable; on the CPU
+it is called plainly, as before.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
 def accel_config(settings: WorkerSettings) -> AccelConfig:
     """The UNet fast path as configured (CUDA only)."""
     return AccelConfig(
-        channels_last=settings.channels_last,
+        channels_last=settings.channels_last == "true"
+        or (settings.channels_last == "auto" and settings.compile != "off"),
         sdpa_backend=settings.sdpa_backend,
         cuda_graphs=settings.cuda_graphs and settings.compile != "reduce-overhead",
         buckets=parse_buckets(settings.cuda_graph_buckets),

@@ -62,33 +62,34 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
     )
 
 
-def warm_up(model: StableDiffusion, runner: UNetRunner | None, max_rows: int, vae_batch: int) -> None:
-    """One tiny guided generation, so the first job does not pay for lazy initialisation; with the
-    fast path, also capture the UNet's CUDA graphs of every batch bucket at the native size (and,
-    with SD_COMPILE, compile them first: about 40 s a bucket for SD 1.5 on an H100), and decode
-    every VAE batch size up to `vae_batch` once (cuDNN autotunes each new shape). Run it on the
-    engine's thread (Engine.start), where those autotuning results are kept."""
+def prepare_unet(model: StableDiffusion, runner: UNetRunner | None, max_rows: int) -> None:
+    """Capture the UNet's CUDA graphs of every batch bucket at the native size (with SD_COMPILE,
+    compiled first: about a minute for SD 1.5 on an H100 with a dynamic batch, ~40 s a bucket
+    without), on the main thread, before the engine starts: graphs replay from any thread."""
+    if runner is None:
+        return
+    started = time.perf_counter()
+    context = (CONTEXT_TOKENS, model.text_encoder.config.hidden_size)
+    buckets = runner.warm_up(native_latent(model), context, max_rows)
+    log.info("UNet ready in %.1f s (%d batch buckets prepared)", time.perf_counter() - started, buckets)
+
+
+def warm_up(model: StableDiffusion, runner: UNetRunner | None, vae_batch: int) -> None:
+    """One tiny guided generation, so the first job does not pay for lazy initialisation, and on
+    CUDA one decode of every VAE batch size up to `vae_batch` (cuDNN autotunes each new shape). Run
+    on the engine's thread (Engine.start): PyTorch keeps cuDNN's autotuning results per thread."""
     started = time.perf_counter()
     width, height = model.native_size
     generate(
         model, GenerationRequest(prompt="warm-up", width=width, height=height, steps=1), unet_runner=runner
     )
-    buckets = 0
-    if runner is not None:
-        context = (CONTEXT_TOKENS, model.text_encoder.config.hidden_size)
-        buckets = runner.warm_up(native_latent(model), context, max_rows)
     decodes = 0
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
         sampler = Sampler(model)
         for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
             sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
             decodes += 1
-    log.info(
-        "warm-up done in %.2f s (%d UNet buckets prepared, %d VAE batch sizes)",
-        time.perf_counter() - started,
-        buckets,
-        decodes,
-    )
+    log.info("warm-up done in %.2f s (%d more VAE batch sizes)", time.perf_counter() - started, decodes)
 
 
 def fast_path(
@@ -266,7 +267,8 @@ def main() -> int:
         log.info("UNet fast path: %s", accel)
     warm = None
     if settings.warmup:
-        warm = functools.partial(warm_up, model, runner, runtime.max_batch_rows, runtime.vae_batch)
+        prepare_unet(model, runner, runtime.max_batch_rows)
+        warm = functools.partial(warm_up, model, runner, runtime.vae_batch)
     return WorkerProcess(settings, runtime, model, settings.model_name or model.name, runner, warm).run()
 
 

@@ -57,10 +57,13 @@ class ProcessError(RuntimeError):
 class _ManagedProcess:
     module = ""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
         self.env = {**TEST_WORKER_ENV, **(env or {})}
         self.proc: subprocess.Popen | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"sd-{self.module}-", suffix=".log", delete=False)  # noqa: SIM115
+        if log_path is not None:  # a file the caller keeps (e.g. a GPU bench's output folder)
+            self._log = open(log_path, "wb")  # noqa: SIM115
+        else:
+            self._log = tempfile.NamedTemporaryFile(prefix=f"sd-{self.module}-", suffix=".log", delete=False)  # noqa: SIM115
 
     @property
     def pid(self) -> int:
@@ -127,8 +130,8 @@ class _ManagedProcess:
 class WorkerProcess(_ManagedProcess):
     module = "workers.main"
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        super().__init__(env)
+    def __init__(self, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        super().__init__(env, log_path)
         self.env.setdefault("SD_WORKER_NAME", f"test-worker-{uuid.uuid4().hex[:8]}")
 
     @property

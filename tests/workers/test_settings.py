@@ -52,9 +52,11 @@ def test_compile_is_for_the_native_size_unless_asked(monkeypatch: pytest.MonkeyP
     c = model.latent_channels
     h, w = (n // model.vae_scale_factor for n in reversed(model.native_size))
     assert fast_path(None, load_settings(), model) is None  # the CPU: no fast path at all
+    # compiled by default on CUDA, the native size only
+    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ((c, h, w),)
+    monkeypatch.setenv("SD_COMPILE", "off")
     assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
     monkeypatch.setenv("SD_COMPILE", "default")
-    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ((c, h, w),)
     monkeypatch.setenv("SD_COMPILE_SIZES", "all")
     assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
     monkeypatch.setenv("SD_COMPILE_SIZES", "some")
@@ -92,10 +94,17 @@ def test_fast_path_is_for_cuda_only() -> None:
 
 
 def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from models.accel import FAST_CUDA
+    from models.accel import FAST_CUDA, GRAPHS_ONLY_CUDA
     from workers.device import accel_config
 
     assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
+    monkeypatch.setenv("SD_COMPILE", "off")  # channels_last (auto) goes with compile
+    assert accel_config(load_settings()) == GRAPHS_ONLY_CUDA
+    monkeypatch.setenv("SD_CHANNELS_LAST", "True")
+    assert accel_config(load_settings()).channels_last
+    monkeypatch.setenv("SD_CHANNELS_LAST", "maybe")
+    with pytest.raises(ConfigurationError, match="SD_CHANNELS_LAST"):
+        load_settings()
     monkeypatch.setenv("SD_CUDA_GRAPHS", "false")
     monkeypatch.setenv("SD_CUDA_GRAPH_BUCKETS", "1, 2,4,8")
     monkeypatch.setenv("SD_SDPA_BACKEND", "efficient")
