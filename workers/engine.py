@@ -7,8 +7,8 @@ Each iteration of its loop:
              when a group has more rows than the per-call limit);
   3. sync    one pipelined Redis round trip: progress of every job out, cancel flags in; then
              cancels, timeouts and the drain deadline take effect;
-  4. retire  finished jobs: VAE decode in chunks, then PNG + Redis on a small writer pool, so the
-             next step does not wait for zlib or the network.
+  4. retire  finished jobs: VAE decode in chunks, each chunk's PNGs + Redis at once on a small
+             writer pool, so the next chunk and the next step do not wait for zlib or the network.
 
 Faults stay with the job that caused them: an invalid request, a prompt that fails to encode or a
 step that raises for one request fails that job alone; an out-of-memory error halves the rows per
@@ -429,6 +429,22 @@ class Engine:
             self._decode_and_store(denoised)
 
     def _decode_and_store(self, submissions: list[Submission]) -> None:
+        """Decode finished jobs about one VAE call (`vae_batch` latents) at a time, handing each
+        call's jobs to the PNG writers at once: their encoding overlaps the next call's decode, and
+        the first jobs are done one decode sooner."""
+        batch: list[Submission] = []
+        latents = 0
+        for submission in submissions:
+            count = len(submission.images)
+            if batch and latents + count > self.vae_batch:
+                self._decode_batch(batch)
+                batch, latents = [], 0
+            batch.append(submission)
+            latents += count
+        if batch:
+            self._decode_batch(batch)
+
+    def _decode_batch(self, submissions: list[Submission]) -> None:
         # each job's images, taken once: a slot may end a job (and drop its images) meanwhile
         groups = [(s, list(s.images)) for s in submissions]
         try:
@@ -439,7 +455,7 @@ class Engine:
                     "decoding %d jobs together failed (%r): decoding each alone", len(submissions), error
                 )
                 for submission in submissions:
-                    self._decode_and_store([submission])
+                    self._decode_batch([submission])
                 return
             log.error("job %s: decoding failed", submissions[0].job_id, exc_info=True)
             self._end(submissions[0], RequestFailed(f"decoding the images failed: {error}", "DecodingFailed"))

@@ -49,7 +49,11 @@ class WorkerSettings(JanitorSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for torch (default: torch's)"
     )
-    warmup: bool = Field(True, description="run one tiny generation at start-up, before taking jobs")
+    warmup: bool = Field(
+        True,
+        description="before taking jobs: prepare the UNet's batch buckets (CUDA graphs, compile), run one "
+        "tiny generation and, on CUDA, decode every VAE batch size once",
+    )
 
     # --- the fast path on CUDA (models/accel.py); ignored on the CPU ---------------------------------
     cuda_graphs: bool = Field(
@@ -82,8 +86,9 @@ class WorkerSettings(JanitorSettings):
     )
     compile_sizes: Literal["native", "all"] = Field(
         "native",
-        description="cuda, with SD_COMPILE: compile the native size's buckets at warm-up (other sizes "
-        "run uncompiled), or every size at its first use (which stalls the batch while it compiles)",
+        description="cuda, with SD_COMPILE: compile the native size's buckets at warm-up (other sizes, "
+        "and calls mixing prompts of different chunk counts, run uncompiled), or everything at its "
+        "first use (which stalls the batch while it compiles)",
     )
     tf32: bool = Field(True, description="cuda: TF32 for float32 matmuls and convs (e.g. the VAE)")
     cudnn_benchmark: bool = Field(True, description="cuda: cuDNN autotuning per shape")

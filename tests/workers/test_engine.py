@@ -294,3 +294,46 @@ def test_a_failed_warm_up_is_loud_and_takes_no_job(make_engine) -> None:
     assert not engine.alive and engine.failure is not None
     with pytest.raises(WorkerShuttingDown):
         submit(engine, "refused")
+
+
+def test_each_decode_chunk_goes_to_the_writers_before_the_next_is_decoded(tiny_model) -> None:
+    """4 one-image jobs finishing together, 2 latents per VAE call: the first two jobs' PNGs are
+    stored while the second call decodes (it waits for them here), so no job waits for the others."""
+    first_two_stored = threading.Event()
+    decode_calls: list[int] = []
+
+    class Results(FakeResults):
+        def store(self, submission: Submission, pictures: Sequence[np.ndarray]) -> JobResult:
+            result = super().store(submission, pictures)
+            if {"job-0", "job-1"} <= set(self.order):
+                first_two_stored.set()
+            return result
+
+    class WaitingDecode(Sampler):
+        def decode(self, images, max_batch=8):
+            decode_calls.append(len(images))
+            if len(decode_calls) == 2:
+                assert first_two_stored.wait(30), "the first chunk was not stored before the next decode"
+            return super().decode(images, max_batch)
+
+    results = Results()
+    engine = Engine(
+        tiny_model,
+        EngineConfig(max_batch_rows=16, vae_batch=2, idle_wait_s=0.05),
+        results,
+        FakeProgress(),
+        sampler_factory=WaitingDecode,
+    )
+    jobs = [Submission(f"job-{i}", GenerationParams.model_validate(params(seed=i))) for i in range(4)]
+    for job in jobs:
+        engine.submit(job)  # before start: all four join the first batch and finish together
+    engine.start()
+    try:
+        finish(jobs)
+        for job in jobs:
+            job.outcome()  # raises if a decode failed
+        assert decode_calls == [2, 2]
+        assert set(results.order[:2]) == {"job-0", "job-1"}
+    finally:
+        engine.drain(0)
+        engine.join(30)
