@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def engine_loads(accel: AccelConfig, label: str | None = None) -> None:
         """Each --engine-requests load through the real engine with this fast path. With compile,
-        only the loads' own buckets are compiled (about 40 s each on an H100), not every bucket."""
+        only the loads' own buckets are compiled (a minute or less on an H100), not every bucket."""
         runner = set_variant(Variant(label or "fast", label or "fast", half, FP32, accel))
         rows = results.setdefault("engine", [])
         for requests in args.engine_requests:

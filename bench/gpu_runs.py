@@ -326,7 +326,7 @@ def run_engine(
     with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once.
 
     Warm-up first: every bucket up to the load's rows, as the worker does at start
-    (`warm_all_buckets`; off for torch.compile's ~40 s per bucket), then the same load for 2 steps,
+    (`warm_all_buckets`; off with torch.compile, whose compile of every bucket the bench need not pay), then the same load for 2 steps,
     which runs (so captures or compiles) the load's own calls, decode chunks and PNG sizes."""
     from models.png import encode_png
     from schemas.jobs import GenerationParams, ImageRef, JobResult

@@ -15,9 +15,11 @@
   cudnn, math, or PyTorch's choice).
 - **channels_last** memory format of the UNet and VAE convolutions (cuDNN's native layout for
   half-precision tensor cores; our blocks keep the input's format, see models/blocks.py).
-- **torch.compile** of the UNet (off by default: about 40 s of start-up per bucket for SD 1.5 on
-  an H100), alone or inside our graphs, for every latent shape or only chosen ones
-  (`compile_latents`: the worker's native size, compiled at warm-up; other sizes run uncompiled).
+- **torch.compile** of the UNet, alone or inside our graphs (the worker's default on CUDA), one
+  graph per bucket or one for all (`compile_dynamic_batch`: the batch dimension symbolic, about a
+  minute of start-up for SD 1.5 on an H100 instead of ~40 s per bucket), for every call or only
+  chosen ones (`compile_latents`, `compile_context_lengths`: the worker's native size with
+  one-chunk prompts, compiled at warm-up; other calls run uncompiled).
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
 
 On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
@@ -29,8 +31,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,11 +71,15 @@ class AccelConfig:
     max_graphs: int = 16  # buckets kept (graphs + static buffers); least recently used freed
     pad_to_bucket: bool = False  # pad rows to buckets even without graphs (compile, tests)
     compile_mode: str = "off"  # a value of COMPILE_MODES
-    compile_backend: str = "inductor"  # tests use "eager" to check the plumbing quickly
-    # latent shapes (C, h, w) whose buckets are compiled; () compiles every shape. Each compile takes
-    # about 40 s for SD 1.5 on an H100: the worker compiles its native size during warm-up, and a
-    # request of another size takes the uncompiled graphs instead of stalling the whole batch.
+    # a torch.compile backend: name or callable (tests use "eager" to check the plumbing quickly)
+    compile_backend: str | Callable[..., Any] = "inductor"
+    # latent shapes (C, h, w) and context lengths (prompt tokens) whose unmasked calls are compiled;
+    # () for both compiles everything. A compile takes about a minute for SD 1.5 on an H100: the
+    # worker compiles its native size with one-chunk prompts during warm-up, and any other call
+    # (another size, longer prompts, a key mask) takes the uncompiled graphs instead of stalling
+    # the whole batch while it compiles.
     compile_latents: tuple[tuple[int, int, int], ...] = ()
+    compile_context_lengths: tuple[int, ...] = ()
     # one compiled graph for every bucket of a latent shape (the batch dimension symbolic) instead of
     # one per bucket: one compile at start-up instead of nine (a 1-row bucket still gets its own,
     # as torch specialises size 1)
@@ -100,6 +107,8 @@ class AccelConfig:
             raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
         if self.warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1, got {self.warmup_iters}")
+        if any(not isinstance(n, int) or n < 1 for n in self.compile_context_lengths):
+            raise ValueError(f"compile_context_lengths must be positive, got {self.compile_context_lengths}")
         for shape in self.compile_latents:
             if len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
                 raise ValueError(f"compile_latents must hold (C, h, w) latent shapes, got {shape!r}")
@@ -229,7 +238,8 @@ class UNetRunner:
         self.config = config or AccelConfig()
         self.compiled: nn.Module | None = None
         if self.config.compile_mode != "off":
-            # one compiled graph per bucket: raise dynamo's recompile limit to the buckets we keep
+            # a compiled graph per bucket (or per layout change): dynamo's recompile limit up to the
+            # buckets we keep
             dynamo_config = torch._dynamo.config
             name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * self.config.max_graphs))
@@ -248,18 +258,26 @@ class UNetRunner:
         self._side_stream: torch.cuda.Stream | None = None
         self._stats = RunnerStats()
 
-    def forward_for(self, latent: tuple[int, ...] | None, masked: bool = False) -> nn.Module:
-        """The compiled UNet for latents of this (C, h, w) shape when it is to be compiled, else the
-        plain one. None: a call beyond the largest bucket, whose row count varies call by call, so
-        compiled only when every shape is. With chosen shapes (compiled at warm-up, unmasked), a
-        call with a key mask (prompts of different chunk counts) runs the plain UNet too: compiling
-        its graph mid-batch would stall every running job for as long as a warm-up compile."""
-        wanted = self.config.compile_latents
+    def forward_for(
+        self, latent: tuple[int, ...] | None, masked: bool = False, context_length: int | None = None
+    ) -> nn.Module:
+        """The compiled UNet for a call that is to be compiled, else the plain one. With nothing
+        chosen (compile_latents and compile_context_lengths empty) every call is; otherwise only
+        unmasked calls of a chosen latent shape and context length (what the warm-up compiled):
+        compiling another graph mid-batch would stall every running job for a minute. `latent` None:
+        a call beyond the largest bucket, whose row count varies call by call."""
+        config = self.config
         if self.compiled is None:
             return self.unet
-        if not wanted:
+        if not config.compile_latents and not config.compile_context_lengths:
             return self.compiled
-        return self.compiled if latent is not None and tuple(latent) in wanted and not masked else self.unet
+        chosen = (
+            latent is not None
+            and not masked
+            and (not config.compile_latents or tuple(latent) in config.compile_latents)
+            and (not config.compile_context_lengths or context_length in config.compile_context_lengths)
+        )
+        return self.compiled if chosen else self.unet
 
     @property
     def device(self) -> torch.device:
@@ -333,7 +351,7 @@ class UNetRunner:
             assert bucket.output is not None
             # a copy: the next replay of any graph of the shared pool may overwrite the output
             return bucket.output[:n].clone()
-        forward = self.forward_for(key.latent, key.masked)
+        forward = self.forward_for(key.latent, key.masked, key.context[0])
         with attention_backend(self.config.sdpa_backend):
             output = forward(*bucket.inputs())
         if forward is self.compiled and self.config.compile_mode == "reduce-overhead":
@@ -365,7 +383,7 @@ class UNetRunner:
     def _capture(self, key: BucketKey, bucket: _Bucket) -> None:
         started = time.perf_counter()
         device = bucket.sample.device
-        forward = self.forward_for(key.latent, key.masked)
+        forward = self.forward_for(key.latent, key.masked, key.context[0])
         try:
             # warm-up on a side stream (cuDNN autotuning, cuBLAS workspaces, lazy init, compilation)
             if self._side_stream is None:

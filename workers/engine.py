@@ -111,7 +111,8 @@ class Engine:
 
     def start(self, warm_up: Callable[[], None] | None = None) -> None:
         """Start the engine thread; with `warm_up`, run it on that thread first and return once it is
-        done (raising what it raised, the engine then stopped). On that thread, because PyTorch keeps
+        done. If it raises, the engine stops, jobs already submitted go back to the queue
+        (WorkerShuttingDown) and start() raises RuntimeError from it. On that thread, because PyTorch keeps
         cuDNN's autotuning results per thread: a warm-up on another thread would leave the engine's
         first decode of each batch size to autotune again (seconds on a GPU, mid-batch)."""
         ready = threading.Event()
@@ -134,6 +135,13 @@ class Engine:
         ready.wait()
         if outcome:
             self._writer.shutdown(wait=False)
+            with self._cond:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for submission in waiting:  # never started: back to the queue, no retry used up
+                self._end(
+                    submission, WorkerShuttingDown("the worker's warm-up failed before the job started")
+                )
             raise RuntimeError(f"the engine's warm-up failed: {outcome[0]!r}") from outcome[0]
 
     @property

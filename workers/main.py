@@ -87,7 +87,16 @@ def warm_up(model: StableDiffusion, runner: UNetRunner | None, vae_batch: int) -
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
         sampler = Sampler(model)
         for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
-            sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
+            try:
+                sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
+            except torch.OutOfMemoryError:
+                # the engine halves its VAE batch when a decode runs out of memory: not a reason to
+                # refuse to start, only to stop warming up larger decodes
+                torch.cuda.empty_cache()
+                log.warning(
+                    "warm-up: decoding %d latents at once ran out of memory; larger decodes skipped", count
+                )
+                break
             decodes += 1
     log.info("warm-up done in %.2f s (%d more VAE batch sizes)", time.perf_counter() - started, decodes)
 
@@ -96,10 +105,13 @@ def fast_path(
     accel: AccelConfig | None, settings: WorkerSettings, model: StableDiffusion
 ) -> AccelConfig | None:
     """The UNet fast path for this model: with SD_COMPILE and SD_COMPILE_SIZES=native, only its
-    native size is compiled (at warm-up), so no request of another size waits for a compile."""
+    native size with one-chunk prompts is compiled (at warm-up), so no other request waits for a
+    compile."""
     if accel is None or accel.compile_mode == "off" or settings.compile_sizes == "all":
         return accel
-    return dataclasses.replace(accel, compile_latents=(native_latent(model),))
+    return dataclasses.replace(
+        accel, compile_latents=(native_latent(model),), compile_context_lengths=(CONTEXT_TOKENS,)
+    )
 
 
 def native_latent(model: StableDiffusion) -> tuple[int, int, int]:

@@ -52,7 +52,8 @@ class WorkerSettings(JanitorSettings):
     warmup: bool = Field(
         True,
         description="before taking jobs: prepare the UNet's batch buckets (CUDA graphs, compile), run one "
-        "tiny generation and, on CUDA, decode every VAE batch size once",
+        "tiny generation and, on CUDA, decode every VAE batch size once (off: the first jobs pay for "
+        "all of it, a compile included)",
     )
 
     # --- the fast path on CUDA (models/accel.py); ignored on the CPU ---------------------------------
@@ -133,7 +134,8 @@ class WorkerSettings(JanitorSettings):
     @classmethod
     def _channels_last_words(cls, value: object) -> object:
         """auto, or any way of saying yes or no a boolean setting takes (true/false, 1/0, yes/no, on/off)."""
-        words = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
+        words = {"1": "true", "yes": "true", "y": "true", "on": "true", "t": "true"}
+        words |= {"0": "false", "no": "false", "n": "false", "off": "false", "f": "false"}
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, str):

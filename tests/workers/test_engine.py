@@ -283,8 +283,10 @@ def test_warm_up_runs_on_the_engine_thread_before_any_job(make_engine) -> None:
     assert job.outcome().images and "after-warm-up" in results.pictures
 
 
-def test_a_failed_warm_up_is_loud_and_takes_no_job(make_engine) -> None:
+def test_a_failed_warm_up_is_loud_and_loses_no_job(make_engine) -> None:
+    """A job handed over before start() goes back to the queue (not failed); later ones are refused."""
     engine, _, _ = make_engine(start=False)
+    early = submit(engine, "early")
 
     def broken() -> None:
         raise RuntimeError("no GPU memory for the graphs")
@@ -292,6 +294,7 @@ def test_a_failed_warm_up_is_loud_and_takes_no_job(make_engine) -> None:
     with pytest.raises(RuntimeError, match="warm-up failed.*no GPU memory"):
         engine.start(warm_up=broken)
     assert not engine.alive and engine.failure is not None
+    assert early.finished and isinstance(early.error, WorkerShuttingDown)
     with pytest.raises(WorkerShuttingDown):
         submit(engine, "refused")
 

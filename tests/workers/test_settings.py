@@ -100,8 +100,9 @@ def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
     monkeypatch.setenv("SD_COMPILE", "off")  # channels_last (auto) goes with compile
     assert accel_config(load_settings()) == GRAPHS_ONLY_CUDA
-    monkeypatch.setenv("SD_CHANNELS_LAST", "True")
-    assert accel_config(load_settings()).channels_last
+    for yes in ("True", "y", "1", "on"):
+        monkeypatch.setenv("SD_CHANNELS_LAST", yes)
+        assert accel_config(load_settings()).channels_last, yes
     monkeypatch.setenv("SD_CHANNELS_LAST", "maybe")
     with pytest.raises(ConfigurationError, match="SD_CHANNELS_LAST"):
         load_settings()
