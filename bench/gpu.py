@@ -138,6 +138,21 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             slow=True,
             needs_s=150,
         ),
+        Variant(
+            "compile-max-autotune",
+            "+ torch.compile max-autotune-no-cudagraphs, batch dimension dynamic, + channels_last",
+            half,
+            FP32,
+            r(
+                graphs,
+                compile_mode="max-autotune-no-cudagraphs",
+                compile_backend=compile_backend,
+                compile_dynamic_batch=True,
+                channels_last=True,
+            ),
+            slow=True,
+            needs_s=300,  # inductor benchmarks its conv and matmul templates: minutes
+        ),
         Variant("math", "attention: math", half, FP32, r(graphs, sdpa_backend="math"), slow=True, needs_s=30),
         Variant("fp32", "float32 UNet (TF32)", FP32, FP32, graphs, slow=True, needs_s=40),
     ]
