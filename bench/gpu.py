@@ -28,6 +28,7 @@ gpu_bench.md in --out (default: $OUT when set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -75,6 +76,12 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     h = str(half).removeprefix("torch.")
     fast = r(fast, compile_backend=compile_backend) if fast.compile_mode != "off" else fast
     graphs = r(fast, compile_mode="off", channels_last=False)  # what the variants below change
+
+    def compiled(key: str, name: str, needs_s: float = 150, **changes: Any) -> Variant:
+        """torch.compile inside the graphs (inductor compiles the UNet: about a minute), plus `changes`."""
+        accel = r(graphs, **{"compile_mode": "default", "compile_backend": compile_backend, **changes})
+        return Variant(key, name, half, FP32, accel, slow=True, needs_s=needs_s)
+
     return [
         Variant(
             "default",
@@ -96,62 +103,26 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             "no-tf32", "- TF32, - cuDNN autotune", half, FP32, r(graphs, tf32=False, cudnn_benchmark=False)
         ),
         Variant("eager", f"all off: plain eager {h}", half, FP32, AccelConfig()),
-        Variant(
-            "compile",
-            "+ torch.compile (default mode) in the graphs",
-            half,
-            FP32,
-            r(graphs, compile_mode="default", compile_backend=compile_backend),
-            slow=True,
-            needs_s=150,  # inductor compiles the UNet once for the bucket
-        ),
-        Variant(
-            "compile-cl",
-            "+ torch.compile + channels_last",
-            half,
-            FP32,
-            r(graphs, compile_mode="default", compile_backend=compile_backend, channels_last=True),
-            slow=True,
-            needs_s=150,
-        ),
-        Variant(
+        compiled("compile", "+ torch.compile (default mode) in the graphs"),
+        compiled("compile-cl", "+ torch.compile + channels_last", channels_last=True),
+        compiled(
             "compile-dynamic",
             "+ torch.compile, batch dimension dynamic (one graph for all buckets)",
-            half,
-            FP32,
-            r(graphs, compile_mode="default", compile_backend=compile_backend, compile_dynamic_batch=True),
-            slow=True,
-            needs_s=150,
+            compile_dynamic_batch=True,
         ),
-        Variant(
+        compiled(
             "compile-dynamic-cl",
             "+ torch.compile, batch dimension dynamic, + channels_last",
-            half,
-            FP32,
-            r(
-                graphs,
-                compile_mode="default",
-                compile_backend=compile_backend,
-                compile_dynamic_batch=True,
-                channels_last=True,
-            ),
-            slow=True,
-            needs_s=150,
+            compile_dynamic_batch=True,
+            channels_last=True,
         ),
-        Variant(
+        compiled(
             "compile-max-autotune",
             "+ torch.compile max-autotune-no-cudagraphs, batch dimension dynamic, + channels_last",
-            half,
-            FP32,
-            r(
-                graphs,
-                compile_mode="max-autotune-no-cudagraphs",
-                compile_backend=compile_backend,
-                compile_dynamic_batch=True,
-                channels_last=True,
-            ),
-            slow=True,
             needs_s=300,  # inductor benchmarks its conv and matmul templates: minutes
+            compile_mode="max-autotune-no-cudagraphs",
+            compile_dynamic_batch=True,
+            channels_last=True,
         ),
         Variant("math", "attention: math", half, FP32, r(graphs, sdpa_backend="math"), slow=True, needs_s=30),
         Variant("fp32", "float32 UNet (TF32)", FP32, FP32, graphs, slow=True, needs_s=40),
@@ -337,16 +308,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         master.apply(model, variant.dtype, variant.vae_dtype)
         return prepare(model, variant.accel)
 
-    def time_ours(runner: Any, batch: int, repeats: int) -> tuple[runs.Timing, list[float]]:
-        timing, totals, _ = time_ours_latents(runner, batch, repeats)
-        return timing, totals
-
-    def time_ours_latents(runner: Any, batch: int, repeats: int) -> tuple[runs.Timing, list[float], Any]:
-        """Timing, and the final latents of the warm-up run (2 steps: capture, autotune, compile)."""
+    def time_ours(
+        runner: Any, batch: int, repeats: int, peak: PeakMemory | None = None
+    ) -> tuple[runs.Timing, list[float], Any]:
+        """Timing, and the final latents of the warm-up run (2 steps: capture, autotune, compile).
+        `peak` measures the timed runs only: cuDNN's autotuning in the warm-up may try workspaces as
+        large as the free memory."""
         _, latents = runs.run_ours(model, runner, batch, args.size, min(2, args.steps))
-        timing, totals = runs.repeat(
-            lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats
-        )
+        with peak or contextlib.nullcontext():
+            timing, totals = runs.repeat(
+                lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats
+            )
         return timing, totals, latents
 
     def ours() -> None:
@@ -354,13 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = results.setdefault("ours", [])
         weights = weight_bytes(model.unet, model.vae, model.text_encoder)
         for batch in args.batches:
-            # the warm-up (capture, compile, autotune) outside the memory figure: cuDNN's autotuning
-            # may try workspaces as large as the free memory
-            runs.run_ours(model, runner, batch, args.size, min(2, args.steps))
-            with PeakMemory(weights) as peak:
-                timing, totals = runs.repeat(
-                    lambda b=batch: runs.run_ours(model, runner, b, args.size, args.steps)[0], args.repeats
-                )
+            peak = PeakMemory(weights)
+            timing, totals, _ = time_ours(runner, batch, args.repeats, peak)
             rows.append({**timing_row(results, batch, timing, totals), "peak_gb": peak.gb})
             bench.log(
                 f"ours batch {batch}: {batch / timing.total_s:.3f} images/s, {timing.step_s * 1000:.1f} ms/step"
@@ -478,7 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def ablate(variant: Variant = variant) -> None:
             runner = set_variant(variant)
-            timing, totals, latents = time_ours_latents(runner, args.ablation_batch, args.ablation_repeats)
+            timing, totals, latents = time_ours(runner, args.ablation_batch, args.ablation_repeats)
             row = timing_row(results, args.ablation_batch, timing, totals)
             row.update(
                 key=variant.key,
