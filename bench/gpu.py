@@ -9,16 +9,20 @@ skipped once --budget-s would be exceeded):
              built on the device; FLOPs of a CFG step and a decode counted by PyTorch
   precision  final latents of float16 (eager, fast path) and bfloat16 against float32 (no TF32):
              relative error ||x - x32|| / ||x32||, pass at <= 1e-2
+  vae        the decode alone: float32 against float16 VAE, time for --ablation-batch latents in
+             --vae-batch chunks, pixels of the same latents both ways, the float32 fallback taking
+             over a float16 decode that overflows
   ours       --batches one-image requests through the Sampler exactly as the engine drives it, with
-             the worker's default fast path (models/accel.py: CUDA graphs per bucket, channels_last,
-             flash attention, float16 UNet, float32 VAE)
+             the worker's default fast path (models/accel.py: torch.compile in CUDA graphs per
+             bucket, channels_last, float16 UNet and VAE with the float32 fallback decoder)
   diffusers  StableDiffusionPipeline, float16 (VAE too, as it ships), SDPA, DDIM, same weights,
              same prompts and seeds, same batches
   engine     --engine-requests jobs at once through the real engine (continuous batching, decode,
              PNG encoding), Redis replaced by in-memory sinks
   worker     the same through a real worker process and Redis (bench/worker_bench.py; needs
              redis-server, redis, rq)
-  ablations  at --ablation-batch: each optimisation switched off (or changed) alone
+  ablations  at --ablation-batch: each optimisation switched off (or changed) alone (after the
+             worker, which runs on its defaults; before it with --worker-compile)
 Figures: images/s (batch / wall time from prompts to uint8 pixels), ms per denoising step (steady
 state), MFU = FLOPs / time / the card's dense fp16 peak (SD 1.5 at 512: 1.61 TFLOP per CFG step,
 2.5 TFLOP per decode, 82.9 TFLOP per 50-step image). Tables on stdout; gpu_bench.json and
@@ -49,7 +53,14 @@ import gpu_runs as runs  # noqa: E402
 import torch  # noqa: E402
 from gpu_report import markdown  # noqa: E402
 
-from models.accel import FAST_CUDA, AccelConfig, apply_backend_flags, prepare  # noqa: E402
+from models.accel import (  # noqa: E402
+    FAST_CUDA,
+    AccelConfig,
+    apply_backend_flags,
+    prepare,
+    set_memory_format,
+)
+from models.sampler import Sampler  # noqa: E402
 from models.stable_diffusion import StableDiffusion  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,34 +86,45 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     r = dataclasses.replace
     h = str(half).removeprefix("torch.")
     fast = r(fast, compile_backend=compile_backend) if fast.compile_mode != "off" else fast
-    graphs = r(fast, compile_mode="off", channels_last=False)  # what the variants below change
+    # what the variants below change; conv_1x1_as_mm only acts with compile
+    graphs = r(fast, compile_mode="off", channels_last=False, compile_conv_1x1_as_mm=False)
+    vae = half if half == FP16 else FP32  # the worker's default VAE dtype on CUDA
 
     def compiled(key: str, name: str, needs_s: float = 150, **changes: Any) -> Variant:
         """torch.compile inside the graphs (inductor compiles the UNet: about a minute), plus `changes`."""
         accel = r(graphs, **{"compile_mode": "default", "compile_backend": compile_backend, **changes})
-        return Variant(key, name, half, FP32, accel, slow=True, needs_s=needs_s)
+        return Variant(key, name, half, vae, accel, slow=True, needs_s=needs_s)
 
     return [
         Variant(
             "default",
             "fast path (default)",
             half,
-            FP32,
+            vae,
             fast,
-            needs_s=150 if fast.compile_mode != "off" else 15,
+            # the ours stage compiled the same graphs: inductor's cache has them
+            needs_s=60 if fast.compile_mode != "off" else 15,
         ),
-        Variant("graphs", "CUDA graphs only (SD_COMPILE=off)", half, FP32, graphs),
-        Variant("no-graphs", "- CUDA graphs", half, FP32, r(graphs, cuda_graphs=False)),
-        Variant("channels-last", "+ channels_last", half, FP32, r(graphs, channels_last=True)),
-        Variant("flash", "attention: flash", half, FP32, r(graphs, sdpa_backend="flash")),
-        Variant("efficient", "attention: efficient", half, FP32, r(graphs, sdpa_backend="efficient")),
-        Variant("cudnn", "attention: cudnn", half, FP32, r(graphs, sdpa_backend="cudnn")),
-        Variant("vae-fp16", "VAE float16", half, FP16, graphs),
+        Variant(
+            "no-conv1x1",
+            "- 1x1 convolutions as matmuls (inductor)",
+            half,
+            vae,
+            r(fast, compile_conv_1x1_as_mm=False),
+            needs_s=90,  # a compile of its own
+        ),
+        Variant("vae-fp32", "default, VAE float32", half, FP32, fast, needs_s=60),
+        Variant("graphs", "CUDA graphs only (SD_COMPILE=off)", half, vae, graphs),
+        Variant("no-graphs", "- CUDA graphs", half, vae, r(graphs, cuda_graphs=False)),
+        Variant("channels-last", "+ channels_last", half, vae, r(graphs, channels_last=True)),
+        Variant("flash", "attention: flash", half, vae, r(graphs, sdpa_backend="flash")),
+        Variant("efficient", "attention: efficient", half, vae, r(graphs, sdpa_backend="efficient")),
+        Variant("cudnn", "attention: cudnn", half, vae, r(graphs, sdpa_backend="cudnn")),
         Variant("bf16", "UNet bfloat16", BF16, FP32, graphs),
         Variant(
-            "no-tf32", "- TF32, - cuDNN autotune", half, FP32, r(graphs, tf32=False, cudnn_benchmark=False)
+            "no-tf32", "- TF32, - cuDNN autotune", half, vae, r(graphs, tf32=False, cudnn_benchmark=False)
         ),
-        Variant("eager", f"all off: plain eager {h}", half, FP32, AccelConfig()),
+        Variant("eager", f"all off: plain eager {h}", half, vae, AccelConfig()),
         compiled("compile", "+ torch.compile (default mode) in the graphs"),
         compiled("compile-cl", "+ torch.compile + channels_last", channels_last=True),
         compiled(
@@ -124,7 +146,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             compile_dynamic_batch=True,
             channels_last=True,
         ),
-        Variant("math", "attention: math", half, FP32, r(graphs, sdpa_backend="math"), slow=True, needs_s=30),
+        Variant("math", "attention: math", half, vae, r(graphs, sdpa_backend="math"), slow=True, needs_s=30),
         Variant("fp32", "float32 UNet (TF32)", FP32, FP32, graphs, slow=True, needs_s=40),
     ]
 
@@ -252,9 +274,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     note = "" if device.type == "cuda" else " (CPU: no graph capture, the bucketed path runs eagerly)"
     bench.log(f"{results['meta']['device_name']} | torch {torch.__version__} | {config}{note}")
     state: dict[str, Any] = {}
+    variants = {variant.key: variant for variant in ablations(fast, half, args.compile_backend)}
+    default = variants["default"]  # the worker's defaults: UNet and VAE dtype, fast path
 
     def build() -> None:
         model = runs.build_ours(config, args.device, FP32, FP32)
+        model.keep_float32_decoder()  # the worker keeps it beside a float16 VAE; stays float32
         state["model"], state["master"] = model, MasterWeights(model)
         counted = runs.count_flops(model, args.size)
         nominal = config == "sd15" and args.size == 512
@@ -304,8 +329,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     bench.stage("precision", precision)
 
+    def vae() -> None:
+        """The decode alone, as the engine runs it (--vae-batch latents a call, channels_last and
+        backend flags as the fast path sets them): float32 against float16 VAE."""
+        apply_backend_flags(fast)
+        generator = torch.Generator(device="cpu").manual_seed(7)
+        shape = (args.ablation_batch, model.latent_channels, args.size // 8, args.size // 8)
+        timed = torch.randn(shape, generator=generator).to(model.device)
+        # real denoised latents when the precision stage made them (pixels compared on those)
+        picture = state.get("fp32_latents", timed[:2]).to(model.device)
+        sampler = Sampler(model)
+        rows, reference = [], None
+        for vae_dtype in (FP32, FP16):
+            master.apply(model, half, vae_dtype)
+            set_memory_format(model, fast.channels_last)
+
+            def decode_all(latents: torch.Tensor = timed) -> Any:
+                return [sampler.decode_latents(chunk) for chunk in latents.split(args.vae_batch)]
+
+            decode_all()  # cuDNN autotuning of the shapes
+            seconds = []
+            for _ in range(5):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                decode_all()
+                seconds.append(time.perf_counter() - started)
+            pixels = sampler.decode_latents(picture).astype("int16")
+            reference = pixels if reference is None else reference
+            difference = abs(pixels - reference)
+            rows.append(
+                {
+                    "vae_dtype": str(vae_dtype).removeprefix("torch."),
+                    "latents": shape[0],
+                    "per_call": args.vae_batch,
+                    "s": sorted(seconds)[2],
+                    "ms_per_image": 1000 * sorted(seconds)[2] / shape[0],
+                    "max_level_diff": int(difference.max()),
+                    "mean_level_diff": float(difference.mean()),
+                    "share_off_by_more_than_1": float((difference > 1).mean()),
+                }
+            )
+            bench.log(f"VAE {rows[-1]}")
+        # latents far out of range overflow a float16 decode: the float32 fallback must take over
+        huge = picture * 3000
+        master.apply(model, half, FP32)
+        expected = sampler.decode_latents(huge)
+        master.apply(model, half, FP16)
+        raw_finite = bool(model.vae.decode((huge / model.vae.config.scaling_factor).half()).isfinite().all())
+        got = sampler.decode_latents(huge)
+        results["vae"] = {
+            "rows": rows,
+            "fallback": {
+                "float16_decode_finite": raw_finite,
+                "fallback_max_level_diff_vs_float32": int(abs(got.astype("int16") - expected).max()),
+            },
+        }
+        bench.log(f"VAE fallback on latents x3000: {results['vae']['fallback']}")
+        master.apply(model, half, default.vae_dtype)
+
+    bench.stage("vae", vae)
+
     def set_variant(variant: Variant) -> Any:
         master.apply(model, variant.dtype, variant.vae_dtype)
+        if variant.accel.compile_mode != "off":
+            # a fresh compile: dynamo's cache might otherwise serve code compiled with other options
+            torch._dynamo.reset()
         return prepare(model, variant.accel)
 
     def time_ours(
@@ -322,9 +411,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return timing, totals, latents
 
     def ours() -> None:
-        runner = set_variant(Variant("fast", "fast", half, FP32, fast))
+        runner = set_variant(default)
         rows = results.setdefault("ours", [])
-        weights = weight_bytes(model.unet, model.vae, model.text_encoder)
+        weights = weight_bytes(model.unet, model.vae, model.text_encoder, model.vae_fallback)
         for batch in args.batches:
             peak = PeakMemory(weights)
             timing, totals, _ = time_ours(runner, batch, args.repeats, peak)
@@ -386,7 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def engine_loads(accel: AccelConfig, label: str | None = None) -> None:
         """Each --engine-requests load through the real engine with this fast path. With compile,
         only the loads' own buckets are compiled (a minute or less on an H100), not every bucket."""
-        runner = set_variant(Variant(label or "fast", label or "fast", half, FP32, accel))
+        runner = set_variant(Variant(label or "fast", label or "fast", half, default.vae_dtype, accel))
         rows = results.setdefault("engine", [])
         for requests in args.engine_requests:
             row = runs.run_engine(
@@ -434,48 +523,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in results["profile"]["top"][:10]:
             bench.log(f"{row['share']:6.1%} {row['ms_per_call']:8.2f} ms  {row['name'][:90]}")
 
-    rows = results.setdefault("ablations", [])
-    variants = {variant.key: variant for variant in ablations(fast, half, args.compile_backend)}
-    for variant in variants.values():
-        if args.ablations is not None:
-            if variant.key not in args.ablations:
-                continue
-        elif variant.slow and not args.slow_ablations:
-            continue
-
-        def ablate(variant: Variant = variant) -> None:
-            runner = set_variant(variant)
-            timing, totals, latents = time_ours(runner, args.ablation_batch, args.ablation_repeats)
-            row = timing_row(results, args.ablation_batch, timing, totals)
-            row.update(
-                key=variant.key,
-                name=variant.name,
-                captures=runner.stats().captures,
-                compiled=variant.accel.compile_mode != "off",
-            )
-            # outputs kept? final latents of the 2-step warm-up against the default fast path's
-            reference = state.setdefault("ablation_latents", latents.float())
-            row["vs_default_relative_error"] = (
-                (latents.float() - reference).norm() / reference.norm()
-            ).item()
-            rows.append(row)
-            bench.log(
-                f"{variant.name}: {row['images_per_s']:.3f} images/s, {row['ms_per_step']:.1f} ms/step, "
-                f"latents {row['vs_default_relative_error']:.1e} from the first ablation's"
-            )
-            runner.release()
-            free_memory()
-
-        scale = 1.0 if args.device.startswith("cuda") else args.est_ablation_s / 15
-        bench.stage(f"ablation: {variant.name}", ablate, needs_s=variant.needs_s * scale)
-
-    if args.profile:
-        bench.stage("profile", profile, needs_s=20)
-    if args.engine_compile:
-        bench.stage(
-            "engine: compiled", engine_compiled, needs_s=args.est_engine_s + 20 * len(args.engine_requests)
-        )
-
     def worker() -> None:
         """The real worker with its defaults, or (--worker-compile) with torch.compile as this run's
         ablations measured it, set through its environment as an operator would: the fastest
@@ -494,6 +541,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SD_COMPILE": accel.compile_mode,
                 "SD_CHANNELS_LAST": str(accel.channels_last).lower(),
                 "SD_COMPILE_DYNAMIC_BATCH": str(accel.compile_dynamic_batch).lower(),
+                "SD_COMPILE_CONV_1X1_AS_MM": str(accel.compile_conv_1x1_as_mm).lower(),
             }
         log_path = bench.out / "worker.log" if bench.out else None  # kept even if the run is cut short
         if bench.out:
@@ -517,7 +565,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"(ready {row['start_s']:.0f} s after its start)"
         )
 
-    bench.stage("worker", worker, needs_s=args.est_worker_s * (1.5 if args.worker_compile else 1))
+    def run_ablations() -> None:
+        """Each --ablations variant at --ablation-batch, then the optional profile and compiled engine."""
+        rows = results.setdefault("ablations", [])
+        for variant in variants.values():
+            if args.ablations is not None:
+                if variant.key not in args.ablations:
+                    continue
+            elif variant.slow and not args.slow_ablations:
+                continue
+
+            def ablate(variant: Variant = variant) -> None:
+                runner = set_variant(variant)
+                timing, totals, latents = time_ours(runner, args.ablation_batch, args.ablation_repeats)
+                row = timing_row(results, args.ablation_batch, timing, totals)
+                row.update(
+                    key=variant.key,
+                    name=variant.name,
+                    captures=runner.stats().captures,
+                    compiled=variant.accel.compile_mode != "off",
+                )
+                # outputs kept? final latents of the 2-step warm-up against the default fast path's
+                reference = state.setdefault("ablation_latents", latents.float())
+                row["vs_default_relative_error"] = (
+                    (latents.float() - reference).norm() / reference.norm()
+                ).item()
+                rows.append(row)
+                bench.log(
+                    f"{variant.name}: {row['images_per_s']:.3f} images/s, {row['ms_per_step']:.1f} ms/step, "
+                    f"latents {row['vs_default_relative_error']:.1e} from the first ablation's"
+                )
+                runner.release()
+                free_memory()
+
+            scale = 1.0 if args.device.startswith("cuda") else args.est_ablation_s / 15
+            bench.stage(f"ablation: {variant.name}", ablate, needs_s=variant.needs_s * scale)
+
+        if args.profile:
+            bench.stage("profile", profile, needs_s=20)
+        if args.engine_compile:
+            bench.stage(
+                "engine: compiled",
+                engine_compiled,
+                needs_s=args.est_engine_s + 20 * len(args.engine_requests),
+            )
+
+    def run_worker() -> None:
+        bench.stage("worker", worker, needs_s=args.est_worker_s * (1.5 if args.worker_compile else 1))
+
+    # the worker runs on its defaults before the ablations (their compiles take minutes), unless it
+    # is to take the fastest compiled ablation (--worker-compile)
+    for part in (run_ablations, run_worker) if args.worker_compile else (run_worker, run_ablations):
+        part()
 
     results["elapsed_s"] = round(bench.elapsed(), 1)
     bench.save()
@@ -526,8 +625,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def weight_bytes(*modules: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+def weight_bytes(*modules: torch.nn.Module | None) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 
 
 class PeakMemory:

@@ -37,6 +37,29 @@ def markdown(results: dict[str, Any]) -> str:
                 name = f"diffusers ({d['diffusers_dtype']}) vs ours ({ours_name})"
                 lines.append(f"| {name} | {d['relative_error']:.2e} | |")
         lines.append("")
+    if results.get("vae"):
+        v = results["vae"]
+        lines += [
+            "VAE decode alone (the engine's chunks, fast path's layout and flags); pixels of the "
+            "precision stage's float32 latents against the float32 decode:",
+            "",
+            "| VAE | latents | per call | s | ms per image | max level diff | mean level diff "
+            "| pixels off by > 1 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in v["rows"]:
+            lines.append(
+                f"| {row['vae_dtype']} | {row['latents']} | {row['per_call']} | {row['s']:.3f} "
+                f"| {row['ms_per_image']:.1f} | {row['max_level_diff']} | {row['mean_level_diff']:.3f} "
+                f"| {100 * row['share_off_by_more_than_1']:.3f}% |"
+            )
+        f = v["fallback"]
+        lines += [
+            "",
+            f"Latents x3000: float16 decode finite: {f['float16_decode_finite']}; with the float32 "
+            f"fallback, max level diff against float32: {f['fallback_max_level_diff_vs_float32']}.",
+            "",
+        ]
     ours = {r["batch"]: r for r in results.get("ours", [])}
     theirs = {r["batch"]: r for r in results.get("diffusers", [])}
     if ours or theirs:

@@ -84,6 +84,9 @@ class AccelConfig:
     # one per bucket: one compile at start-up instead of nine (a 1-row bucket still gets its own,
     # as torch specialises size 1)
     compile_dynamic_batch: bool = False
+    # inductor (only): 1x1 convolutions (the transformers' proj_in/proj_out, the resnets' shortcuts)
+    # lowered to matmuls, which fuse with their neighbours' pointwise ops instead of calling cuDNN
+    compile_conv_1x1_as_mm: bool = False
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
     warmup_iters: int = 2  # eager runs on a side stream before a capture
@@ -133,6 +136,7 @@ FAST_CUDA = AccelConfig(
     cudnn_benchmark=True,
     compile_mode="default",
     compile_dynamic_batch=True,
+    compile_conv_1x1_as_mm=True,
     channels_last=True,
 )
 GRAPHS_ONLY_CUDA = replace(FAST_CUDA, compile_mode="off", channels_last=False)  # start in seconds
@@ -148,8 +152,9 @@ def apply_backend_flags(config: AccelConfig) -> None:
 def set_memory_format(model: StableDiffusion, channels_last: bool) -> None:
     """UNet and VAE weights in channels_last (or back to contiguous), in place."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.unet.to(memory_format=memory_format)
-    model.vae.to(memory_format=memory_format)
+    for module in (model.unet, model.vae, model.vae_fallback):
+        if module is not None:
+            module.to(memory_format=memory_format)
 
 
 @contextlib.contextmanager
@@ -243,12 +248,11 @@ class UNetRunner:
             dynamo_config = torch._dynamo.config
             name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * self.config.max_graphs))
-            mode = None if self.config.compile_mode == "default" else self.config.compile_mode
             # dynamic=None: shapes static unless marked dynamic (the buckets' batch dimension, see
             # _Bucket); False would ignore the marks
             dynamic = None if self.config.compile_dynamic_batch else False
             self.compiled = torch.compile(
-                unet, mode=mode, dynamic=dynamic, backend=self.config.compile_backend
+                unet, dynamic=dynamic, backend=self.config.compile_backend, **_compile_mode(self.config)
             )
         self._buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
         self._failed: set[BucketKey] = set()  # capture failed (not out of memory): eager from then on
@@ -454,6 +458,17 @@ def _describe(key: BucketKey) -> str:
     c, h, w = key.latent
     mask = ", masked" if key.masked else ""
     return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}"
+
+
+def _compile_mode(config: AccelConfig) -> dict[str, Any]:
+    """torch.compile's `mode`, or, with inductor options of ours, the same as `options` (torch.compile
+    takes one or the other): the mode's own inductor settings plus ours."""
+    mode = None if config.compile_mode == "default" else config.compile_mode
+    if not config.compile_conv_1x1_as_mm or config.compile_backend != "inductor":
+        return {"mode": mode}
+    from torch._inductor import list_mode_options  # what torch.compile(mode=...) itself applies
+
+    return {"options": {**list_mode_options(config.compile_mode), "conv_1x1_as_mm": True}}
 
 
 def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:

@@ -50,10 +50,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     *,
     vae_dtype: torch.dtype | None = None,
+    vae_fallback: bool = False,
     config: str | Path | None = None,
 ) -> StableDiffusion:
     """Load a diffusers-format folder or a single-file checkpoint, ready for inference.
 
+    `vae_fallback`: with a float16 VAE, also keep a float32 copy of its decoder for latents whose
+    float16 decode overflows (StableDiffusion.keep_float32_decoder); ignored for other dtypes.
     `config`: for a single file, a diffusers-format folder holding the configs (no weights needed);
     default: the shipped SD 1.5 or SD 2.1 configs, chosen from the checkpoint's keys.
     """
@@ -68,6 +71,8 @@ def load_model(
         raise CheckpointError(
             f"{path} is neither a diffusers-format folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
+    if vae_fallback and (vae_dtype or dtype) == torch.float16:
+        model.keep_float32_decoder()  # while the weights are still the checkpoint's float32 ones
     return model.to(device=device, dtype=dtype, vae_dtype=vae_dtype).eval()
 
 

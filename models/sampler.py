@@ -9,6 +9,7 @@ CPU generator seeded s + i, exactly as diffusers does when called with a list of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from models.ddim import ddim_step, guided_noise
 from models.stable_diffusion import StableDiffusion
 from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS, PromptEncoder
 from models.transfer import to_device
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
 
@@ -236,11 +239,42 @@ class Sampler:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """(N, C, h, w) latents -> (N, H, W, 3) uint8, as diffusers' pipeline post-processes them."""
-        vae = self.model.vae
-        scaled = (latents / vae.config.scaling_factor).to(self.model.vae_dtype)
-        image = (vae.decode(scaled).float() / 2 + 0.5).clamp(0, 1)
+        """(N, C, h, w) latents -> (N, H, W, 3) uint8, as diffusers' pipeline post-processes them.
+
+        A decode that gives inf/NaN (a float16 VAE can overflow) is done again by the float32
+        fallback decoder when the model keeps one; NaN never becomes a silently black picture:
+        what cannot be decoded to finite values raises FloatingPointError."""
+        model = self.model
+        scaled = latents / model.vae.config.scaling_factor
+        decoded = model.vae.decode(scaled.to(model.vae_dtype))
+        if not bool(decoded.isfinite().all()):
+            decoded = self._decode_again(scaled)
+        image = (decoded.float() / 2 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _decode_again(self, scaled: torch.Tensor) -> torch.Tensor:
+        """The VAE decode overflowed: decode in float32 if the latents are finite and a float32
+        decoder is kept, else raise."""
+        model = self.model
+        if not bool(scaled.isfinite().all()):
+            raise FloatingPointError(
+                f"the denoised latents hold inf/NaN: the UNet overflowed in {model.dtype} "
+                "(a float32 or bfloat16 UNet avoids it)"
+            )
+        if model.vae_fallback is None:
+            raise FloatingPointError(
+                f"the {model.vae_dtype} VAE decode overflowed to inf/NaN and no float32 decoder is "
+                "kept (decode in float32, or keep the float32 fallback)"
+            )
+        log.warning(
+            "the %s VAE decode of %d latents overflowed: decoding them again in float32",
+            model.vae_dtype,
+            scaled.shape[0],
+        )
+        decoded = model.vae_fallback.decode(scaled.float())
+        if not bool(decoded.isfinite().all()):
+            raise FloatingPointError("the VAE decode gives inf/NaN even in float32")
+        return decoded
 
 
 def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,9 @@ from models.vae import AutoencoderKL
 class StableDiffusion:
     """UNet, KL autoencoder, CLIP text encoder + tokenizer and DDIM schedule of one checkpoint.
 
-    The VAE may run in another dtype than the UNet (e.g. float32 decode beside a float16 UNet).
+    The VAE may run in another dtype than the UNet (e.g. float32 decode beside a float16 UNet). A
+    float16 VAE may keep a float32 copy of its decoding side (`vae_fallback`, see
+    `keep_float32_decoder`) for the rare latents whose float16 decode overflows.
     """
 
     name: str
@@ -27,6 +30,8 @@ class StableDiffusion:
     schedule: DDIMSchedule
     # settings the model's authors recommend (a folder's optional defaults.json): {"steps", "guidance_scale"}
     recommended: dict[str, float] = field(default_factory=dict)
+    # float32 copy of the VAE without its encoder: decodes again what overflows in float16
+    vae_fallback: AutoencoderKL | None = None
 
     @property
     def device(self) -> torch.device:
@@ -63,13 +68,29 @@ class StableDiffusion:
         dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype | None = None,
     ) -> StableDiffusion:
-        """Move every network (in place); the VAE takes `vae_dtype` when given, else `dtype`."""
+        """Move every network (in place); the VAE takes `vae_dtype` when given, else `dtype`. The
+        float32 fallback decoder, if kept, only moves: it stays float32."""
         self.unet.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=vae_dtype or dtype)
+        if self.vae_fallback is not None:
+            self.vae_fallback.to(device=device)
         return self
 
+    def keep_float32_decoder(self) -> None:
+        """Keep a float32 copy of the VAE's decoding side (post-quant conv and decoder, ~200 MB for
+        SD) as `vae_fallback`, for latents whose half-precision decode overflows to inf/NaN. Call
+        it while the VAE is still float32 (before `to(vae_dtype=float16)`): a copy made from
+        float16 weights would carry their rounding."""
+        if self.vae_dtype != torch.float32:
+            raise ValueError(f"the float32 fallback must be copied from a float32 VAE, not {self.vae_dtype}")
+        fallback = copy.deepcopy(self.vae)
+        fallback.encoder = None  # decoding only: the encoder's ~34M parameters are not kept
+        fallback.quant_conv = None
+        self.vae_fallback = fallback.eval().requires_grad_(False)
+
     def eval(self) -> StableDiffusion:
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.eval().requires_grad_(False)
+        for module in (self.unet, self.vae, self.text_encoder, self.vae_fallback):
+            if module is not None:
+                module.eval().requires_grad_(False)
         return self

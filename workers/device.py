@@ -1,7 +1,8 @@
 """Settings that depend on the device, resolved once torch can say which device we have.
 
-Defaults: CUDA when available, float16 there (float32 on CPU) with a float32 VAE decode (a float16
-decode can overflow to NaN, i.e. black pictures; the VAE is ~3% of an image's FLOPs); 64 UNet rows
+Defaults: CUDA when available, float16 there (float32 on CPU), the VAE too, with a float32 copy
+of its decoder for the rare latents whose float16 decode overflows (inf/NaN would be black
+pictures; a float32 decode of every image cost ~8% of the time at batch 16 on an H100); 64 UNet rows
 in flight on CUDA, 8 on CPU; VAE decode 8 latents per call on CUDA, 4 on CPU; slots (jobs in
 flight) = max rows / 2, enough to fill the batch with one-image guided requests without hoarding
 jobs other workers could take. On CUDA the UNet takes the fast path of models/accel.py (CUDA graphs
@@ -31,6 +32,7 @@ class Runtime:
     vae_batch: int
     slots: int
     text_batch: int = 64
+    vae_fallback: bool = False  # a float32 decoder for float16 decodes that overflow
     accel: AccelConfig | None = None  # None: the plain UNet call (the CPU)
 
 
@@ -46,8 +48,10 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
         dtype = torch.float16 if on_gpu else torch.float32
     else:
         dtype = DTYPES[settings.dtype]
-    if settings.vae_dtype == "auto":
-        vae_dtype = torch.float32 if device.type == "cuda" else dtype
+    if settings.vae_dtype == "auto" and device.type == "cuda":
+        vae_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+    elif settings.vae_dtype == "auto":
+        vae_dtype = dtype
     else:
         vae_dtype = DTYPES[settings.vae_dtype]
     max_rows = settings.max_batch_rows or (64 if on_gpu else 8)
@@ -59,6 +63,7 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
         vae_batch=settings.vae_batch or (8 if on_gpu else 4),
         slots=settings.slots or max(1, max_rows // 2),
         text_batch=settings.text_batch,
+        vae_fallback=settings.vae_float32_fallback and vae_dtype == torch.float16,
         accel=accel_config(settings) if device.type == "cuda" else None,
     )
 
@@ -74,6 +79,7 @@ def accel_config(settings: WorkerSettings) -> AccelConfig:
         max_graphs=settings.cuda_graph_max,
         compile_mode=settings.compile,
         compile_dynamic_batch=settings.compile_dynamic_batch,
+        compile_conv_1x1_as_mm=settings.compile_conv_1x1_as_mm,
         tf32=settings.tf32,
         cudnn_benchmark=settings.cudnn_benchmark,
     )

@@ -256,17 +256,19 @@ def main() -> int:
         runtime = resolve_runtime(settings)
         model_path = Path(settings.model) if settings.model else default_model_path()
         log.info(
-            "loading %s on %s (%s, VAE %s)",
+            "loading %s on %s (%s, VAE %s%s)",
             model_path,
             runtime.device,
             dtype_name(runtime.dtype),
             dtype_name(runtime.vae_dtype),
+            " with a float32 fallback" if runtime.vae_fallback else "",
         )
         model = load_model(
             model_path,
             runtime.device,
             runtime.dtype,
             vae_dtype=runtime.vae_dtype,
+            vae_fallback=runtime.vae_fallback,
             config=settings.model_config_dir or None,
         )
     except (CheckpointError, RuntimeError, OSError) as error:

@@ -44,7 +44,13 @@ class WorkerSettings(JanitorSettings):
     )
     vae_dtype: DType = Field(
         "auto",
-        description="VAE dtype; auto: float32 on cuda (a float16 decode can overflow), else SD_DTYPE",
+        description="VAE dtype; auto: on cuda float16 with a float16 UNet (with the float32 fallback "
+        "below), else float32; on cpu SD_DTYPE",
+    )
+    vae_float32_fallback: bool = Field(
+        True,
+        description="float16 VAE: keep a float32 copy of the decoder (~200 MB) and decode again in "
+        "float32 the latents whose float16 decode overflows to inf/NaN (off: such a job fails)",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for torch (default: torch's)"
@@ -84,6 +90,11 @@ class WorkerSettings(JanitorSettings):
         True,
         description="cuda, with SD_COMPILE: one compiled graph for every batch bucket (batch size "
         "symbolic; 1 row apart) instead of one compile per bucket",
+    )
+    compile_conv_1x1_as_mm: bool = Field(
+        True,
+        description="cuda, with SD_COMPILE: inductor lowers 1x1 convolutions to matmuls, fused with "
+        "their neighbours",
     )
     compile_sizes: Literal["native", "all"] = Field(
         "native",

@@ -41,9 +41,10 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     assert rows["float16 eager"]["pass"] and rows["float16 fast path"]["pass"]
     assert rows["bfloat16 eager"]["pass"] is None  # reported, no bar
     plain, compiled = results["engine"]
-    # the compiled pass takes the fastest compiled ablation: here the default, the only one that ran
+    # the compiled pass takes the fastest compiled ablation
+    fastest = max((r for r in results["ablations"] if r["compiled"]), key=lambda r: r["images_per_s"])
     assert (
-        plain["requests"] == compiled["requests"] == 2 and compiled["label"] == "engine, fast path (default)"
+        plain["requests"] == compiled["requests"] == 2 and compiled["label"] == f"engine, {fastest['name']}"
     )
     assert plain["control"]["images_per_s"] > 0 and plain["unet_calls"]["calls"] == 2  # engine vs direct
     assert len(plain["warm_up_loads_s"]) == 2
@@ -51,14 +52,28 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     # the engine's own per-step lines were seen: every timed step, after the first one ended
     assert plain["phases"]["steps_logged"] == 2 and 0 < plain["phases"]["first_step_end_s"] < plain["span_s"]
     names = [row["name"] for row in results["ablations"]]
-    assert names[:2] == ["fast path (default)", "CUDA graphs only (SD_COMPILE=off)"]
-    assert "- CUDA graphs" in names and len(names) == 11
+    assert names[:4] == [
+        "fast path (default)",
+        "- 1x1 convolutions as matmuls (inductor)",
+        "default, VAE float32",
+        "CUDA graphs only (SD_COMPILE=off)",
+    ]
+    assert "- CUDA graphs" in names and len(names) == 12
+    # the decode alone: float16 pixels within a level of float32's, the fallback takes over an overflow
+    float32_vae, float16_vae = results["vae"]["rows"]
+    assert (float32_vae["vae_dtype"], float16_vae["vae_dtype"]) == ("float32", "float16")
+    assert float32_vae["max_level_diff"] == 0 and float16_vae["max_level_diff"] <= 1
+    assert results["vae"]["fallback"] == {
+        "float16_decode_finite": False,
+        "fallback_max_level_diff_vs_float32": 0,
+    }
+    assert "| float16 | 1 | 8 |" in (tmp_path / "gpu_bench.md").read_text()
     for row in results["ablations"]:  # outputs kept (bfloat16 has 3 fewer mantissa bits)
         assert row["vs_default_relative_error"] < (5e-2 if "bfloat16" in row["name"] else 1e-3), row["name"]
     assert results["flops"]["source"] == "counted" and results["flops"]["unet_cfg_step_flop"] > 0
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| batch | ours img/s | diffusers img/s" in report and "| ablation (batch 1)" in report
-    assert "| engine, fast path (default) | 2 |" in report and "| engine, 2 | direct |" in report
+    assert f"| engine, {fastest['name']} | 2 |" in report and "| engine, 2 | direct |" in report
     profile = results["profile"]
     assert profile["rows"] == 2 and profile["time"] == "host" and len(profile["top"]) > 5
     assert any("conv" in row["name"] for row in profile["top"][:5])  # a UNet's time is mostly convs

@@ -229,6 +229,30 @@ def test_compiled_runner_plumbing(unet: UNet2DConditionModel) -> None:
     torch._dynamo.reset()
 
 
+def test_inductor_options_go_with_the_compile_mode(unet: UNet2DConditionModel) -> None:
+    """torch.compile takes a mode or options, not both: with options of ours, the mode's own inductor
+    settings go in with them. Other backends get the mode alone (inductor's options mean nothing to
+    them)."""
+    from torch._inductor import list_mode_options
+
+    from models.accel import _compile_mode
+
+    plain = AccelConfig(compile_mode="default")
+    assert _compile_mode(plain) == {"mode": None}
+    assert _compile_mode(dataclasses.replace(plain, compile_mode="max-autotune")) == {"mode": "max-autotune"}
+    fused = dataclasses.replace(plain, compile_conv_1x1_as_mm=True)
+    assert _compile_mode(fused) == {"options": {"conv_1x1_as_mm": True}}
+    tuned = dataclasses.replace(fused, compile_mode="max-autotune-no-cudagraphs")
+    assert _compile_mode(tuned) == {
+        "options": {**list_mode_options("max-autotune-no-cudagraphs"), "conv_1x1_as_mm": True}
+    }
+    assert _compile_mode(tuned)["options"]["max_autotune"] is True
+    assert _compile_mode(dataclasses.replace(fused, compile_backend="eager")) == {"mode": None}
+    for config in (fused, tuned):  # torch.compile accepts them (it compiles at the first call)
+        assert UNetRunner(unet, config).compiled is not None
+    torch._dynamo.reset()
+
+
 def test_dynamic_batch_compiles_one_graph_for_every_bucket_above_one(unet: UNet2DConditionModel) -> None:
     """compile_dynamic_batch: buckets 16, 24 and 64 share one compiled graph (the batch size
     symbolic), bucket 1 gets its own (torch specialises size 1); outputs stay those of the plain

@@ -88,6 +88,20 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: 
         load_settings()
 
 
+def test_cuda_decodes_in_float16_with_a_float32_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolving touches no device
+    runtime = resolve_runtime(load_settings(device="cuda"))
+    assert (runtime.dtype, runtime.vae_dtype, runtime.vae_fallback) == (torch.float16, torch.float16, True)
+    assert not resolve_runtime(load_settings(device="cuda", vae_float32_fallback=False)).vae_fallback
+    for unet_dtype in ("float32", "bfloat16"):  # auto: float16 only beside a float16 UNet
+        runtime = resolve_runtime(load_settings(device="cuda", dtype=unet_dtype))
+        assert (runtime.vae_dtype, runtime.vae_fallback) == (torch.float32, False), unet_dtype
+    runtime = resolve_runtime(load_settings(device="cuda", vae_dtype="float32"))
+    assert (runtime.vae_dtype, runtime.vae_fallback) == (torch.float32, False)
+    runtime = resolve_runtime(load_settings(device="cpu", vae_dtype="float16"))  # asked for: kept
+    assert (runtime.vae_dtype, runtime.vae_fallback) == (torch.float16, True)
+
+
 def test_fast_path_is_for_cuda_only() -> None:
     runtime = resolve_runtime(load_settings(device="cpu"))
     assert runtime.accel is None and runtime.text_batch == 64  # the plain UNet call, as before
@@ -98,6 +112,9 @@ def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from workers.device import accel_config
 
     assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
+    monkeypatch.setenv("SD_COMPILE_CONV_1X1_AS_MM", "false")
+    assert not accel_config(load_settings()).compile_conv_1x1_as_mm and FAST_CUDA.compile_conv_1x1_as_mm
+    monkeypatch.delenv("SD_COMPILE_CONV_1X1_AS_MM")
     monkeypatch.setenv("SD_COMPILE", "off")  # channels_last (auto) goes with compile
     assert accel_config(load_settings()) == GRAPHS_ONLY_CUDA
     for yes in ("True", "y", "1", "on"):
