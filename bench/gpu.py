@@ -106,11 +106,11 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             needs_s=60 if fast.compile_mode != "off" else 15,
         ),
         Variant(
-            "no-conv1x1",
-            "- 1x1 convolutions as matmuls (inductor)",
+            "conv1x1",
+            "+ 1x1 convolutions as matmuls (inductor)",
             half,
             vae,
-            r(fast, compile_conv_1x1_as_mm=False),
+            r(fast, compile_conv_1x1_as_mm=True),
             needs_s=90,  # a compile of its own
         ),
         Variant("vae-fp32", "default, VAE float32", half, FP32, fast, needs_s=60),

@@ -54,7 +54,7 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     names = [row["name"] for row in results["ablations"]]
     assert names[:4] == [
         "fast path (default)",
-        "- 1x1 convolutions as matmuls (inductor)",
+        "+ 1x1 convolutions as matmuls (inductor)",
         "default, VAE float32",
         "CUDA graphs only (SD_COMPILE=off)",
     ]

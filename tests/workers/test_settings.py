@@ -112,8 +112,8 @@ def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from workers.device import accel_config
 
     assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
-    monkeypatch.setenv("SD_COMPILE_CONV_1X1_AS_MM", "false")
-    assert not accel_config(load_settings()).compile_conv_1x1_as_mm and FAST_CUDA.compile_conv_1x1_as_mm
+    monkeypatch.setenv("SD_COMPILE_CONV_1X1_AS_MM", "true")
+    assert accel_config(load_settings()).compile_conv_1x1_as_mm and not FAST_CUDA.compile_conv_1x1_as_mm
     monkeypatch.delenv("SD_COMPILE_CONV_1X1_AS_MM")
     monkeypatch.setenv("SD_COMPILE", "off")  # channels_last (auto) goes with compile
     assert accel_config(load_settings()) == GRAPHS_ONLY_CUDA
