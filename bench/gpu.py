@@ -56,8 +56,10 @@ from gpu_report import markdown  # noqa: E402
 from models.accel import (  # noqa: E402
     FAST_CUDA,
     AccelConfig,
+    VAEDecoder,
     apply_backend_flags,
     prepare,
+    prepare_vae,
     set_memory_format,
 )
 from models.sampler import Sampler  # noqa: E402
@@ -87,7 +89,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     h = str(half).removeprefix("torch.")
     fast = r(fast, compile_backend=compile_backend) if fast.compile_mode != "off" else fast
     # what the variants below change; conv_1x1_as_mm only acts with compile
-    graphs = r(fast, compile_mode="off", channels_last=False, compile_conv_1x1_as_mm=False)
+    graphs = r(fast, compile_mode="off", channels_last=False)
     vae = half if half == FP16 else FP32  # the worker's default VAE dtype on CUDA
 
     def compiled(key: str, name: str, needs_s: float = 150, **changes: Any) -> Variant:
@@ -113,7 +115,26 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             r(fast, compile_conv_1x1_as_mm=True),
             needs_s=90,  # a compile of its own
         ),
+        Variant(
+            "autotune-matmuls",
+            "+ Triton matmul autotuning (inductor)",
+            half,
+            vae,
+            r(fast, compile_autotune_matmuls=True),
+            needs_s=180,  # a compile of its own, benchmarking every matmul shape
+        ),
         Variant("vae-fp32", "default, VAE float32", half, FP32, fast, needs_s=60),
+        Variant(
+            "vae-contiguous",
+            "default, VAE contiguous",
+            half,
+            vae,
+            r(fast, vae_channels_last=False),
+            needs_s=60,
+        ),
+        Variant(
+            "vae-compile", "default + VAE decoder compiled", half, vae, r(fast, compile_vae=True), needs_s=120
+        ),
         Variant("graphs", "CUDA graphs only (SD_COMPILE=off)", half, vae, graphs),
         Variant("no-graphs", "- CUDA graphs", half, vae, r(graphs, cuda_graphs=False)),
         Variant("channels-last", "+ channels_last", half, vae, r(graphs, channels_last=True)),
@@ -330,24 +351,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench.stage("precision", precision)
 
     def vae() -> None:
-        """The decode alone, as the engine runs it (--vae-batch latents a call, channels_last and
-        backend flags as the fast path sets them): float32 against float16 VAE."""
+        """The decode alone, as the engine runs it (--vae-batch latents a call, backend flags as the
+        fast path sets them): float32 against float16 VAE, channels_last against contiguous, eager
+        against the compiled decoder (SD_COMPILE_VAE)."""
         apply_backend_flags(fast)
         generator = torch.Generator(device="cpu").manual_seed(7)
         shape = (args.ablation_batch, model.latent_channels, args.size // 8, args.size // 8)
         timed = torch.randn(shape, generator=generator).to(model.device)
         # real denoised latents when the precision stage made them (pixels compared on those)
         picture = state.get("fp32_latents", timed[:2]).to(model.device)
-        sampler = Sampler(model)
         rows, reference = [], None
-        for vae_dtype in (FP32, FP16):
+        last = fast.channels_last
+        for name, vae_dtype, channels_last, compiled in (
+            ("float32", FP32, last, False),  # the default until run 5
+            ("float16", FP16, last, False),  # the default since
+            ("float16, other layout", FP16, not last, False),
+            ("float16, decoder compiled", FP16, last, True),
+        ):
             master.apply(model, half, vae_dtype)
-            set_memory_format(model, fast.channels_last)
+            set_memory_format(model, fast.channels_last, channels_last)
+            decoder = None
+            if compiled:
+                torch._dynamo.reset()
+                decoder = VAEDecoder(model.vae, dataclasses.replace(fast, compile_vae=True))
+            sampler = Sampler(model, vae_decoder=decoder)
 
-            def decode_all(latents: torch.Tensor = timed) -> Any:
+            def decode_all(latents: torch.Tensor = timed, sampler: Sampler = sampler) -> Any:
                 return [sampler.decode_latents(chunk) for chunk in latents.split(args.vae_batch)]
 
-            decode_all()  # cuDNN autotuning of the shapes
+            started = time.perf_counter()
+            decode_all()  # cuDNN autotuning of the shapes, the compile
+            first_s = time.perf_counter() - started
             seconds = []
             for _ in range(5):
                 if model.device.type == "cuda":
@@ -360,9 +394,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             difference = abs(pixels - reference)
             rows.append(
                 {
-                    "vae_dtype": str(vae_dtype).removeprefix("torch."),
+                    "vae_dtype": name,
+                    "layout": "channels_last" if channels_last else "contiguous",
                     "latents": shape[0],
                     "per_call": args.vae_batch,
+                    "first_s": first_s,
                     "s": sorted(seconds)[2],
                     "ms_per_image": 1000 * sorted(seconds)[2] / shape[0],
                     "max_level_diff": int(difference.max()),
@@ -371,6 +407,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
             bench.log(f"VAE {rows[-1]}")
+        set_memory_format(model, fast.channels_last, fast.vae_channels_last)
+        sampler = Sampler(model)
         # latents far out of range overflow a float16 decode: the float32 fallback must take over
         huge = picture * 3000
         master.apply(model, half, FP32)
@@ -392,10 +430,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def set_variant(variant: Variant) -> Any:
         master.apply(model, variant.dtype, variant.vae_dtype)
-        if variant.accel.compile_mode != "off":
+        if variant.accel.compile_mode != "off" or variant.accel.compile_vae:
             # a fresh compile: dynamo's cache might otherwise serve code compiled with other options
             torch._dynamo.reset()
-        return prepare(model, variant.accel)
+        runner = prepare(model, variant.accel)
+        state["vae_decoder"] = prepare_vae(model, variant.accel)  # None: vae.decode as it is
+        return runner
 
     def time_ours(
         runner: Any, batch: int, repeats: int, peak: PeakMemory | None = None
@@ -403,10 +443,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         """Timing, and the final latents of the warm-up run (2 steps: capture, autotune, compile).
         `peak` measures the timed runs only: cuDNN's autotuning in the warm-up may try workspaces as
         large as the free memory."""
-        _, latents = runs.run_ours(model, runner, batch, args.size, min(2, args.steps))
+        decoder = state.get("vae_decoder")
+        _, latents = runs.run_ours(model, runner, batch, args.size, min(2, args.steps), vae_decoder=decoder)
         with peak or contextlib.nullcontext():
             timing, totals = runs.repeat(
-                lambda: runs.run_ours(model, runner, batch, args.size, args.steps)[0], repeats
+                lambda: runs.run_ours(model, runner, batch, args.size, args.steps, vae_decoder=decoder)[0],
+                repeats,
             )
         return timing, totals, latents
 
@@ -487,6 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.max_rows,
                 args.vae_batch,
                 warm_all_buckets=accel.compile_mode == "off",
+                vae_decoder=state.get("vae_decoder"),
             )
             flop = _times(flop_per_image(results, args.steps), row["requests"])
             row["mfu"] = mfu(results, flop, row["span_s"])
@@ -542,7 +585,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SD_CHANNELS_LAST": str(accel.channels_last).lower(),
                 "SD_COMPILE_DYNAMIC_BATCH": str(accel.compile_dynamic_batch).lower(),
                 "SD_COMPILE_CONV_1X1_AS_MM": str(accel.compile_conv_1x1_as_mm).lower(),
+                "SD_COMPILE_AUTOTUNE_MATMULS": str(accel.compile_autotune_matmuls).lower(),
+                "SD_COMPILE_VAE": str(accel.compile_vae).lower(),
             }
+            if accel.vae_channels_last is not None:
+                env["SD_VAE_CHANNELS_LAST"] = str(accel.vae_channels_last).lower()
         log_path = bench.out / "worker.log" if bench.out else None  # kept even if the run is cut short
         if bench.out:
             bench.out.mkdir(parents=True, exist_ok=True)

@@ -43,13 +43,14 @@ def markdown(results: dict[str, Any]) -> str:
             "VAE decode alone (the engine's chunks, fast path's layout and flags); pixels of the "
             "precision stage's float32 latents against the float32 decode:",
             "",
-            "| VAE | latents | per call | s | ms per image | max level diff | mean level diff "
-            "| pixels off by > 1 |",
-            "|---|---|---|---|---|---|---|---|",
+            "| VAE | layout | latents | per call | first s | s | ms per image | max level diff "
+            "| mean level diff | pixels off by > 1 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in v["rows"]:
             lines.append(
-                f"| {row['vae_dtype']} | {row['latents']} | {row['per_call']} | {row['s']:.3f} "
+                f"| {row['vae_dtype']} | {row.get('layout', 'n/a')} | {row['latents']} | {row['per_call']} "
+                f"| {_f(row.get('first_s'), 1)} | {row['s']:.3f} "
                 f"| {row['ms_per_image']:.1f} | {row['max_level_diff']} | {row['mean_level_diff']:.3f} "
                 f"| {100 * row['share_off_by_more_than_1']:.3f}% |"
             )

@@ -85,8 +85,8 @@ for name in ("transformers", "diffusers", "redis", "rq", "pydantic", "pydantic_s
 EOF
 
 if [ "${GPU_RUN_TESTS:-1}" = 1 ]; then
-    step "CUDA tests of the fast path (tests/models/test_accel.py)"
-    timeout 150 $PY -m pytest tests/models/test_accel.py -q -p no:cacheprovider -rs --durations=5 ||
+    step "CUDA tests of the fast path (tests/models/test_accel.py, test_sampler_decode.py)"
+    timeout 150 $PY -m pytest tests/models/test_accel.py tests/models/test_sampler_decode.py -q -p no:cacheprovider -rs --durations=5 ||
         echo "CUDA TESTS FAILED (exit $?): the bench runs anyway"
 else
     step "CUDA tests skipped (GPU_RUN_TESTS=0)"

@@ -178,10 +178,11 @@ def run_ours(
     steps: int,
     max_rows: int = 64,
     vae_batch: int = 8,
+    vae_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Timing, torch.Tensor]:
     """One batch through the Sampler as the engine drives it (one call per <= max_rows rows per step,
     decode in chunks); returns the timing and the final latents (batch, C, h, w)."""
-    sampler = Sampler(model, unet_runner=runner)
+    sampler = Sampler(model, unet_runner=runner, vae_decoder=vae_decoder)
     clock = Clock(model.device)
     clock.mark("start")
     images = [image for group in sampler.start(batch_requests(batch, size, steps)) for image in group]
@@ -321,6 +322,7 @@ def run_engine(
     vae_batch: int,
     timeout_s: float = 600,
     warm_all_buckets: bool = True,
+    vae_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The real engine (admission, continuous batching, decode, PNG encoding on its writer threads)
     with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once.
@@ -361,9 +363,9 @@ def run_engine(
         runner.warm_up(latent, (77, model.text_encoder.config.hidden_size), min(2 * requests, max_rows))
     timed = TimedUNet(runner if runner is not None else model.unet, model.device)
     # control: the same batch through the Sampler directly, same runner, same minute (warm first)
-    run_ours(model, timed, requests, size, min(2, steps), max_rows, vae_batch)
+    run_ours(model, timed, requests, size, min(2, steps), max_rows, vae_batch, vae_decoder)
     timed.start()
-    control, _ = run_ours(model, timed, requests, size, steps, max_rows, vae_batch)
+    control, _ = run_ours(model, timed, requests, size, steps, max_rows, vae_batch, vae_decoder)
     control_calls = timed.summary()
     results = MemoryResults()
     engine = Engine(
@@ -371,7 +373,7 @@ def run_engine(
         EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch),
         results,
         NoProgress(),
-        sampler_factory=lambda m: Sampler(m, unet_runner=timed),
+        sampler_factory=lambda m: Sampler(m, unet_runner=timed, vae_decoder=vae_decoder),
     )
     engine.start()
 

@@ -14,12 +14,16 @@
 - **Attention kernel** for the UNet's `scaled_dot_product_attention` calls (flash, efficient,
   cudnn, math, or PyTorch's choice).
 - **channels_last** memory format of the UNet and VAE convolutions (cuDNN's native layout for
-  half-precision tensor cores; our blocks keep the input's format, see models/blocks.py).
+  half-precision tensor cores; our blocks keep the input's format, see models/blocks.py); the VAE
+  may take another layout than the UNet (`vae_channels_last`).
 - **torch.compile** of the UNet, alone or inside our graphs (the worker's default on CUDA), one
   graph per bucket or one for all (`compile_dynamic_batch`: the batch dimension symbolic, about a
   minute of start-up for SD 1.5 on an H100 instead of ~40 s per bucket), for every call or only
   chosen ones (`compile_latents`, `compile_context_lengths`: the worker's native size with
   one-chunk prompts, compiled at warm-up; other calls run uncompiled).
+- **torch.compile of the VAE decoder** (`compile_vae`, off by default: not yet measured), for the
+  same chosen latent shapes, the batch dimension dynamic (decode calls take 1 to `vae_batch`
+  latents); other shapes decode uncompiled. `VAEDecoder` is what the Sampler calls.
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
 
 On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
@@ -88,6 +92,15 @@ class AccelConfig:
     # lowered to matmuls, which fuse with their neighbours' pointwise ops instead of calling cuDNN.
     # Off by default: 0.96x for SD 1.5 at batch 16 on an H100 (cuDNN's channels_last 1x1 convs win)
     compile_conv_1x1_as_mm: bool = False
+    # inductor (only): benchmark Triton matmul templates (with fused epilogues) against cuBLAS per
+    # matmul shape, keeping cuDNN's convolutions; a lighter max-autotune (not yet measured on a GPU)
+    compile_autotune_matmuls: bool = False
+    # the VAE's layout when it differs from the UNet's (None: channels_last's); eager PyTorch's CUDA
+    # GroupNorm has no channels_last kernel (it copies to contiguous), which the compiled UNet avoids
+    # but the uncompiled VAE does not
+    vae_channels_last: bool | None = None
+    # torch.compile (inductor, default mode) of the VAE decoder for the compile_latents shapes
+    compile_vae: bool = False
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
     warmup_iters: int = 2  # eager runs on a side stream before a capture
@@ -149,12 +162,19 @@ def apply_backend_flags(config: AccelConfig) -> None:
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
 
 
-def set_memory_format(model: StableDiffusion, channels_last: bool) -> None:
-    """UNet and VAE weights in channels_last (or back to contiguous), in place."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (model.unet, model.vae, model.vae_fallback):
-        if module is not None:
-            module.to(memory_format=memory_format)
+def set_memory_format(
+    model: StableDiffusion, channels_last: bool, vae_channels_last: bool | None = None
+) -> None:
+    """UNet and VAE weights in channels_last (or back to contiguous), in place; the VAE (and its
+    float32 fallback) in `vae_channels_last`'s when given."""
+    vae_channels_last = channels_last if vae_channels_last is None else vae_channels_last
+    for modules, last in (
+        ((model.unet,), channels_last),
+        ((model.vae, model.vae_fallback), vae_channels_last),
+    ):
+        for module in modules:
+            if module is not None:
+                module.to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 @contextlib.contextmanager
@@ -464,17 +484,53 @@ def _compile_mode(config: AccelConfig) -> dict[str, Any]:
     """torch.compile's `mode`, or, with inductor options of ours, the same as `options` (torch.compile
     takes one or the other): the mode's own inductor settings plus ours."""
     mode = None if config.compile_mode == "default" else config.compile_mode
-    if not config.compile_conv_1x1_as_mm or config.compile_backend != "inductor":
+    ours = {
+        name: True
+        for name, wanted in (
+            ("conv_1x1_as_mm", config.compile_conv_1x1_as_mm),
+            ("max_autotune_gemm", config.compile_autotune_matmuls),
+        )
+        if wanted
+    }
+    if not ours or config.compile_backend != "inductor":
         return {"mode": mode}
     from torch._inductor import list_mode_options  # what torch.compile(mode=...) itself applies
 
-    return {"options": {**list_mode_options(config.compile_mode), "conv_1x1_as_mm": True}}
+    return {"options": {**list_mode_options(config.compile_mode), **ours}}
+
+
+class VAEDecoder:
+    """Decodes as `vae.decode(z)` does; with `compile_vae`, the decoder compiled for the chosen
+    latent shapes (`compile_latents`; every shape when none is chosen). Drop-in for
+    `Sampler(model, vae_decoder=...)`. The batch dimension is marked dynamic: one graph for 2 and
+    more latents, one for a single latent (torch specialises size 1)."""
+
+    def __init__(self, vae: nn.Module, config: AccelConfig | None = None) -> None:
+        self.vae = vae
+        self.config = config or AccelConfig()
+        self.compiled: nn.Module | None = None
+        if self.config.compile_vae:
+            self.compiled = torch.compile(vae.decoder, dynamic=None, backend=self.config.compile_backend)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)
+        chosen = not self.config.compile_latents or tuple(z.shape[1:]) in self.config.compile_latents
+        if self.compiled is None or not chosen:
+            return self.vae.decoder(z)
+        torch._dynamo.maybe_mark_dynamic(z, 0)
+        return self.compiled(z)
 
 
 def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
     """Apply `config` to `model` (memory format, in place) and to the process (backend flags, on
-    CUDA only), and return the runner to hand to the Sampler."""
-    set_memory_format(model, config.channels_last)
+    CUDA only), and return the runner to hand to the Sampler (`prepare_vae`: its VAE decoder)."""
+    set_memory_format(model, config.channels_last, config.vae_channels_last)
     if model.device.type == "cuda":
         apply_backend_flags(config)
     return UNetRunner(model.unet, config)
+
+
+def prepare_vae(model: StableDiffusion, config: AccelConfig) -> VAEDecoder | None:
+    """The VAE decoder to hand to the Sampler: None (the plain `model.vae.decode`) without compile_vae."""
+    return VAEDecoder(model.vae, config) if config.compile_vae else None

@@ -28,6 +28,8 @@ MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
 # (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None) -> (B, C', h, w):
 # the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in
 UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# unscaled latents (B, C, h, w) in the VAE's dtype -> images (B, 3, H, W): `vae.decode`'s signature
+VAEDecode = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,19 @@ class Sampler:
     """Guided DDIM over batches of images, one step at a time, on one loaded model."""
 
     def __init__(
-        self, model: StableDiffusion, max_text_batch: int = 64, unet_runner: UNetCall | None = None
+        self,
+        model: StableDiffusion,
+        max_text_batch: int = 64,
+        unet_runner: UNetCall | None = None,
+        vae_decoder: VAEDecode | None = None,
     ) -> None:
         """`max_text_batch`: prompt chunks per text-encoder call. `unet_runner`: called instead of
-        `model.unet` for every denoising step (e.g. models.accel.UNetRunner: CUDA graphs)."""
+        `model.unet` for every denoising step (e.g. models.accel.UNetRunner: CUDA graphs).
+        `vae_decoder`: called instead of `model.vae.decode` (e.g. models.accel.VAEDecoder)."""
         self.model = model
         self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, max_text_batch)
         self.unet: UNetCall = unet_runner if unet_runner is not None else model.unet
+        self.vae_decode: VAEDecode = vae_decoder if vae_decoder is not None else model.vae.decode
 
     @torch.no_grad()
     def start(self, items: Sequence[tuple[Hashable, GenerationRequest]]) -> list[list[ActiveImage]]:
@@ -246,7 +254,7 @@ class Sampler:
         what cannot be decoded to finite values raises FloatingPointError."""
         model = self.model
         scaled = latents / model.vae.config.scaling_factor
-        decoded = model.vae.decode(scaled.to(model.vae_dtype))
+        decoded = self.vae_decode(scaled.to(model.vae_dtype))
         if not bool(decoded.isfinite().all()):
             decoded = self._decode_again(scaled)
         image = (decoded.float() / 2 + 0.5).clamp(0, 1)
@@ -293,10 +301,13 @@ def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 
 def generate(
-    model: StableDiffusion, request: GenerationRequest, unet_runner: UNetCall | None = None
+    model: StableDiffusion,
+    request: GenerationRequest,
+    unet_runner: UNetCall | None = None,
+    vae_decoder: VAEDecode | None = None,
 ) -> list[np.ndarray]:
     """Run one request alone to the end: its images as (H, W, 3) uint8 arrays."""
-    sampler = Sampler(model, unet_runner=unet_runner)
+    sampler = Sampler(model, unet_runner=unet_runner, vae_decoder=vae_decoder)
     (images,) = sampler.start([(0, request)])
     while not images[0].done:
         sampler.step(images)

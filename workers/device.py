@@ -80,6 +80,11 @@ def accel_config(settings: WorkerSettings) -> AccelConfig:
         compile_mode=settings.compile,
         compile_dynamic_batch=settings.compile_dynamic_batch,
         compile_conv_1x1_as_mm=settings.compile_conv_1x1_as_mm,
+        compile_autotune_matmuls=settings.compile_autotune_matmuls,
+        vae_channels_last=None
+        if settings.vae_channels_last == "auto"
+        else settings.vae_channels_last == "true",
+        compile_vae=settings.compile_vae,
         tf32=settings.tf32,
         cudnn_benchmark=settings.cudnn_benchmark,
     )

@@ -26,7 +26,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from models.accel import AccelConfig, UNetRunner, prepare
+from models.accel import AccelConfig, UNetRunner, VAEDecoder, prepare, prepare_vae
 from models.default_model import default_model_path
 from models.loading import load_model
 from models.sampler import GenerationRequest, Sampler, generate
@@ -74,18 +74,36 @@ def prepare_unet(model: StableDiffusion, runner: UNetRunner | None, max_rows: in
     log.info("UNet ready in %.1f s (%d batch buckets prepared)", time.perf_counter() - started, buckets)
 
 
-def warm_up(model: StableDiffusion, runner: UNetRunner | None, vae_batch: int) -> None:
+def prepare_vae_decoder(model: StableDiffusion, vae_decoder: VAEDecoder | None) -> None:
+    """With SD_COMPILE_VAE, compile the VAE decoder at the native size on the main thread, as the
+    UNet's: one decode of 1 latent and one of 2 (the graph for every larger count)."""
+    if vae_decoder is None or vae_decoder.compiled is None:
+        return
+    started = time.perf_counter()
+    latent = native_latent(model)
+    with torch.no_grad():
+        for count in (1, 2):
+            vae_decoder(torch.zeros((count, *latent), device=model.device, dtype=model.vae_dtype))
+    log.info("VAE decoder compiled in %.1f s", time.perf_counter() - started)
+
+
+def warm_up(
+    model: StableDiffusion, runner: UNetRunner | None, vae_batch: int, vae_decoder: VAEDecoder | None = None
+) -> None:
     """One tiny guided generation, so the first job does not pay for lazy initialisation, and on
     CUDA one decode of every VAE batch size up to `vae_batch` (cuDNN autotunes each new shape). Run
     on the engine's thread (Engine.start): PyTorch keeps cuDNN's autotuning results per thread."""
     started = time.perf_counter()
     width, height = model.native_size
     generate(
-        model, GenerationRequest(prompt="warm-up", width=width, height=height, steps=1), unet_runner=runner
+        model,
+        GenerationRequest(prompt="warm-up", width=width, height=height, steps=1),
+        unet_runner=runner,
+        vae_decoder=vae_decoder,
     )
     decodes = 0
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
-        sampler = Sampler(model)
+        sampler = Sampler(model, vae_decoder=vae_decoder)
         for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
             try:
                 sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
@@ -104,10 +122,11 @@ def warm_up(model: StableDiffusion, runner: UNetRunner | None, vae_batch: int) -
 def fast_path(
     accel: AccelConfig | None, settings: WorkerSettings, model: StableDiffusion
 ) -> AccelConfig | None:
-    """The UNet fast path for this model: with SD_COMPILE and SD_COMPILE_SIZES=native, only its
-    native size with one-chunk prompts is compiled (at warm-up), so no other request waits for a
-    compile."""
-    if accel is None or accel.compile_mode == "off" or settings.compile_sizes == "all":
+    """The fast path for this model: with SD_COMPILE (or SD_COMPILE_VAE) and SD_COMPILE_SIZES=native,
+    only its native size with one-chunk prompts is compiled (at warm-up), so no other request waits
+    for a compile."""
+    compiles = accel is not None and (accel.compile_mode != "off" or accel.compile_vae)
+    if accel is None or not compiles or settings.compile_sizes == "all":
         return accel
     return dataclasses.replace(
         accel, compile_latents=(native_latent(model),), compile_context_lengths=(CONTEXT_TOKENS,)
@@ -130,6 +149,7 @@ class WorkerProcess:
         model_name: str,
         runner: UNetRunner | None = None,
         warm_up: Callable[[], None] | None = None,
+        vae_decoder: VAEDecoder | None = None,
     ) -> None:
         self.settings = settings
         self._warm_up = warm_up  # run on the engine's thread before the first job is taken
@@ -145,7 +165,9 @@ class WorkerProcess:
             ),
             results=ResultWriter(client, model_name, settings.result_ttl_s),
             progress=RedisProgress(client, settings.result_ttl_s),
-            sampler_factory=lambda m: Sampler(m, runtime.text_batch, unet_runner=runner),
+            sampler_factory=lambda m: Sampler(
+                m, runtime.text_batch, unet_runner=runner, vae_decoder=vae_decoder
+            ),
         )
         self.slots = SlotPool(
             runtime.slots,
@@ -274,16 +296,19 @@ def main() -> int:
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
         return 2
-    runner = None
+    runner, vae_decoder = None, None
     accel = fast_path(runtime.accel, settings, model)
     if accel is not None:
         runner = prepare(model, accel)
+        vae_decoder = prepare_vae(model, accel)
         log.info("UNet fast path: %s", accel)
     warm = None
     if settings.warmup:
         prepare_unet(model, runner, runtime.max_batch_rows)
-        warm = functools.partial(warm_up, model, runner, runtime.vae_batch)
-    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, runner, warm).run()
+        prepare_vae_decoder(model, vae_decoder)
+        warm = functools.partial(warm_up, model, runner, runtime.vae_batch, vae_decoder)
+    name = settings.model_name or model.name
+    return WorkerProcess(settings, runtime, model, name, runner, warm, vae_decoder).run()
 
 
 if __name__ == "__main__":

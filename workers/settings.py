@@ -78,6 +78,10 @@ class WorkerSettings(JanitorSettings):
         description="cuda: UNet and VAE convolutions in channels_last; auto: with SD_COMPILE only (1.05x "
         "compiled, 0.9x eager on an H100)",
     )
+    vae_channels_last: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="cuda: the VAE's convolutions in channels_last; auto: as SD_CHANNELS_LAST",
+    )
     sdpa_backend: SdpaBackend = Field(
         "auto", description="cuda: UNet attention kernel (auto: PyTorch's choice, cuDNN on an H100)"
     )
@@ -95,6 +99,16 @@ class WorkerSettings(JanitorSettings):
         False,
         description="cuda, with SD_COMPILE: inductor lowers 1x1 convolutions to matmuls, fused with "
         "their neighbours (0.96x for SD 1.5 at batch 16 on an H100)",
+    )
+    compile_autotune_matmuls: bool = Field(
+        False,
+        description="cuda, with SD_COMPILE: inductor benchmarks Triton matmul templates against cuBLAS "
+        "for each matmul (longer compile; not yet measured on a GPU)",
+    )
+    compile_vae: bool = Field(
+        False,
+        description="cuda: torch.compile the VAE decoder too (native size; about a minute more of "
+        "start-up; not yet measured on a GPU)",
     )
     compile_sizes: Literal["native", "all"] = Field(
         "native",
@@ -141,7 +155,7 @@ class WorkerSettings(JanitorSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("channels_last", mode="before")
+    @field_validator("channels_last", "vae_channels_last", mode="before")
     @classmethod
     def _channels_last_words(cls, value: object) -> object:
         """auto, or any way of saying yes or no a boolean setting takes (true/false, 1/0, yes/no, on/off)."""

@@ -55,19 +55,31 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     assert names[:4] == [
         "fast path (default)",
         "+ 1x1 convolutions as matmuls (inductor)",
+        "+ Triton matmul autotuning (inductor)",
         "default, VAE float32",
+    ]
+    assert names[4:7] == [
+        "default, VAE contiguous",
+        "default + VAE decoder compiled",
         "CUDA graphs only (SD_COMPILE=off)",
     ]
-    assert "- CUDA graphs" in names and len(names) == 12
-    # the decode alone: float16 pixels within a level of float32's, the fallback takes over an overflow
-    float32_vae, float16_vae = results["vae"]["rows"]
-    assert (float32_vae["vae_dtype"], float16_vae["vae_dtype"]) == ("float32", "float16")
-    assert float32_vae["max_level_diff"] == 0 and float16_vae["max_level_diff"] <= 1
+    assert "- CUDA graphs" in names and len(names) == 15
+    # the decode alone: float16 pixels within a level of float32's (any layout, compiled or not), the
+    # fallback takes over an overflow
+    vae_rows = results["vae"]["rows"]
+    assert [(r["vae_dtype"], r["layout"]) for r in vae_rows] == [
+        ("float32", "channels_last"),
+        ("float16", "channels_last"),
+        ("float16, other layout", "contiguous"),
+        ("float16, decoder compiled", "channels_last"),
+    ]
+    assert vae_rows[0]["max_level_diff"] == 0
+    assert all(r["max_level_diff"] <= 1 and r["s"] > 0 for r in vae_rows)
     assert results["vae"]["fallback"] == {
         "float16_decode_finite": False,
         "fallback_max_level_diff_vs_float32": 0,
     }
-    assert "| float16 | 1 | 8 |" in (tmp_path / "gpu_bench.md").read_text()
+    assert "| float16 | channels_last | 1 | 8 |" in (tmp_path / "gpu_bench.md").read_text()
     for row in results["ablations"]:  # outputs kept (bfloat16 has 3 fewer mantissa bits)
         assert row["vs_default_relative_error"] < (5e-2 if "bfloat16" in row["name"] else 1e-3), row["name"]
     assert results["flops"]["source"] == "counted" and results["flops"]["unet_cfg_step_flop"] > 0

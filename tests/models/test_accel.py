@@ -20,8 +20,10 @@ from models.accel import (
     FAST_CUDA,
     AccelConfig,
     UNetRunner,
+    VAEDecoder,
     apply_backend_flags,
     prepare,
+    prepare_vae,
     set_memory_format,
 )
 from models.configs import UNetConfig
@@ -247,8 +249,12 @@ def test_inductor_options_go_with_the_compile_mode(unet: UNet2DConditionModel) -
         "options": {**list_mode_options("max-autotune-no-cudagraphs"), "conv_1x1_as_mm": True}
     }
     assert _compile_mode(tuned)["options"]["max_autotune"] is True
+    tuned_matmuls = dataclasses.replace(plain, compile_autotune_matmuls=True)
+    assert _compile_mode(tuned_matmuls) == {"options": {"max_autotune_gemm": True}}
+    both = dataclasses.replace(fused, compile_autotune_matmuls=True)
+    assert _compile_mode(both) == {"options": {"conv_1x1_as_mm": True, "max_autotune_gemm": True}}
     assert _compile_mode(dataclasses.replace(fused, compile_backend="eager")) == {"mode": None}
-    for config in (fused, tuned):  # torch.compile accepts them (it compiles at the first call)
+    for config in (fused, tuned, both):  # torch.compile accepts them (it compiles at the first call)
         assert UNetRunner(unet, config).compiled is not None
     torch._dynamo.reset()
 
@@ -291,6 +297,51 @@ def test_prepare_sets_the_memory_format_and_leaves_the_cpu_flags(random_models: 
     assert runner.unet is model.unet
     set_memory_format(model, False)
     assert model.unet.conv_in.weight.is_contiguous()
+
+
+def test_the_vae_may_take_its_own_layout(random_models: dict[str, Path]) -> None:
+    model = load_model(random_models["sd1"], vae_dtype=torch.float16, vae_fallback=True)
+    prepare(model, AccelConfig(channels_last=True, vae_channels_last=False))
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.unet.conv_in.weight.is_contiguous()
+    for vae in (model.vae, model.vae_fallback):
+        assert vae.decoder.conv_in.weight.is_contiguous()
+    prepare(model, AccelConfig(channels_last=False, vae_channels_last=True))
+    assert model.unet.conv_in.weight.is_contiguous()
+    for vae in (model.vae, model.vae_fallback):
+        assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not vae.decoder.conv_in.weight.is_contiguous()
+    prepare(model, AccelConfig(channels_last=True))  # None: the VAE follows the UNet
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vae_decoder_compiles_the_chosen_shape_once_for_every_count_above_one(
+    random_models: dict[str, Path],
+) -> None:
+    """compile_vae: the decoder compiled for the chosen latent shape, one graph for 2+ latents (batch
+    dimension dynamic) and one for a single latent; another shape decodes uncompiled. Pictures as
+    `vae.decode` gives them."""
+    model = load_model(random_models["sd1"])
+    assert prepare_vae(model, AccelConfig()) is None  # off: the Sampler calls vae.decode
+    compiled: list[object] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiled.append(example_inputs[0].shape if example_inputs else None)
+        return graph.forward
+
+    torch._dynamo.reset()
+    config = AccelConfig(compile_vae=True, compile_backend=counting_backend, compile_latents=((4, 8, 8),))
+    decoder = prepare_vae(model, config)
+    assert isinstance(decoder, VAEDecoder)
+    g = torch.Generator().manual_seed(3)
+    for count, shape in ((3, (4, 8, 8)), (5, (4, 8, 8)), (1, (4, 8, 8)), (2, (4, 8, 8)), (2, (4, 8, 16))):
+        z = torch.randn((count, *shape), generator=g)
+        assert max_diff(decoder(z), model.vae.decode(z)) <= 1e-5, (count, shape)
+    assert len(compiled) == 2  # 3 (dynamic: 5 and 2 reuse it) and 1; (4, 8, 16) not compiled
+    sampler = Sampler(model, vae_decoder=decoder)
+    z = torch.randn((2, 4, 8, 8), generator=g)
+    np.testing.assert_array_equal(sampler.decode_latents(z), Sampler(model).decode_latents(z))
+    torch._dynamo.reset()
 
 
 # --- the sampler with a runner gives the same pictures ----------------------------------------------

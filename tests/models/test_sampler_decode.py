@@ -106,3 +106,19 @@ def test_the_fallback_must_be_copied_from_float32_weights(random_models: dict[st
     model = load_model(random_models["sd1"], vae_dtype=torch.float16)
     with pytest.raises(ValueError, match="from a float32 VAE"):
         model.keep_float32_decoder()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16_decode_and_its_fallback(random_models: dict[str, Path], latents: torch.Tensor) -> None:
+    """On the GPU, as the worker runs it: float16 VAE in channels_last within a level of float32, and
+    the float32 fallback giving the float32 decode of latents that overflow float16."""
+    from models.accel import set_memory_format
+
+    reference = load_model(random_models["sd1"], "cuda")
+    model = load_model(random_models["sd1"], "cuda", vae_dtype=torch.float16, vae_fallback=True)
+    set_memory_format(model, True)
+    z = latents.cuda()
+    difference = np.abs(pixels(model, z) - pixels(reference, z))
+    assert difference.max() <= 1
+    huge = z * OVERFLOWING
+    assert np.abs(pixels(model, huge) - pixels(reference, huge)).max() <= 1  # layouts differ, TF32 off

@@ -56,6 +56,9 @@ def test_compile_is_for_the_native_size_unless_asked(monkeypatch: pytest.MonkeyP
     assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ((c, h, w),)
     monkeypatch.setenv("SD_COMPILE", "off")
     assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
+    monkeypatch.setenv("SD_COMPILE_VAE", "true")  # the VAE compiled alone: the native size too
+    assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ((c, h, w),)
+    monkeypatch.delenv("SD_COMPILE_VAE")
     monkeypatch.setenv("SD_COMPILE", "default")
     monkeypatch.setenv("SD_COMPILE_SIZES", "all")
     assert fast_path(accel_config(load_settings()), load_settings(), model).compile_latents == ()
@@ -112,6 +115,16 @@ def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from workers.device import accel_config
 
     assert accel_config(load_settings()) == FAST_CUDA  # the defaults are the fast path
+    assert FAST_CUDA.vae_channels_last is None and not FAST_CUDA.compile_vae  # the VAE as the UNet
+    monkeypatch.setenv("SD_VAE_CHANNELS_LAST", "off")
+    monkeypatch.setenv("SD_COMPILE_VAE", "yes")
+    config = accel_config(load_settings())
+    assert config.vae_channels_last is False and config.compile_vae and config.channels_last
+    monkeypatch.setenv("SD_VAE_CHANNELS_LAST", "sometimes")
+    with pytest.raises(ConfigurationError, match="SD_VAE_CHANNELS_LAST"):
+        load_settings()
+    monkeypatch.delenv("SD_VAE_CHANNELS_LAST")
+    monkeypatch.delenv("SD_COMPILE_VAE")
     monkeypatch.setenv("SD_COMPILE_CONV_1X1_AS_MM", "true")
     assert accel_config(load_settings()).compile_conv_1x1_as_mm and not FAST_CUDA.compile_conv_1x1_as_mm
     monkeypatch.delenv("SD_COMPILE_CONV_1X1_AS_MM")
