@@ -48,19 +48,24 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in v["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['vae_dtype']} | {row['layout']} | failed: {row['error']} |")
+                continue
             lines.append(
                 f"| {row['vae_dtype']} | {row.get('layout', 'n/a')} | {row['latents']} | {row['per_call']} "
                 f"| {_f(row.get('first_s'), 1)} | {row['s']:.3f} "
                 f"| {row['ms_per_image']:.1f} | {row['max_level_diff']} | {row['mean_level_diff']:.3f} "
                 f"| {100 * row['share_off_by_more_than_1']:.3f}% |"
             )
-        f = v["fallback"]
-        lines += [
-            "",
-            f"Latents x3000: float16 decode finite: {f['float16_decode_finite']}; with the float32 "
-            f"fallback, max level diff against float32: {f['fallback_max_level_diff_vs_float32']}.",
-            "",
-        ]
+        lines.append("")
+        f = v.get("fallback")
+        if f:
+            lines += [
+                f"Latents x10000: {f['float16_decodes_overflowed']} of {f['latents']} float16 decodes "
+                "overflowed; with the float32 fallback, max level diff against the float32 decode: "
+                f"{f['fallback_max_level_diff_vs_float32']}.",
+                "",
+            ]
     ours = {r["batch"]: r for r in results.get("ours", [])}
     theirs = {r["batch"]: r for r in results.get("diffusers", [])}
     if ours or theirs:

@@ -26,7 +26,8 @@
 #      real worker, ablations) -> $OUT/gpu_bench.json, $OUT/gpu_bench.md;
 #   5. if time is left: bench/models_bench.py on the GPU (issue 2's figure) -> $OUT/models_bench.json.
 # The whole run keeps within GPU_RUN_DEADLINE_S (default 500 s); optional stages are skipped first.
-# GPU_RUN_TESTS=0 skips step 3; GPU_BENCH_ARGS adds arguments to bench/gpu.py (a shorter rerun).
+# GPU_RUN_TESTS=0 skips step 3 (=after: runs it last, time permitting); GPU_BENCH_ARGS adds
+# arguments to bench/gpu.py (a shorter rerun).
 # On a machine without CUDA, GPU_RUN_QUICK=1 runs the same script with bench/gpu.py --quick (a check).
 
 set -u
@@ -84,12 +85,16 @@ for name in ("transformers", "diffusers", "redis", "rq", "pydantic", "pydantic_s
         print(name, "MISSING:", error)
 EOF
 
-if [ "${GPU_RUN_TESTS:-1}" = 1 ]; then
+cuda_tests() {
     step "CUDA tests of the fast path (tests/models/test_accel.py, test_sampler_decode.py)"
-    timeout 150 $PY -m pytest tests/models/test_accel.py tests/models/test_sampler_decode.py -q -p no:cacheprovider -rs --durations=5 ||
-        echo "CUDA TESTS FAILED (exit $?): the bench runs anyway"
+    timeout "$1" $PY -m pytest tests/models/test_accel.py tests/models/test_sampler_decode.py -q -p no:cacheprovider -rs --durations=5 ||
+        echo "CUDA TESTS FAILED (exit $?)"
+}
+
+if [ "${GPU_RUN_TESTS:-1}" = 1 ]; then
+    cuda_tests 150
 else
-    step "CUDA tests skipped (GPU_RUN_TESTS=0)"
+    step "CUDA tests not run first (GPU_RUN_TESTS=${GPU_RUN_TESTS:-1})"
 fi
 
 step "bench/gpu.py ($(left) s left)"
@@ -113,6 +118,11 @@ if [ "$QUICK" != 1 ] && [ "$(left)" -gt 170 ]; then
         echo "models_bench exited with $?"
 else
     step "bench/models_bench.py skipped ($(left) s left)"
+fi
+
+# GPU_RUN_TESTS=after: the CUDA tests once the bench is done, if 90 s are left
+if [ "${GPU_RUN_TESTS:-1}" = after ]; then
+    if [ "$(left)" -gt 90 ]; then cuda_tests $(($(left) - 10)); else step "CUDA tests skipped ($(left) s left)"; fi
 fi
 
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,memory.used --format=csv 2>/dev/null

@@ -93,7 +93,8 @@ class AccelConfig:
     # Off by default: 0.96x for SD 1.5 at batch 16 on an H100 (cuDNN's channels_last 1x1 convs win)
     compile_conv_1x1_as_mm: bool = False
     # inductor (only): benchmark Triton matmul templates (with fused epilogues) against cuBLAS per
-    # matmul shape, keeping cuDNN's convolutions; a lighter max-autotune (not yet measured on a GPU)
+    # matmul shape, keeping cuDNN's convolutions; a lighter max-autotune (not yet measured on a GPU).
+    # Inductor then also lowers channels_last 1x1 convolutions to matmuls (as conv_1x1_as_mm does)
     compile_autotune_matmuls: bool = False
     # the VAE's layout when it differs from the UNet's (None: channels_last's); eager PyTorch's CUDA
     # GroupNorm has no channels_last kernel (it copies to contiguous), which the compiled UNet avoids
@@ -484,14 +485,12 @@ def _compile_mode(config: AccelConfig) -> dict[str, Any]:
     """torch.compile's `mode`, or, with inductor options of ours, the same as `options` (torch.compile
     takes one or the other): the mode's own inductor settings plus ours."""
     mode = None if config.compile_mode == "default" else config.compile_mode
-    ours = {
-        name: True
-        for name, wanted in (
-            ("conv_1x1_as_mm", config.compile_conv_1x1_as_mm),
-            ("max_autotune_gemm", config.compile_autotune_matmuls),
-        )
-        if wanted
-    }
+    ours: dict[str, Any] = {}
+    if config.compile_conv_1x1_as_mm:
+        ours["conv_1x1_as_mm"] = True
+    if config.compile_autotune_matmuls:
+        # convolutions stay cuDNN's (inductor would otherwise try Triton conv templates too)
+        ours |= {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}
     if not ours or config.compile_backend != "inductor":
         return {"mode": mode}
     from torch._inductor import list_mode_options  # what torch.compile(mode=...) itself applies

@@ -249,19 +249,21 @@ class Sampler:
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """(N, C, h, w) latents -> (N, H, W, 3) uint8, as diffusers' pipeline post-processes them.
 
-        A decode that gives inf/NaN (a float16 VAE can overflow) is done again by the float32
-        fallback decoder when the model keeps one; NaN never becomes a silently black picture:
-        what cannot be decoded to finite values raises FloatingPointError."""
+        Latents whose decode gives inf/NaN (a float16 VAE can overflow) are decoded again by the
+        float32 fallback decoder when the model keeps one; NaN never becomes a silently black
+        picture: what cannot be decoded to finite values raises FloatingPointError."""
         model = self.model
         scaled = latents / model.vae.config.scaling_factor
         decoded = self.vae_decode(scaled.to(model.vae_dtype))
-        if not bool(decoded.isfinite().all()):
-            decoded = self._decode_again(scaled)
+        overflowed = ~decoded.isfinite().flatten(1).all(dim=1)
+        if bool(overflowed.any()):
+            decoded = decoded.float()
+            decoded[overflowed] = self._decode_again(scaled[overflowed])
         image = (decoded.float() / 2 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def _decode_again(self, scaled: torch.Tensor) -> torch.Tensor:
-        """The VAE decode overflowed: decode in float32 if the latents are finite and a float32
+        """These latents' decode overflowed: decode them in float32 if they are finite and a float32
         decoder is kept, else raise."""
         model = self.model
         if not bool(scaled.isfinite().all()):
@@ -269,6 +271,8 @@ class Sampler:
                 f"the denoised latents hold inf/NaN: the UNet overflowed in {model.dtype} "
                 "(a float32 or bfloat16 UNet avoids it)"
             )
+        if model.vae_dtype == torch.float32:
+            raise FloatingPointError("the float32 VAE decode gives inf/NaN")
         if model.vae_fallback is None:
             raise FloatingPointError(
                 f"the {model.vae_dtype} VAE decode overflowed to inf/NaN and no float32 decoder is "

@@ -75,7 +75,8 @@ def generation_request_model(settings: Settings) -> type[ImageGenerationRequestB
         name: (txt2img_fields[name].annotation, txt2img_fields[name]) for name in SHARED_FIELDS
     }
     for name, source in RENAMED_FIELDS.items():
-        fields[name] = (txt2img_fields[source].annotation, txt2img_fields[source])
+        # OpenAI documents `n` as "integer or null": null (what its SDK sends for n=None) is the default
+        fields[name] = (txt2img_fields[source].annotation | None, txt2img_fields[source])
     examples = [
         {"prompt": PROMPT_EXAMPLE, "n": 2, "size": "512x512", "response_format": "b64_json"},
         {

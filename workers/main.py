@@ -29,7 +29,7 @@ from redis.retry import Retry
 from models.accel import AccelConfig, UNetRunner, VAEDecoder, prepare, prepare_vae
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.sampler import GenerationRequest, Sampler, generate
+from models.sampler import GenerationRequest, Sampler, VAEDecode, generate
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
 from schemas.workers import WorkerInfo
@@ -88,7 +88,7 @@ def prepare_vae_decoder(model: StableDiffusion, vae_decoder: VAEDecoder | None) 
 
 
 def warm_up(
-    model: StableDiffusion, runner: UNetRunner | None, vae_batch: int, vae_decoder: VAEDecoder | None = None
+    model: StableDiffusion, runner: UNetRunner | None, vae_batch: int, vae_decoder: VAEDecode | None = None
 ) -> None:
     """One tiny guided generation, so the first job does not pay for lazy initialisation, and on
     CUDA one decode of every VAE batch size up to `vae_batch` (cuDNN autotunes each new shape). Run
@@ -149,7 +149,7 @@ class WorkerProcess:
         model_name: str,
         runner: UNetRunner | None = None,
         warm_up: Callable[[], None] | None = None,
-        vae_decoder: VAEDecoder | None = None,
+        vae_decoder: VAEDecode | None = None,
     ) -> None:
         self.settings = settings
         self._warm_up = warm_up  # run on the engine's thread before the first job is taken

@@ -103,7 +103,7 @@ class WorkerSettings(JanitorSettings):
     compile_autotune_matmuls: bool = Field(
         False,
         description="cuda, with SD_COMPILE: inductor benchmarks Triton matmul templates against cuBLAS "
-        "for each matmul (longer compile; not yet measured on a GPU)",
+        "for each matmul, convolutions staying cuDNN's (longer compile; not yet measured on a GPU)",
     )
     compile_vae: bool = Field(
         False,

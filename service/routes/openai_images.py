@@ -96,7 +96,7 @@ def to_txt2img(body: ImageGenerationRequestBase, settings: Settings) -> Txt2ImgR
     """The txt2img request an OpenAI body stands for, validated by the txt2img model (400 otherwise)."""
     given = body.model_dump(exclude_unset=True)
     fields: dict[str, Any] = {name: given[name] for name in SHARED_FIELDS if name in given}
-    fields |= {source: given[name] for name, source in RENAMED_FIELDS.items() if name in given}
+    fields |= {source: given[name] for name, source in RENAMED_FIELDS.items() if given.get(name) is not None}
     size = body.size_pixels()
     if size is not None:
         fields["width"], fields["height"] = size

@@ -76,7 +76,8 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     assert vae_rows[0]["max_level_diff"] == 0
     assert all(r["max_level_diff"] <= 1 and r["s"] > 0 for r in vae_rows)
     assert results["vae"]["fallback"] == {
-        "float16_decode_finite": False,
+        "latents": 2,
+        "float16_decodes_overflowed": 2,
         "fallback_max_level_diff_vs_float32": 0,
     }
     assert "| float16 | channels_last | 1 | 8 |" in (tmp_path / "gpu_bench.md").read_text()
@@ -91,6 +92,29 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     assert any("conv" in row["name"] for row in profile["top"][:5])  # a UNet's time is mostly convs
     assert sum(row["share"] for row in profile["top"]) <= 1.0 + 1e-6
     assert "Profile: one UNet call of 2 rows" in report
+
+
+def test_a_vae_row_that_fails_is_recorded_and_the_others_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_compile(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("inductor failed")
+
+    monkeypatch.setattr(gpu, "VAEDecoder", broken_compile)
+    argv = ["--quick", "--steps", "2", "--batches", "1", "--ablation-batch", "2"]
+    argv += ["--skip", "precision", "ours", "diffusers", "engine", "worker", "ablations"]
+    gpu.main([*argv, "--out", str(tmp_path)])  # exit status 1: no "ours" figures, skipped here
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert results["stages"]["vae"]["status"] == "ok"
+    rows = results["vae"]["rows"]
+    assert [("error" in row) for row in rows] == [False, False, False, True]
+    assert "inductor failed" in rows[3]["error"] and rows[1]["s"] > 0
+    assert results["vae"]["fallback"]["float16_decodes_overflowed"] == 2
+    assert results["vae"]["fallback"]["fallback_max_level_diff_vs_float32"] == 0
+    assert (
+        "| float16, decoder compiled | channels_last | failed: RuntimeError: inductor failed |"
+        in (tmp_path / "gpu_bench.md").read_text()
+    )
 
 
 def test_ablations_can_be_chosen_by_key(tmp_path: Path) -> None:

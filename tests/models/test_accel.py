@@ -250,9 +250,10 @@ def test_inductor_options_go_with_the_compile_mode(unet: UNet2DConditionModel) -
     }
     assert _compile_mode(tuned)["options"]["max_autotune"] is True
     tuned_matmuls = dataclasses.replace(plain, compile_autotune_matmuls=True)
-    assert _compile_mode(tuned_matmuls) == {"options": {"max_autotune_gemm": True}}
+    matmuls_only = {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}  # cuDNN's convs
+    assert _compile_mode(tuned_matmuls) == {"options": matmuls_only}
     both = dataclasses.replace(fused, compile_autotune_matmuls=True)
-    assert _compile_mode(both) == {"options": {"conv_1x1_as_mm": True, "max_autotune_gemm": True}}
+    assert _compile_mode(both) == {"options": {"conv_1x1_as_mm": True, **matmuls_only}}
     assert _compile_mode(dataclasses.replace(fused, compile_backend="eager")) == {"mode": None}
     for config in (fused, tuned, both):  # torch.compile accepts them (it compiles at the first call)
         assert UNetRunner(unet, config).compiled is not None

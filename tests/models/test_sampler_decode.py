@@ -76,6 +76,20 @@ def test_an_overflowing_float16_decode_is_done_again_in_float32(
     assert "overflowed: decoding them again in float32" in caplog.text
 
 
+def test_only_the_latents_that_overflow_are_decoded_again(
+    float32_model: StableDiffusion,
+    float16_vae_model: StableDiffusion,
+    latents: torch.Tensor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mixed = torch.cat([latents[:1], latents[1:] * OVERFLOWING])  # row 0 fine, row 1 overflows
+    with caplog.at_level("WARNING", logger="models.sampler"):
+        got = pixels(float16_vae_model, mixed)
+    assert "decode of 1 latents overflowed" in caplog.text
+    np.testing.assert_array_equal(got[1], pixels(float32_model, mixed[1:])[0])  # float32's, exactly
+    np.testing.assert_array_equal(got[0], pixels(float16_vae_model, mixed[:1])[0])  # float16's
+
+
 def test_without_a_fallback_an_overflow_fails_loudly(
     random_models: dict[str, Path], latents: torch.Tensor
 ) -> None:
@@ -112,8 +126,9 @@ def test_the_fallback_must_be_copied_from_float32_weights(random_models: dict[st
 def test_cuda_float16_decode_and_its_fallback(random_models: dict[str, Path], latents: torch.Tensor) -> None:
     """On the GPU, as the worker runs it: float16 VAE in channels_last within a level of float32, and
     the float32 fallback giving the float32 decode of latents that overflow float16."""
-    from models.accel import set_memory_format
+    from models.accel import AccelConfig, apply_backend_flags, set_memory_format
 
+    apply_backend_flags(AccelConfig())  # float32 without TF32: the reference is exact float32
     reference = load_model(random_models["sd1"], "cuda")
     model = load_model(random_models["sd1"], "cuda", vae_dtype=torch.float16, vae_fallback=True)
     set_memory_format(model, True)
@@ -121,4 +136,4 @@ def test_cuda_float16_decode_and_its_fallback(random_models: dict[str, Path], la
     difference = np.abs(pixels(model, z) - pixels(reference, z))
     assert difference.max() <= 1
     huge = z * OVERFLOWING
-    assert np.abs(pixels(model, huge) - pixels(reference, huge)).max() <= 1  # layouts differ, TF32 off
+    assert np.abs(pixels(model, huge) - pixels(reference, huge)).max() <= 1  # the layouts differ

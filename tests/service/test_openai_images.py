@@ -89,6 +89,14 @@ def test_url_answers_point_at_the_png_route(client: OpenAI, stack: ServiceStack)
     assert png_of(answer.content).size == (96, 64)
 
 
+def test_n_null_means_one_image(client: OpenAI) -> None:
+    """OpenAI documents `n` as "integer or null"; its SDK sends null for n=None."""
+    result = client.images.generate(
+        prompt=PROMPT, n=None, size="64x64", response_format="b64_json", extra_body={**FAST, "seed": 5}
+    )
+    assert len(result.data) == 1 and png_of(base64.b64decode(result.data[0].b64_json)).size == (64, 64)
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
