@@ -86,6 +86,11 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     assert results["flops"]["source"] == "counted" and results["flops"]["unet_cfg_step_flop"] > 0
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| batch | ours img/s | diffusers img/s" in report and "| ablation (batch 1)" in report
+    # each ablation against diffusers at the same batch, same run
+    default_row = next(line for line in report.splitlines() if line.startswith("| fast path (default) |"))
+    vs_default, vs_diffusers = default_row.split("|")[4:6]
+    ratio = results["ablations"][0]["images_per_s"] / results["diffusers"][0]["images_per_s"]
+    assert vs_default.strip() == "1.00x" and vs_diffusers.strip() == f"{ratio:.2f}x"
     assert f"| engine, {fastest['name']} | 2 |" in report and "| engine, 2 | direct |" in report
     profile = results["profile"]
     assert profile["rows"] == 2 and profile["time"] == "host" and len(profile["top"]) > 5
