@@ -88,8 +88,7 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     r = dataclasses.replace
     h = str(half).removeprefix("torch.")
     fast = r(fast, compile_backend=compile_backend) if fast.compile_mode != "off" else fast
-    # what the variants below change; conv_1x1_as_mm only acts with compile
-    graphs = r(fast, compile_mode="off", channels_last=False)
+    graphs = r(fast, compile_mode="off", channels_last=False)  # what the variants below change
     vae = half if half == FP16 else FP32  # the worker's default VAE dtype on CUDA
 
     def compiled(key: str, name: str, needs_s: float = 150, **changes: Any) -> Variant:

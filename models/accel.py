@@ -507,16 +507,14 @@ class VAEDecoder:
     def __init__(self, vae: nn.Module, config: AccelConfig | None = None) -> None:
         self.vae = vae
         self.config = config or AccelConfig()
-        self.compiled: nn.Module | None = None
+        self.compiled: Callable[[Tensor], Tensor] | None = None
         if self.config.compile_vae:
-            self.compiled = torch.compile(vae.decoder, dynamic=None, backend=self.config.compile_backend)
+            self.compiled = torch.compile(vae.decode, dynamic=None, backend=self.config.compile_backend)
 
     def __call__(self, z: Tensor) -> Tensor:
-        if self.vae.post_quant_conv is not None:
-            z = self.vae.post_quant_conv(z)
         chosen = not self.config.compile_latents or tuple(z.shape[1:]) in self.config.compile_latents
         if self.compiled is None or not chosen:
-            return self.vae.decoder(z)
+            return self.vae.decode(z)
         torch._dynamo.maybe_mark_dynamic(z, 0)
         return self.compiled(z)
 

@@ -71,8 +71,7 @@ def resolve_runtime(settings: WorkerSettings) -> Runtime:
 def accel_config(settings: WorkerSettings) -> AccelConfig:
     """The UNet fast path as configured (CUDA only)."""
     return AccelConfig(
-        channels_last=settings.channels_last == "true"
-        or (settings.channels_last == "auto" and settings.compile != "off"),
+        channels_last=_switch(settings.channels_last, auto=settings.compile != "off"),
         sdpa_backend=settings.sdpa_backend,
         cuda_graphs=settings.cuda_graphs and settings.compile != "reduce-overhead",
         buckets=parse_buckets(settings.cuda_graph_buckets),
@@ -81,13 +80,16 @@ def accel_config(settings: WorkerSettings) -> AccelConfig:
         compile_dynamic_batch=settings.compile_dynamic_batch,
         compile_conv_1x1_as_mm=settings.compile_conv_1x1_as_mm,
         compile_autotune_matmuls=settings.compile_autotune_matmuls,
-        vae_channels_last=None
-        if settings.vae_channels_last == "auto"
-        else settings.vae_channels_last == "true",
+        vae_channels_last=_switch(settings.vae_channels_last, auto=None),  # None: as the UNet
         compile_vae=settings.compile_vae,
         tf32=settings.tf32,
         cudnn_benchmark=settings.cudnn_benchmark,
     )
+
+
+def _switch(value: str, auto: bool | None) -> bool | None:
+    """An auto/true/false setting as a boolean, `auto` standing for the given default."""
+    return auto if value == "auto" else value == "true"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -104,9 +104,10 @@ def warm_up(
     decodes = 0
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
         sampler = Sampler(model, vae_decoder=vae_decoder)
+        latent = native_latent(model)
         for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
             try:
-                sampler.decode_latents(torch.zeros((count, *native_latent(model)), device=model.device))
+                sampler.decode_latents(torch.zeros((count, *latent), device=model.device))
             except torch.OutOfMemoryError:
                 # the engine halves its VAE batch when a decode runs out of memory: not a reason to
                 # refuse to start, only to stop warming up larger decodes
