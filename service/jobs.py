@@ -88,8 +88,8 @@ class JobStore:
     def queue_depth(self) -> int:
         return self.redis.llen(self.queue.key)
 
-    def submit(self, params: GenerationParams, owner: str) -> tuple[str, int | None]:
-        """Enqueue a job; returns its id and queue position (0: next to run)."""
+    def submit(self, params: GenerationParams, owner: str) -> tuple[str, JobStatus, int | None]:
+        """Enqueue a job; returns its id, status and queue position (0: next to run; None if not queued)."""
         settings = self.settings
         job_id = uuid.uuid4().hex
         self.queue.enqueue(
@@ -104,7 +104,12 @@ class JobStore:
             retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
             meta={"owner": owner},
         )
-        return job_id, self.redis.lpos(self.queue.key, job_id)
+        position = self.redis.lpos(self.queue.key, job_id)
+        if position is not None:
+            return job_id, JobStatus.QUEUED, position
+        # An idle worker took the job before we read its place: say so rather than "queued, no place".
+        status = Job(job_id, connection=self.redis, serializer=JSONSerializer).get_status(refresh=True)
+        return job_id, api_status(status), None
 
     # --- look up ------------------------------------------------------------------------------
 

@@ -137,7 +137,7 @@ class JobAccepted(BaseModel):
     )
 
     id: str = Field(description="Job id: 32 random hex digits.")
-    status: JobStatus
+    status: JobStatus = Field(description="`queued`, or `running` when an idle worker took it at once.")
     queue_position: int | None = Field(
         description="Jobs ahead of this one in the queue (0: next); null if not queued."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from schemas.jobs import GenerationParams
+from schemas.jobs import GenerationParams, JobStatus
 from service.deps import Services
 from service.errors import QueueFull
 from service.live_workers import live_workers_sync
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QueuedJob:
     id: str
+    status: JobStatus
     queue_position: int | None
     params: GenerationParams
 
@@ -37,7 +38,7 @@ def submit_job(services: Services, request: Txt2ImgRequestBase, owner: str) -> Q
         raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s)
     workers = live_workers_sync(services.redis.sync, settings.worker_stale_s)
     params = resolve_params(request, settings, workers[0] if workers else None)
-    job_id, position = store.submit(params, owner)
+    job_id, status, position = store.submit(params, owner)
     services.metrics.jobs_submitted.inc()
     log.info(
         "queued job %s (%dx%d, %d steps, %d images)",
@@ -47,4 +48,4 @@ def submit_job(services: Services, request: Txt2ImgRequestBase, owner: str) -> Q
         params.steps,
         params.num_images,
     )
-    return QueuedJob(id=job_id, queue_position=position, params=params)
+    return QueuedJob(id=job_id, status=status, queue_position=position, params=params)

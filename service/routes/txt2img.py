@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Response, status
 
-from schemas.jobs import JobStatus
 from service.deps import Owner, ServicesDep
 from service.openapi_docs import VALIDATION_EXAMPLE, error_responses
 from service.schemas import PROMPT_EXAMPLE, JobAccepted, ValidationErrorBody, request_model
@@ -63,6 +62,6 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> JobAccepted:
         job = submit_job(services, request, owner)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
-        return JobAccepted(id=job.id, status=JobStatus.QUEUED, queue_position=job.queue_position)
+        return JobAccepted(id=job.id, status=job.status, queue_position=job.queue_position)
 
     return router
