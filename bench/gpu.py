@@ -58,6 +58,7 @@ from models.accel import (  # noqa: E402
     AccelConfig,
     VAEDecoder,
     apply_backend_flags,
+    fuse_attention_projections,
     prepare,
     prepare_vae,
     set_memory_format,
@@ -105,6 +106,14 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             fast,
             # the ours stage compiled the same graphs: inductor's cache has them
             needs_s=60 if fast.compile_mode != "off" else 15,
+        ),
+        Variant(
+            "fuse-projections",
+            "+ q/k/v projections fused",
+            half,
+            vae,
+            r(fast, fuse_projections=True),
+            needs_s=90,  # a compile of its own
         ),
         Variant(
             "conv1x1",
@@ -181,6 +190,7 @@ class MasterWeights:
         }
 
     def apply(self, model: StableDiffusion, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+        fuse_attention_projections(model, fuse=False)  # diffusers' keys, as the states have them
         model.to(dtype=dtype, vae_dtype=vae_dtype)
         for name, state in self.states.items():
             getattr(model, name).load_state_dict(state)
@@ -603,6 +613,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SD_COMPILE_CONV_1X1_AS_MM": str(accel.compile_conv_1x1_as_mm).lower(),
                 "SD_COMPILE_AUTOTUNE_MATMULS": str(accel.compile_autotune_matmuls).lower(),
                 "SD_COMPILE_VAE": str(accel.compile_vae).lower(),
+                "SD_FUSE_PROJECTIONS": str(accel.fuse_projections).lower(),
             }
             if accel.vae_channels_last is not None:
                 env["SD_VAE_CHANNELS_LAST"] = str(accel.vae_channels_last).lower()

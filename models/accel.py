@@ -24,6 +24,8 @@
 - **torch.compile of the VAE decoder** (`compile_vae`, off by default: not yet measured), for the
   same chosen latent shapes, the batch dimension dynamic (decode calls take 1 to `vae_batch`
   latents); other shapes decode uncompiled. `VAEDecoder` is what the Sampler calls.
+- **Fused attention projections** (`fuse_projections`, off by default: not yet measured): one
+  matmul for each attention's q, k and v instead of three, the UNet's and the VAE's.
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
 
 On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
@@ -102,6 +104,9 @@ class AccelConfig:
     vae_channels_last: bool | None = None
     # torch.compile (inductor, default mode) of the VAE decoder for the compile_latents shapes
     compile_vae: bool = False
+    # one matmul for each attention's q, k and v (cross-attention: k and v), UNet and VAE: the
+    # input read once; same outputs (not yet measured on a GPU)
+    fuse_projections: bool = False
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
     warmup_iters: int = 2  # eager runs on a side stream before a capture
@@ -176,6 +181,26 @@ def set_memory_format(
         for module in modules:
             if module is not None:
                 module.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+
+
+def fuse_attention_projections(model: StableDiffusion, fuse: bool = True) -> None:
+    """Every attention of the UNet and the VAE (and its float32 fallback) fused in place: one
+    matmul for q, k and v (models/blocks.py); the state dict then no longer has diffusers' keys.
+    `fuse=False` splits them back (diffusers' keys again)."""
+    for module in (model.unet, model.vae, model.vae_fallback):
+        if module is not None:
+            fuse_projections_in(module, fuse)
+
+
+def fuse_projections_in(module: nn.Module, fuse: bool = True) -> None:
+    """`fuse_attention_projections` for one module (a UNet, a VAE) and its children."""
+    for layer in list(module.modules()):
+        if not hasattr(layer, "fuse_projections"):
+            continue
+        if fuse:
+            layer.fuse_projections()
+        else:
+            layer.unfuse_projections()
 
 
 @contextlib.contextmanager
@@ -523,6 +548,8 @@ def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
     """Apply `config` to `model` (memory format, in place) and to the process (backend flags, on
     CUDA only), and return the runner to hand to the Sampler (`prepare_vae`: its VAE decoder)."""
     set_memory_format(model, config.channels_last, config.vae_channels_last)
+    if config.fuse_projections:
+        fuse_attention_projections(model)
     if model.device.type == "cuda":
         apply_backend_flags(config)
     return UNetRunner(model.unet, config)

@@ -148,26 +148,100 @@ def multihead_attention(
     return out.transpose(1, 2).reshape(b, lq, inner)  # (B, Lq, H*D)
 
 
+def fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the given Linears' outputs side by side, for a shared input: one
+    matmul reads the input once instead of once per projection."""
+    first = linears[0]
+    has_bias = first.bias is not None
+    fused = nn.Linear(
+        first.in_features,
+        sum(linear.out_features for linear in linears),
+        bias=has_bias,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([linear.weight for linear in linears]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([linear.bias for linear in linears]))
+    return fused.requires_grad_(first.weight.requires_grad)  # a frozen model stays frozen
+
+
+def split_linear(fused: nn.Linear, parts: int) -> list[nn.Linear]:
+    """The inverse of `fused_linear` for `parts` equal outputs."""
+    out_features = fused.out_features // parts
+    weights = fused.weight.detach().chunk(parts)
+    biases = fused.bias.detach().chunk(parts) if fused.bias is not None else [None] * parts
+    linears = []
+    for weight, bias in zip(weights, biases, strict=True):
+        linear = nn.Linear(
+            fused.in_features,
+            out_features,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linears.append(linear.requires_grad_(fused.weight.requires_grad))
+    return linears
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention (`context_dim=None`) or cross-attention; q/k/v without bias."""
+    """Multi-head self-attention (`context_dim=None`) or cross-attention; q/k/v without bias.
+
+    `fuse_projections()` replaces to_q/to_k/to_v by one matmul (`to_qkv`; cross-attention: to_q and
+    `to_kv`, whose input is the text): same outputs, no longer diffusers' state-dict keys, so it is
+    for a loaded model about to run (models/accel.py); `unfuse_projections()` gives the keys back.
+    """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.upcast = upcast
+        self.is_cross = context_dim is not None
         kv_dim = dim if context_dim is None else context_dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        self.to_q: nn.Linear | None = nn.Linear(dim, dim, bias=False)
+        self.to_k: nn.Linear | None = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v: nn.Linear | None = nn.Linear(kv_dim, dim, bias=False)
+        self.to_qkv: nn.Linear | None = None
+        self.to_kv: nn.Linear | None = None
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a Dropout
+
+    def fuse_projections(self) -> None:
+        """One matmul for q, k and v (self-attention) or for k and v (cross-attention); idempotent."""
+        if self.to_k is None:
+            return
+        if self.is_cross:
+            self.to_kv = fused_linear(self.to_k, self.to_v)
+        else:
+            self.to_qkv = fused_linear(self.to_q, self.to_k, self.to_v)
+            self.to_q = None
+        self.to_k = self.to_v = None
+
+    def unfuse_projections(self) -> None:
+        """Back to to_q/to_k/to_v (diffusers' state-dict keys), the fused weights split; idempotent."""
+        if self.to_qkv is not None:
+            self.to_q, self.to_k, self.to_v = split_linear(self.to_qkv, 3)
+            self.to_qkv = None
+        if self.to_kv is not None:
+            self.to_k, self.to_v = split_linear(self.to_kv, 2)
+            self.to_kv = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x (B, L, C); context (B, Lc, Cc) or None for self-attention; mask bool (B, 1, 1, Lc)
-        context = x if context is None else context
-        out = multihead_attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask, self.upcast
-        )
-        return self.to_out[0](out)  # (B, L, C)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # views of one (B, L, 3C) output
+        else:
+            context = x if context is None else context
+            q = self.to_q(x)
+            if self.to_kv is not None:
+                k, v = self.to_kv(context).chunk(2, dim=-1)
+            else:
+                k, v = self.to_k(context), self.to_v(context)
+        return self.to_out[0](multihead_attention(q, k, v, self.heads, mask, self.upcast))  # (B, L, C)
 
 
 class GEGLU(nn.Module):

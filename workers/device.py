@@ -82,6 +82,7 @@ def accel_config(settings: WorkerSettings) -> AccelConfig:
         compile_autotune_matmuls=settings.compile_autotune_matmuls,
         vae_channels_last=_switch(settings.vae_channels_last, auto=None),  # None: as the UNet
         compile_vae=settings.compile_vae,
+        fuse_projections=settings.fuse_projections,
         tf32=settings.tf32,
         cudnn_benchmark=settings.cudnn_benchmark,
     )

@@ -110,6 +110,11 @@ class WorkerSettings(JanitorSettings):
         description="cuda: torch.compile the VAE decoder too (native size; about a minute more of "
         "start-up; not yet measured on a GPU)",
     )
+    fuse_projections: bool = Field(
+        False,
+        description="cuda: one matmul for each attention's q, k and v (k and v for cross-attention), "
+        "UNet and VAE, same outputs (not yet measured on a GPU)",
+    )
     compile_sizes: Literal["native", "all"] = Field(
         "native",
         description="cuda, with SD_COMPILE: compile the native size's buckets at warm-up (other sizes, "

@@ -54,16 +54,17 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(tmp_path: Path) -> N
     names = [row["name"] for row in results["ablations"]]
     assert names[:4] == [
         "fast path (default)",
+        "+ q/k/v projections fused",
         "+ 1x1 convolutions as matmuls (inductor)",
         "+ Triton matmul autotuning (inductor)",
-        "default, VAE float32",
     ]
-    assert names[4:7] == [
+    assert names[4:8] == [
+        "default, VAE float32",
         "default, VAE contiguous",
         "default + VAE decoder compiled",
         "CUDA graphs only (SD_COMPILE=off)",
     ]
-    assert "- CUDA graphs" in names and len(names) == 15
+    assert "- CUDA graphs" in names and len(names) == 16
     # the decode alone: float16 pixels within a level of float32's (any layout, compiled or not), the
     # fallback takes over an overflow
     vae_rows = results["vae"]["rows"]

@@ -22,6 +22,8 @@ from models.accel import (
     UNetRunner,
     VAEDecoder,
     apply_backend_flags,
+    fuse_attention_projections,
+    fuse_projections_in,
     prepare,
     prepare_vae,
     set_memory_format,
@@ -345,6 +347,52 @@ def test_vae_decoder_compiles_the_chosen_shape_once_for_every_count_above_one(
     torch._dynamo.reset()
 
 
+def test_fused_attention_projections_give_the_same_pictures_and_split_back_exactly(
+    random_models: dict[str, Path],
+) -> None:
+    """fuse_projections: one q/k/v matmul in every attention of the UNet, the VAE and its float32
+    fallback; the same latents and pixels as the plain model, through the bucketed runner; split
+    back, the state dict is the original one, key for key and bit for bit."""
+    plain = load_model(random_models["sd1"])
+    fused = load_model(random_models["sd1"])
+    fused.keep_float32_decoder()
+    original = {name: copy.deepcopy(getattr(fused, name).state_dict()) for name in ("unet", "vae")}
+    runner = prepare(fused, AccelConfig(fuse_projections=True, cuda_graphs=True, buckets=BUCKETS))
+    unet_keys, vae_keys = fused.unet.state_dict().keys(), fused.vae.state_dict().keys()
+    assert not any(".to_q." in key or ".to_k." in key or ".to_v." in key for key in vae_keys)
+    assert any(key.endswith("attn1.to_qkv.weight") for key in unet_keys)
+    assert any(key.endswith("attn2.to_kv.weight") for key in unet_keys)
+    assert any(key.endswith("attn2.to_q.weight") for key in unet_keys)  # the query reads the image
+    assert not any(key.endswith(("attn1.to_q.weight", "attn2.to_k.weight")) for key in unet_keys)
+    assert "decoder.mid_block.attentions.0.to_qkv.bias" in fused.vae_fallback.state_dict()
+    assert not any(p.requires_grad for p in fused.unet.parameters())  # still frozen
+
+    requests = [
+        GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
+        GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
+    ]  # a long prompt: cross-attention with a key mask
+    results = []
+    for sampler in (Sampler(plain), Sampler(fused, unet_runner=runner)):
+        started = sampler.start([(i, r) for i, r in enumerate(requests)])
+        images = [image for group in started for image in group]
+        while any(not image.done for image in images):
+            sampler.step([image for image in images if not image.done])
+        results.append((torch.cat([i.latent for i in images]), sampler.decode(images)))
+    (plain_latents, plain_pixels), (fused_latents, fused_pixels) = results
+    assert relative_error(fused_latents, plain_latents) <= 1e-5
+    for a, b in zip(plain_pixels, fused_pixels, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    z = torch.randn((2, 4, 6, 8), generator=torch.Generator().manual_seed(2))
+    assert max_diff(fused.vae_fallback.decode(z), plain.vae.decode(z)) <= 1e-4
+
+    fuse_attention_projections(fused, fuse=False)
+    fuse_attention_projections(fused, fuse=False)  # idempotent
+    for name, state in original.items():
+        split = getattr(fused, name).state_dict()
+        assert list(split) == list(state), name  # diffusers' keys, in their order
+        assert all(torch.equal(split[key], state[key]) for key in state), name
+
+
 # --- the sampler with a runner gives the same pictures ----------------------------------------------
 
 
@@ -405,10 +453,14 @@ def test_cuda_graph_replay_equals_eager(strict_fp32: None, length: int, masked: 
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_graph_half_precision_fast_config(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "fused"), [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)]
+)
+def test_cuda_graph_half_precision_fast_config(dtype: torch.dtype, fused: bool) -> None:
     unet = tiny_unet("cuda", dtype).to(memory_format=torch.channels_last)
     reference = tiny_unet("cuda", dtype)
+    if fused:  # SD_FUSE_PROJECTIONS: one q/k/v matmul, strided q/k/v views into SDPA
+        fuse_projections_in(unet)
     # the worker's default: graphs of the compiled UNet with a dynamic batch, channels_last (the
     # "eager" backend: the wiring on CUDA; inductor's own code is checked by bench/gpu.py's precision)
     fast = dataclasses.replace(FAST_CUDA, compile_backend="eager")

@@ -128,6 +128,9 @@ def test_fast_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SD_COMPILE_CONV_1X1_AS_MM", "true")
     assert accel_config(load_settings()).compile_conv_1x1_as_mm and not FAST_CUDA.compile_conv_1x1_as_mm
     monkeypatch.delenv("SD_COMPILE_CONV_1X1_AS_MM")
+    monkeypatch.setenv("SD_FUSE_PROJECTIONS", "true")
+    assert accel_config(load_settings()).fuse_projections and not FAST_CUDA.fuse_projections
+    monkeypatch.delenv("SD_FUSE_PROJECTIONS")
     monkeypatch.setenv("SD_COMPILE", "off")  # channels_last (auto) goes with compile
     assert accel_config(load_settings()) == GRAPHS_ONLY_CUDA
     for yes in ("True", "y", "1", "on"):
