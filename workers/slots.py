@@ -211,6 +211,7 @@ class SlotWorker(SimpleWorker):
             job.started_at = None
             job.ended_at = None
             job.worker_name = None
+            # RQ's public enqueue_job WATCHes inside our pipeline, which already holds commands
             queue._enqueue_job(job, pipeline=pipe, at_front=True)
             pipe.execute()
         log.info("job %s handed back to the front of the queue", job.id)
