@@ -548,8 +548,7 @@ def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
     """Apply `config` to `model` (memory format, in place) and to the process (backend flags, on
     CUDA only), and return the runner to hand to the Sampler (`prepare_vae`: its VAE decoder)."""
     set_memory_format(model, config.channels_last, config.vae_channels_last)
-    if config.fuse_projections:
-        fuse_attention_projections(model)
+    fuse_attention_projections(model, config.fuse_projections)  # either way, as the memory format
     if model.device.type == "cuda":
         apply_backend_flags(config)
     return UNetRunner(model.unet, config)

@@ -164,7 +164,8 @@ def fused_linear(*linears: nn.Linear) -> nn.Linear:
         fused.weight.copy_(torch.cat([linear.weight for linear in linears]))
         if has_bias:
             fused.bias.copy_(torch.cat([linear.bias for linear in linears]))
-    return fused.requires_grad_(first.weight.requires_grad)  # a frozen model stays frozen
+    # a frozen model in eval mode stays so
+    return fused.requires_grad_(first.weight.requires_grad).train(first.training)
 
 
 def split_linear(fused: nn.Linear, parts: int) -> list[nn.Linear]:
@@ -185,7 +186,7 @@ def split_linear(fused: nn.Linear, parts: int) -> list[nn.Linear]:
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias)
-        linears.append(linear.requires_grad_(fused.weight.requires_grad))
+        linears.append(linear.requires_grad_(fused.weight.requires_grad).train(fused.training))
     return linears
 
 
@@ -233,6 +234,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x (B, L, C); context (B, Lc, Cc) or None for self-attention; mask bool (B, 1, 1, Lc)
         if self.to_qkv is not None:
+            if context is not None:
+                raise ValueError("a fused self-attention takes no context")
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # views of one (B, L, 3C) output
         else:
             context = x if context is None else context

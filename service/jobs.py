@@ -107,9 +107,12 @@ class JobStore:
         position = self.redis.lpos(self.queue.key, job_id)
         if position is not None:
             return job_id, JobStatus.QUEUED, position
-        # An idle worker took the job before we read its place: say so rather than "queued, no place".
-        status = Job(job_id, connection=self.redis, serializer=JSONSerializer).get_status(refresh=True)
-        return job_id, api_status(status), None
+        # Only a worker can have taken it (no client knows the id yet). RQ moves the id out of the
+        # queue before it writes "started", so a status still "queued" means running, not queued
+        # without a place.
+        raw = self.redis.hget(Job.key_for(job_id), "status")
+        status = api_status(raw.decode() if raw else None)
+        return job_id, JobStatus.RUNNING if status is JobStatus.QUEUED else status, None
 
     # --- look up ------------------------------------------------------------------------------
 

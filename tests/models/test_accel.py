@@ -499,17 +499,32 @@ def test_cuda_graph_memory_is_bounded(strict_fp32: None) -> None:
 
 
 @cuda_only
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn", "math"])
-def test_cuda_attention_backends_agree(backend: str) -> None:
+def test_cuda_attention_backends_agree(backend: str, fused: bool) -> None:
+    """Every SDPA kernel, with q/k/v as they come or as strided views of one fused projection."""
     unet = tiny_unet("cuda", torch.float16)
     reference = UNetRunner(unet, AccelConfig(sdpa_backend="math"))
-    runner = UNetRunner(unet, AccelConfig(sdpa_backend=backend, cuda_graphs=True, buckets=BUCKETS))
+    tested = tiny_unet("cuda", torch.float16)
+    if fused:
+        fuse_projections_in(tested)
+    runner = UNetRunner(tested, AccelConfig(sdpa_backend=backend, cuda_graphs=True, buckets=BUCKETS))
     for masked in (False, True):
         sample, t, context, mask = unet_inputs(3, 154 if masked else 77, masked, device="cuda")
         args = (sample.half(), t, context.half(), mask)
         expected = reference(*args).float()
         error = relative_error(runner(*args), expected)
-        assert error <= 1e-2, (backend, masked, error)
+        assert error <= 1e-2, (backend, fused, masked, error)
+
+
+@cuda_only
+def test_cuda_fused_vae_attention_decodes_the_same_pixels(random_models: dict[str, Path]) -> None:
+    plain = load_model(random_models["sd1"], "cuda", vae_dtype=torch.float16)
+    fused = load_model(random_models["sd1"], "cuda", vae_dtype=torch.float16)
+    fuse_projections_in(fused.vae)
+    z = torch.randn((2, 4, 32, 32), generator=torch.Generator().manual_seed(4)).cuda()
+    a, b = Sampler(plain).decode_latents(z), Sampler(fused).decode_latents(z)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 @cuda_only

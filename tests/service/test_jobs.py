@@ -1,16 +1,19 @@
-"""JobStore against the test's real Redis, in process: what POST /v1/txt2img reports right after enqueue."""
+"""JobStore against the test's real Redis (and a real RQ worker process): what POST /v1/txt2img
+reports right after enqueue."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
-from rq.serializers import JSONSerializer
 
-from schemas.jobs import GenerationParams, JobStatus
+from schemas.jobs import QUEUE_NAME, GenerationParams, JobStatus
 from service.jobs import JobStore
 from service.settings import Settings
 
@@ -33,21 +36,70 @@ def test_submit_reports_the_place_in_the_queue(store: JobStore) -> None:
     assert second[1:] == (JobStatus.QUEUED, 1)
 
 
+@pytest.mark.parametrize("worker_got_to", ["moved the id", "marked it started"])
 def test_a_job_a_worker_takes_at_once_is_reported_running_not_queued_without_a_place(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, worker_got_to: str
 ) -> None:
     enqueue = store.queue.enqueue
 
     def enqueue_then_a_worker_takes_it(*args: object, **kwargs: object) -> Job:
-        # what an idle worker's BLPOP does between our enqueue and our LPOS
+        # what an idle worker does between our enqueue and our LPOS: RQ's BLMOVE of the id to its
+        # intermediate list first, "started" written only later
         job = enqueue(*args, **kwargs)
-        store.queue.remove(job.id)
-        job.set_status(RqStatus.STARTED)
+        store.redis.lmove(store.queue.key, store.queue.intermediate_queue_key, "LEFT", "RIGHT")
+        if worker_got_to == "marked it started":
+            job.set_status(RqStatus.STARTED)
         return job
 
     monkeypatch.setattr(store.queue, "enqueue", enqueue_then_a_worker_takes_it)
     job_id, status, position = store.submit(PARAMS, owner="")
     assert (status, position) == (JobStatus.RUNNING, None)
-    assert (
-        Job.fetch(job_id, connection=store.redis, serializer=JSONSerializer).get_status() == RqStatus.STARTED
+    assert store.redis.lrange(store.queue.intermediate_queue_key, 0, -1) == [job_id.encode()]
+
+
+def test_a_job_that_already_failed_is_reported_failed(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enqueue = store.queue.enqueue
+
+    def enqueue_then_it_fails_at_once(*args: object, **kwargs: object) -> Job:
+        job = enqueue(*args, **kwargs)
+        store.redis.lmove(store.queue.key, store.queue.intermediate_queue_key, "LEFT", "RIGHT")
+        job.set_status(RqStatus.FAILED)
+        return job
+
+    monkeypatch.setattr(store.queue, "enqueue", enqueue_then_it_fails_at_once)
+    assert store.submit(PARAMS, owner="")[1:] == (JobStatus.FAILED, None)
+
+
+def test_with_a_real_idle_worker_no_answer_says_queued_without_a_place(redis_url: str) -> None:
+    """A plain RQ worker process blocks on the queue, so it often takes a job between our enqueue
+    and our LPOS (20 times in 20 here). Outside a worker process our job function fails at once
+    (after its first import), which keeps the worker idle between submits."""
+    client = redis.Redis.from_url(redis_url)
+    store = JobStore(client, Settings(job_retries=0))
+    worker_code = (
+        "import redis, rq, rq.serializers\n"
+        f"client = redis.Redis.from_url({redis_url!r})\n"
+        f"rq.SimpleWorker([{QUEUE_NAME!r}], connection=client, serializer=rq.serializers.JSONSerializer)"
+        ".work(logging_level='ERROR')\n"
     )
+    worker = subprocess.Popen([sys.executable, "-c", worker_code], stderr=subprocess.DEVNULL)
+    try:
+        first, _, _ = store.submit(PARAMS, owner="")  # the worker imports our job module: seconds
+        deadline = time.monotonic() + 60
+        while client.hget(Job.key_for(first), "status") != b"failed" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.hget(Job.key_for(first), "status") == b"failed", "the RQ worker took no job"
+        answers = []
+        for _ in range(20):
+            _, status, position = store.submit(PARAMS, owner="")
+            answers.append((status, position))
+            time.sleep(0.2)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        client.close()
+    assert all(position is not None for status, position in answers if status is JobStatus.QUEUED), answers
+    assert all(position is None for status, position in answers if status is not JobStatus.QUEUED), answers
+    assert any(status is JobStatus.RUNNING for status, _ in answers), answers  # the race did happen
