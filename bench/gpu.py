@@ -92,6 +92,10 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
     graphs = r(fast, compile_mode="off", channels_last=False)  # what the variants below change
     vae = half if half == FP16 else FP32  # the worker's default VAE dtype on CUDA
 
+    def on_fast(key: str, name: str, needs_s: float, **changes: Any) -> Variant:
+        """The fast path (the worker's default) with `changes`."""
+        return Variant(key, name, half, vae, r(fast, **changes), needs_s=needs_s)
+
     def compiled(key: str, name: str, needs_s: float = 150, **changes: Any) -> Variant:
         """torch.compile inside the graphs (inductor compiles the UNet: about a minute), plus `changes`."""
         accel = r(graphs, **{"compile_mode": "default", "compile_backend": compile_backend, **changes})
@@ -107,42 +111,15 @@ def ablations(fast: AccelConfig, half: torch.dtype, compile_backend: str) -> lis
             # the ours stage compiled the same graphs: inductor's cache has them
             needs_s=60 if fast.compile_mode != "off" else 15,
         ),
-        Variant(
-            "fuse-projections",
-            "+ q/k/v projections fused",
-            half,
-            vae,
-            r(fast, fuse_projections=True),
-            needs_s=90,  # a compile of its own
-        ),
-        Variant(
-            "conv1x1",
-            "+ 1x1 convolutions as matmuls (inductor)",
-            half,
-            vae,
-            r(fast, compile_conv_1x1_as_mm=True),
-            needs_s=90,  # a compile of its own
-        ),
-        Variant(
-            "autotune-matmuls",
-            "+ Triton matmul autotuning (inductor)",
-            half,
-            vae,
-            r(fast, compile_autotune_matmuls=True),
-            needs_s=180,  # a compile of its own, benchmarking every matmul shape
+        # each a compile of its own; autotuning benchmarks every matmul shape
+        on_fast("fuse-projections", "+ q/k/v projections fused", 90, fuse_projections=True),
+        on_fast("conv1x1", "+ 1x1 convolutions as matmuls (inductor)", 90, compile_conv_1x1_as_mm=True),
+        on_fast(
+            "autotune-matmuls", "+ Triton matmul autotuning (inductor)", 180, compile_autotune_matmuls=True
         ),
         Variant("vae-fp32", "default, VAE float32", half, FP32, fast, needs_s=60),
-        Variant(
-            "vae-contiguous",
-            "default, VAE contiguous",
-            half,
-            vae,
-            r(fast, vae_channels_last=False),
-            needs_s=60,
-        ),
-        Variant(
-            "vae-compile", "default + VAE decoder compiled", half, vae, r(fast, compile_vae=True), needs_s=120
-        ),
+        on_fast("vae-contiguous", "default, VAE contiguous", 60, vae_channels_last=False),
+        on_fast("vae-compile", "default + VAE decoder compiled", 120, compile_vae=True),
         Variant("graphs", "CUDA graphs only (SD_COMPILE=off)", half, vae, graphs),
         Variant("no-graphs", "- CUDA graphs", half, vae, r(graphs, cuda_graphs=False)),
         Variant("channels-last", "+ channels_last", half, vae, r(graphs, channels_last=True)),

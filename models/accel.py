@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.blocks import QKVProjections
 from models.stable_diffusion import StableDiffusion
 from models.transfer import to_device
 
@@ -195,12 +196,11 @@ def fuse_attention_projections(model: StableDiffusion, fuse: bool = True) -> Non
 def fuse_projections_in(module: nn.Module, fuse: bool = True) -> None:
     """`fuse_attention_projections` for one module (a UNet, a VAE) and its children."""
     for layer in list(module.modules()):
-        if not hasattr(layer, "fuse_projections"):
-            continue
-        if fuse:
-            layer.fuse_projections()
-        else:
-            layer.unfuse_projections()
+        if isinstance(layer, QKVProjections):
+            if fuse:
+                layer.fuse_projections()
+            else:
+                layer.unfuse_projections()
 
 
 @contextlib.contextmanager

@@ -190,26 +190,36 @@ def split_linear(fused: nn.Linear, parts: int) -> list[nn.Linear]:
     return linears
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (`context_dim=None`) or cross-attention; q/k/v without bias.
+class QKVProjections(nn.Module):
+    """The q/k/v projections of an attention (diffusers' keys `to_q`, `to_k`, `to_v`).
 
-    `fuse_projections()` replaces to_q/to_k/to_v by one matmul (`to_qkv`; cross-attention: to_q and
+    `fuse_projections()` replaces them by one matmul (`to_qkv`; cross-attention: `to_q` and
     `to_kv`, whose input is the text): same outputs, no longer diffusers' state-dict keys, so it is
     for a loaded model about to run (models/accel.py); `unfuse_projections()` gives the keys back.
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
-        super().__init__()
-        self.heads = heads
-        self.upcast = upcast
-        self.is_cross = context_dim is not None
-        kv_dim = dim if context_dim is None else context_dim
-        self.to_q: nn.Linear | None = nn.Linear(dim, dim, bias=False)
-        self.to_k: nn.Linear | None = nn.Linear(kv_dim, dim, bias=False)
-        self.to_v: nn.Linear | None = nn.Linear(kv_dim, dim, bias=False)
+    def _init_projections(self, dim: int, kv_dim: int, bias: bool, is_cross: bool) -> None:
+        # called by the subclass's __init__ where diffusers registers them (the state dict's order)
+        self.is_cross = is_cross
+        self.to_q: nn.Linear | None = nn.Linear(dim, dim, bias=bias)
+        self.to_k: nn.Linear | None = nn.Linear(kv_dim, dim, bias=bias)
+        self.to_v: nn.Linear | None = nn.Linear(kv_dim, dim, bias=bias)
         self.to_qkv: nn.Linear | None = None
         self.to_kv: nn.Linear | None = None
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a Dropout
+
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q from `x`; k and v from `context` (None: self-attention, from `x`)."""
+        if self.to_qkv is not None:
+            if context is not None:
+                raise ValueError("a fused self-attention takes no context")
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # views of one (B, L, 3C) output
+            return q, k, v
+        context = x if context is None else context
+        if self.to_kv is not None:
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        return self.to_q(x), k, v
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v (self-attention) or for k and v (cross-attention); idempotent."""
@@ -231,19 +241,22 @@ class Attention(nn.Module):
             self.to_k, self.to_v = split_linear(self.to_kv, 2)
             self.to_kv = None
 
+
+class Attention(QKVProjections):
+    """Multi-head self-attention (`context_dim=None`) or cross-attention; q/k/v without bias,
+    fusable (QKVProjections)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.upcast = upcast
+        kv_dim = dim if context_dim is None else context_dim
+        self._init_projections(dim, kv_dim, bias=False, is_cross=context_dim is not None)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a Dropout
+
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x (B, L, C); context (B, Lc, Cc) or None for self-attention; mask bool (B, 1, 1, Lc)
-        if self.to_qkv is not None:
-            if context is not None:
-                raise ValueError("a fused self-attention takes no context")
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # views of one (B, L, 3C) output
-        else:
-            context = x if context is None else context
-            q = self.to_q(x)
-            if self.to_kv is not None:
-                k, v = self.to_kv(context).chunk(2, dim=-1)
-            else:
-                k, v = self.to_k(context), self.to_v(context)
+        q, k, v = self.project(x, context)
         return self.to_out[0](multihead_attention(q, k, v, self.heads, mask, self.upcast))  # (B, L, C)
 
 

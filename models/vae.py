@@ -12,55 +12,28 @@ import re
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blocks import (
-    Downsample2D,
-    ResnetBlock2D,
-    Upsample2D,
-    fused_linear,
-    multihead_attention,
-    split_linear,
-)
+from models.blocks import Downsample2D, QKVProjections, ResnetBlock2D, Upsample2D, multihead_attention
 from models.configs import VAEConfig
 
 VAE_RESNET_EPS = 1e-6  # diffusers' fixed eps for every VAE GroupNorm
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp of the posterior's log-variance, as diffusers
 
 
-class VAEAttention(nn.Module):
+class VAEAttention(QKVProjections):
     """Single-head self-attention over all pixels with GroupNorm in front and the input added
-    back (diffusers' `Attention(..., residual_connection=True, rescale_output_factor=1)`).
-    `fuse_projections()`: one matmul for q, k and v, as the UNet's `Attention`; `unfuse_projections()`
-    gives diffusers' state-dict keys back."""
+    back (diffusers' `Attention(..., residual_connection=True, rescale_output_factor=1)`); q/k/v
+    with bias, fusable (QKVProjections)."""
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=VAE_RESNET_EPS)
-        self.to_q: nn.Linear | None = nn.Linear(channels, channels)
-        self.to_k: nn.Linear | None = nn.Linear(channels, channels)
-        self.to_v: nn.Linear | None = nn.Linear(channels, channels)
-        self.to_qkv: nn.Linear | None = None
+        self._init_projections(channels, channels, bias=True, is_cross=False)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' to_out.1 is a Dropout
-
-    def fuse_projections(self) -> None:
-        """One matmul for q, k and v; idempotent."""
-        if self.to_qkv is None:
-            self.to_qkv = fused_linear(self.to_q, self.to_k, self.to_v)
-            self.to_q = self.to_k = self.to_v = None
-
-    def unfuse_projections(self) -> None:
-        """Back to to_q/to_k/to_v (diffusers' state-dict keys); idempotent."""
-        if self.to_qkv is not None:
-            self.to_q, self.to_k, self.to_v = split_linear(self.to_qkv, 3)
-            self.to_qkv = None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         b, c, height, width = x.shape
         h = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, H*W, C)
-        if self.to_qkv is not None:
-            q, k, v = self.to_qkv(h).chunk(3, dim=-1)
-        else:
-            q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        h = multihead_attention(q, k, v, heads=1)
+        h = multihead_attention(*self.project(h), heads=1)
         h = self.to_out[0](h).view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, H, W) view
         return x + h
 

@@ -86,6 +86,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def sample_together(sampler: Sampler, requests: list[GenerationRequest]) -> tuple[torch.Tensor, list]:
+    """All requests in one batch to the end, as the engine drives the Sampler: final latents, pixels."""
+    started = sampler.start(list(enumerate(requests)))
+    images = [image for group in started for image in group]
+    while any(not image.done for image in images):
+        sampler.step([image for image in images if not image.done])
+    return torch.cat([image.latent for image in images]), sampler.decode(images)
+
+
 # --- configuration ---------------------------------------------------------------------------------
 
 
@@ -371,14 +380,8 @@ def test_fused_attention_projections_give_the_same_pictures_and_split_back_exact
         GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
         GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
     ]  # a long prompt: cross-attention with a key mask
-    results = []
-    for sampler in (Sampler(plain), Sampler(fused, unet_runner=runner)):
-        started = sampler.start([(i, r) for i, r in enumerate(requests)])
-        images = [image for group in started for image in group]
-        while any(not image.done for image in images):
-            sampler.step([image for image in images if not image.done])
-        results.append((torch.cat([i.latent for i in images]), sampler.decode(images)))
-    (plain_latents, plain_pixels), (fused_latents, fused_pixels) = results
+    plain_latents, plain_pixels = sample_together(Sampler(plain), requests)
+    fused_latents, fused_pixels = sample_together(Sampler(fused, unet_runner=runner), requests)
     assert relative_error(fused_latents, plain_latents) <= 1e-5
     for a, b in zip(plain_pixels, fused_pixels, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -405,14 +408,8 @@ def test_sampler_with_runner_gives_the_same_pixels(random_models: dict[str, Path
         GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
         GenerationRequest(prompt="unguided", width=64, height=48, steps=4, guidance_scale=1.0, seed=3),
     ]  # 2 + 1 guided images and 1 unguided: 7 rows, padded to 8; a long prompt: L 154 with a mask
-    results = []
-    for sampler in (Sampler(plain), Sampler(fast, unet_runner=runner)):
-        started = sampler.start([(i, r) for i, r in enumerate(requests)])
-        images = [image for group in started for image in group]
-        while any(not image.done for image in images):
-            sampler.step([image for image in images if not image.done])
-        results.append((torch.cat([i.latent for i in images]), sampler.decode(images)))
-    (plain_latents, plain_pixels), (fast_latents, fast_pixels) = results
+    plain_latents, plain_pixels = sample_together(Sampler(plain), requests)
+    fast_latents, fast_pixels = sample_together(Sampler(fast, unet_runner=runner), requests)
     # 3-4 steps of CFG (x7.5) amplify float32 rounding (other conv algorithms, other batch size)
     assert relative_error(fast_latents, plain_latents) <= 1e-5
     for a, b in zip(plain_pixels, fast_pixels, strict=True):

@@ -36,40 +36,28 @@ def test_submit_reports_the_place_in_the_queue(store: JobStore) -> None:
     assert second[1:] == (JobStatus.QUEUED, 1)
 
 
-@pytest.mark.parametrize("worker_got_to", ["moved the id", "marked it started"])
-def test_a_job_a_worker_takes_at_once_is_reported_running_not_queued_without_a_place(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch, worker_got_to: str
+@pytest.mark.parametrize(
+    ("status_written", "reported"),
+    [(None, JobStatus.RUNNING), (RqStatus.STARTED, JobStatus.RUNNING), (RqStatus.FAILED, JobStatus.FAILED)],
+)
+def test_a_job_a_worker_takes_at_once_is_not_reported_queued_without_a_place(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, status_written: RqStatus | None, reported: JobStatus
 ) -> None:
+    """What an idle worker does between our enqueue and our LPOS: RQ's BLMOVE of the id to its
+    intermediate list first, its status ("started", then perhaps "failed") written only later."""
     enqueue = store.queue.enqueue
 
     def enqueue_then_a_worker_takes_it(*args: object, **kwargs: object) -> Job:
-        # what an idle worker does between our enqueue and our LPOS: RQ's BLMOVE of the id to its
-        # intermediate list first, "started" written only later
         job = enqueue(*args, **kwargs)
         store.redis.lmove(store.queue.key, store.queue.intermediate_queue_key, "LEFT", "RIGHT")
-        if worker_got_to == "marked it started":
-            job.set_status(RqStatus.STARTED)
+        if status_written is not None:
+            job.set_status(status_written)
         return job
 
     monkeypatch.setattr(store.queue, "enqueue", enqueue_then_a_worker_takes_it)
     job_id, status, position = store.submit(PARAMS, owner="")
-    assert (status, position) == (JobStatus.RUNNING, None)
+    assert (status, position) == (reported, None)
     assert store.redis.lrange(store.queue.intermediate_queue_key, 0, -1) == [job_id.encode()]
-
-
-def test_a_job_that_already_failed_is_reported_failed(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    enqueue = store.queue.enqueue
-
-    def enqueue_then_it_fails_at_once(*args: object, **kwargs: object) -> Job:
-        job = enqueue(*args, **kwargs)
-        store.redis.lmove(store.queue.key, store.queue.intermediate_queue_key, "LEFT", "RIGHT")
-        job.set_status(RqStatus.FAILED)
-        return job
-
-    monkeypatch.setattr(store.queue, "enqueue", enqueue_then_it_fails_at_once)
-    assert store.submit(PARAMS, owner="")[1:] == (JobStatus.FAILED, None)
 
 
 def test_with_a_real_idle_worker_no_answer_says_queued_without_a_place(redis_url: str) -> None:
