@@ -100,8 +100,8 @@ async def bench(url: str, api_key: str | None, clients: int, requests: int, warm
 @contextlib.contextmanager
 def local_service() -> Iterator[str]:
     """A private redis-server and API process (the test helpers), stopped afterwards."""
-    from tests.helpers.api_process import ApiProcess
-    from tests.helpers.redis_server import RedisServer
+    from tests.support.api_process import ApiProcess
+    from tests.support.redis_server import RedisServer
 
     redis_server = RedisServer()
     redis_server.start()

@@ -38,7 +38,7 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> 
 def ours(folder: Path, steps: int, guidance: float, repeats: int) -> tuple[float, tuple[int, int]]:
     """(median seconds per image, the native (width, height) it was timed at)."""
     from models.loading import load_model
-    from models.sampler import GenerationRequest, generate
+    from models.pipeline import GenerationRequest, generate
 
     model = load_model(folder)
     width, height = model.native_size
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats}")  # fmt: skip
     print("| pipeline | s / image | ratio ours / diffusers |")
     print("|---|---:|---:|")
-    print(f"| ours (models.sampler.generate) | {ours_s:.3f} | {ours_s / theirs_s:.2f} |")
+    print(f"| ours (models.pipeline.generate) | {ours_s:.3f} | {ours_s / theirs_s:.2f} |")
     print(f"| diffusers StableDiffusionPipeline | {theirs_s:.3f} | 1.00 |")
     return 0
 

@@ -12,7 +12,7 @@ skipped once --budget-s would be exceeded):
   vae        the decode alone: float32 against float16 VAE, time for --ablation-batch latents in
              --vae-batch chunks, pixels of the same latents both ways, the float32 fallback taking
              over a float16 decode that overflows
-  ours       --batches one-image requests through the Sampler exactly as the engine drives it, with
+  ours       --batches one-image requests through the Pipeline exactly as the engine drives it, with
              the worker's default fast path (models/accel.py: torch.compile in CUDA graphs per
              bucket, channels_last, float16 UNet and VAE with the float32 fallback decoder)
   diffusers  StableDiffusionPipeline, float16 (VAE too, as it ships), SDPA, DDIM, same weights,
@@ -63,7 +63,7 @@ from models.accel import (  # noqa: E402
     prepare_vae,
     set_memory_format,
 )
-from models.sampler import Sampler  # noqa: E402
+from models.pipeline import Pipeline  # noqa: E402
 from models.stable_diffusion import StableDiffusion  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if compiled:
                 torch._dynamo.reset()
                 decoder = VAEDecoder(model.vae, dataclasses.replace(fast, compile_vae=True))
-            sampler = Sampler(model, vae_decoder=decoder)
+            sampler = Pipeline(model, vae_decoder=decoder)
 
             def decode_all() -> None:
                 for chunk in timed.split(args.vae_batch):
@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.log(f"VAE {row}")
             bench.save()
         set_memory_format(model, fast.channels_last, fast.vae_channels_last)
-        sampler = Sampler(model)
+        sampler = Pipeline(model)
         # latents x10,000 overflow a float16 decode (beyond 65504 once unscaled): the float32
         # fallback must take over and give the float32 decode's pixels
         huge = picture * 1e4

@@ -108,7 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
         diagnosed = [(key, row) for key, row in streams if row.get("control")]
         if diagnosed:
             lines += [
-                "Engine against the same batch through the Sampler directly (same runner, just before); "
+                "Engine against the same batch through the Pipeline directly (same runner, just before); "
                 "UNet calls timed on the device:",
                 "",
                 "| load | path | img/s | UNet calls | ms per call | ms between call starts | longest gap ms "

@@ -24,7 +24,7 @@ from models.accel import UNetRunner
 from models.configs import UNetConfig, VAEConfig
 from models.ddim import DDIMSchedule
 from models.loading import SINGLE_FILE_CONFIGS, TOKENIZER_ASSETS, load_tokenizer, read_component_configs
-from models.sampler import GenerationRequest, Sampler
+from models.pipeline import GenerationRequest, Pipeline
 from models.stable_diffusion import StableDiffusion
 from models.tiny_configs import TOKENIZER_PAD_TOKEN, tiny_config
 from models.unet import UNet2DConditionModel
@@ -180,9 +180,9 @@ def run_ours(
     vae_batch: int = 8,
     vae_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Timing, torch.Tensor]:
-    """One batch through the Sampler as the engine drives it (one call per <= max_rows rows per step,
+    """One batch through the Pipeline as the engine drives it (one call per <= max_rows rows per step,
     decode in chunks); returns the timing and the final latents (batch, C, h, w)."""
-    sampler = Sampler(model, unet_runner=runner, vae_decoder=vae_decoder)
+    sampler = Pipeline(model, unet_runner=runner, vae_decoder=vae_decoder)
     clock = Clock(model.device)
     clock.mark("start")
     images = [image for group in sampler.start(batch_requests(batch, size, steps)) for image in group]
@@ -331,7 +331,7 @@ def run_engine(
     (`warm_all_buckets`; off with torch.compile, whose compile of every bucket the bench need not pay), then the same load for 2 steps,
     which runs (so captures or compiles) the load's own calls, decode chunks and PNG sizes."""
     from models.png import encode_png
-    from schemas.jobs import GenerationParams, ImageRef, JobResult
+    from schemas.queue import GenerationParams, ImageRef, JobResult
     from workers.engine import Engine, EngineConfig
     from workers.submission import Submission
 
@@ -362,7 +362,7 @@ def run_engine(
         latent = (model.latent_channels, size // f, size // f)
         runner.warm_up(latent, (77, model.text_encoder.config.hidden_size), min(2 * requests, max_rows))
     timed = TimedUNet(runner if runner is not None else model.unet, model.device)
-    # control: the same batch through the Sampler directly, same runner, same minute (warm first)
+    # control: the same batch through the Pipeline directly, same runner, same minute (warm first)
     run_ours(model, timed, requests, size, min(2, steps), max_rows, vae_batch, vae_decoder)
     timed.start()
     control, _ = run_ours(model, timed, requests, size, steps, max_rows, vae_batch, vae_decoder)
@@ -373,7 +373,7 @@ def run_engine(
         EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch),
         results,
         NoProgress(),
-        sampler_factory=lambda m: Sampler(m, unet_runner=timed, vae_decoder=vae_decoder),
+        pipeline_factory=lambda m: Pipeline(m, unet_runner=timed, vae_decoder=vae_decoder),
     )
     engine.start()
 
@@ -437,7 +437,7 @@ def run_engine(
         "warm_up_loads_s": warm_loads_s,  # 2-step loads: first on a fresh engine thread, then again
         "unet_calls": engine_calls,
         "control": {
-            "what": "the same batch through the Sampler directly, same runner, just before",
+            "what": "the same batch through the Pipeline directly, same runner, just before",
             "images_per_s": requests / control.total_s,
             **control.as_dict(),
             "unet_calls": control_calls,
@@ -567,7 +567,7 @@ def run_worker(
 
     import worker_bench  # bench/ is on sys.path (bench/gpu.py); needs redis, rq, redis-server
 
-    from tests.helpers.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     folder = Path(tempfile.mkdtemp(prefix="gpu-bench-model-"))
     server = RedisServer()

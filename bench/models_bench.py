@@ -113,7 +113,7 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
     from models.configs import UNetConfig, VAEConfig
     from models.ddim import DDIMSchedule
     from models.loading import TOKENIZER_ASSETS, load_tokenizer
-    from models.sampler import GenerationRequest, generate
+    from models.pipeline import GenerationRequest, generate
     from models.stable_diffusion import StableDiffusion
 
     dtype = getattr(torch, dtype_name)

@@ -34,9 +34,9 @@ from rq.serializers import JSONSerializer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers.api_process import ApiProcess  # noqa: E402
-from tests.helpers.redis_server import RedisServer  # noqa: E402
-from tests.helpers.worker_process import WorkerProcess  # noqa: E402
+from tests.support.api_process import ApiProcess  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.worker_process import WorkerProcess  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -35,11 +35,11 @@ from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams  # noqa: E402
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams  # noqa: E402
 from schemas.redis_keys import worker_info_key  # noqa: E402
-from schemas.workers import EngineStats, WorkerInfo  # noqa: E402
-from tests.helpers.redis_server import RedisServer  # noqa: E402
-from tests.helpers.worker_process import WorkerProcess  # noqa: E402
+from schemas.worker_info import EngineStats, WorkerInfo  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.worker_process import WorkerProcess  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("SD_CACHE_DIR", Path.home() / ".cache" / "sdserve"))
 

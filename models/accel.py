@@ -23,7 +23,7 @@
   one-chunk prompts, compiled at warm-up; other calls run uncompiled).
 - **torch.compile of the VAE decoder** (`compile_vae`, off by default: not yet measured), for the
   same chosen latent shapes, the batch dimension dynamic (decode calls take 1 to `vae_batch`
-  latents); other shapes decode uncompiled. `VAEDecoder` is what the Sampler calls.
+  latents); other shapes decode uncompiled. `VAEDecoder` is what the Pipeline calls.
 - **Fused attention projections** (`fuse_projections`, off by default: not yet measured): one
   matmul for each attention's q, k and v instead of three, the UNet's and the VAE's.
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
@@ -281,7 +281,7 @@ class RunnerStats:
 class UNetRunner:
     """Calls the UNet as `unet(sample, timesteps, context, mask)` would, faster (see module doc).
 
-    Drop-in for `Sampler(model, unet_runner=...)`. Not thread-safe: one engine thread calls it.
+    Drop-in for `Pipeline(model, unet_runner=...)`. Not thread-safe: one engine thread calls it.
     """
 
     def __init__(self, unet: nn.Module, config: AccelConfig | None = None) -> None:
@@ -526,7 +526,7 @@ def _compile_mode(config: AccelConfig) -> dict[str, Any]:
 class VAEDecoder:
     """Decodes as `vae.decode(z)` does; with `compile_vae`, the decoder compiled for the chosen
     latent shapes (`compile_latents`; every shape when none is chosen). Drop-in for
-    `Sampler(model, vae_decoder=...)`. The batch dimension is marked dynamic: one graph for 2 and
+    `Pipeline(model, vae_decoder=...)`. The batch dimension is marked dynamic: one graph for 2 and
     more latents, one for a single latent (torch specialises size 1)."""
 
     def __init__(self, vae: nn.Module, config: AccelConfig | None = None) -> None:
@@ -546,7 +546,7 @@ class VAEDecoder:
 
 def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
     """Apply `config` to `model` (memory format, in place) and to the process (backend flags, on
-    CUDA only), and return the runner to hand to the Sampler (`prepare_vae`: its VAE decoder)."""
+    CUDA only), and return the runner to hand to the Pipeline (`prepare_vae`: its VAE decoder)."""
     set_memory_format(model, config.channels_last, config.vae_channels_last)
     fuse_attention_projections(model, config.fuse_projections)  # either way, as the memory format
     if model.device.type == "cuda":
@@ -555,5 +555,5 @@ def prepare(model: StableDiffusion, config: AccelConfig) -> UNetRunner:
 
 
 def prepare_vae(model: StableDiffusion, config: AccelConfig) -> VAEDecoder | None:
-    """The VAE decoder to hand to the Sampler: None (the plain `model.vae.decode`) without compile_vae."""
+    """The VAE decoder to hand to the Pipeline: None (the plain `model.vae.decode`) without compile_vae."""
     return VAEDecoder(model.vae, config) if config.compile_vae else None

@@ -47,7 +47,7 @@ def format_parameters(
 
 
 class Generation(Protocol):
-    """What a picture was made with: a models.sampler.GenerationRequest or a schemas GenerationParams."""
+    """What a picture was made with: a models.pipeline.GenerationRequest or a schemas GenerationParams."""
 
     prompt: str
     negative_prompt: str

@@ -19,8 +19,8 @@ import torch
 
 from models.default_model import default_model_path
 from models.loading import load_model
+from models.pipeline import GenerationRequest, generate
 from models.png import encode_png, parameters_of
-from models.sampler import GenerationRequest, generate
 from models.single_file import CheckpointError
 
 logger = logging.getLogger("models.txt2img")

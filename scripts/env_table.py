@@ -3,7 +3,7 @@
     python scripts/env_table.py            # print the table
     python scripts/env_table.py --write    # replace the table in README.md between its markers
 
-tests/test_readme.py checks that README.md holds exactly this table and that every environment
+tests/test_deployment.py checks that README.md holds exactly this table and that every environment
 variable the code reads appears in it.
 """
 
@@ -53,11 +53,13 @@ EXTRA = [
 ]
 
 
-def env_name(field: str, alias: object) -> str:
-    return alias if isinstance(alias, str) else f"SD_{field.upper()}"
+class ConflictingDefaults(ValueError):
+    """Two settings classes give one variable different defaults or meanings."""
 
 
 def settings_rows() -> dict[str, list[str]]:
+    """One row per variable the settings classes read; ConflictingDefaults when two disagree."""
+    from schemas.settings import env_name
     from service.settings import Settings
     from workers.janitor import JanitorSettings
     from workers.settings import WorkerSettings
@@ -69,6 +71,11 @@ def settings_rows() -> dict[str, list[str]]:
             default = info.default
             shown = "(empty)" if default in ("", (), None) else str(default)
             if name in rows:
+                if rows[name][1] != shown:
+                    raise ConflictingDefaults(
+                        f"{name}: default {rows[name][1]} for {rows[name][3]}, {shown} for {who}: "
+                        "declare it once (schemas/settings.py)"
+                    )
                 rows[name][3] += f", {who}"
                 continue
             rows[name] = [name, shown, info.description or "", who]

@@ -16,7 +16,7 @@ from service.auth import Authenticator
 from service.body_limit import BodyLimitMiddleware
 from service.deps import Services
 from service.errors import CatchAllMiddleware, install_error_handlers
-from service.jobs import JobStore
+from service.job_store import JobStore
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.openapi_docs import API_DESCRIPTION
 from service.redis_clients import connect

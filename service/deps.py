@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from service.auth import Authenticator, bearer_scheme
-from service.jobs import JobStore
+from service.job_store import JobStore
 from service.metrics import ApiMetrics
 from service.redis_clients import RedisClients
 from service.settings import Settings

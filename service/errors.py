@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobs import ImageNotFound, JobConflict, JobNotFound
+from service.job_store import ImageNotFound, JobConflict, JobNotFound
 from service.route_table import RouteTable
 
 log = logging.getLogger(__name__)

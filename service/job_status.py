@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 from rq.job import JobStatus as RqStatus
 
-from schemas.jobs import JobStatus
+from schemas.errors import ErrorType
+from schemas.queue import JobStatus
 
 RQ_TO_API: dict[RqStatus, JobStatus] = {
     RqStatus.CREATED: JobStatus.QUEUED,
@@ -31,14 +32,14 @@ MAX_MESSAGE_CHARS = 500
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::\s?(?P<message>.*))?$")
 
 # Failures RQ records without a traceback (worker death, stop command, registry cleanup).
-_RQ_MESSAGES: tuple[tuple[str, str, str], ...] = (
+_RQ_MESSAGES: tuple[tuple[str, ErrorType, str], ...] = (
     (
         "AbandonedJobError",
-        "AbandonedJobError",
+        ErrorType.ABANDONED,
         "the worker running this job stopped heartbeating (died or was killed)",
     ),
-    ("Work-horse terminated unexpectedly", "WorkerDied", "the worker running this job died"),
-    ("Job stopped by user", "JobStopped", "the job was stopped by an operator"),
+    ("Work-horse terminated unexpectedly", ErrorType.WORKER_DIED, "the worker running this job died"),
+    ("Job stopped by user", ErrorType.JOB_STOPPED, "the job was stopped by an operator"),
 )
 
 
@@ -56,13 +57,13 @@ def error_from_exc_string(exc_string: str | None) -> tuple[str, str]:
     """(type, message) of the last exception in an RQ failure text; never the traceback itself."""
     text = (exc_string or "").strip()
     if not text:
-        return "JobFailed", "the job failed without an error message"
+        return ErrorType.JOB_FAILED, "the job failed without an error message"
     for marker, error_type, message in _RQ_MESSAGES:
         if marker in text:
             return error_type, message
     lines = text.splitlines()
     if not lines[0].startswith("Traceback"):
-        return "JobFailed", _short(lines[-1])
+        return ErrorType.JOB_FAILED, _short(lines[-1])
     # The exception line is the first unindented line after the last frame ("  File ...", then code).
     last_frame = max((i for i, line in enumerate(lines) if line.startswith("  File ")), default=0)
     for i in range(last_frame + 1, len(lines)):
@@ -73,7 +74,7 @@ def error_from_exc_string(exc_string: str | None) -> tuple[str, str]:
             error_type = match["type"].rsplit(".", 1)[-1]  # drop module paths
             message = "\n".join([match["message"] or "", *lines[i + 1 :]])
             return error_type, _short(message) or error_type
-    return "JobFailed", "the job failed"
+    return ErrorType.JOB_FAILED, "the job failed"
 
 
 def error_from_meta(meta: Mapping[str, object]) -> tuple[str, str] | None:
@@ -81,7 +82,7 @@ def error_from_meta(meta: Mapping[str, object]) -> tuple[str, str] | None:
     error = meta.get("error")
     if isinstance(error, Mapping) and isinstance(error.get("message"), str):
         error_type = error.get("type")
-        return (error_type if isinstance(error_type, str) and error_type else "JobFailed"), _short(
+        return (error_type if isinstance(error_type, str) and error_type else ErrorType.JOB_FAILED), _short(
             error["message"]
         )
     return None

@@ -1,4 +1,4 @@
-"""Which GPU workers are alive, from what they publish in Redis (schemas.workers.WorkerInfo).
+"""Which GPU workers are alive, from what they publish in Redis (schemas.worker_info.WorkerInfo).
 
 A worker is alive when its name scores a recent heartbeat in WORKERS_ZSET, its info key has not
 expired, and the heartbeat inside that info is at most `stale_s` seconds old.
@@ -15,7 +15,7 @@ import redis.asyncio
 from pydantic import ValidationError
 
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
-from schemas.workers import WorkerInfo
+from schemas.worker_info import WorkerInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.jobs import JobStatus
-from schemas.workers import WorkerInfo
+from schemas.queue import JobStatus
+from schemas.worker_info import WorkerInfo
 from service.route_table import RouteTable
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -23,8 +23,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import QueueFull
-from service.jobs import JobNotFound
-from service.openai_schemas import OpenAIErrorBody, OpenAIErrorDetail
+from service.job_store import JobNotFound
+from service.openai_models import OpenAIErrorBody, OpenAIErrorDetail
 
 log = logging.getLogger(__name__)
 

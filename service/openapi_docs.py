@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.schemas import ErrorBody
+from service.api_models import ErrorBody
 
 API_DESCRIPTION = """
 Text-to-image generation with Stable Diffusion, served by GPU workers through a Redis queue.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 
-from schemas.jobs import SEED_MAX, GenerationParams
-from schemas.workers import WorkerInfo
+from schemas.queue import SEED_MAX, GenerationParams
+from schemas.worker_info import WorkerInfo
+from service.api_models import Txt2ImgRequestBase
 from service.errors import validation_error
-from service.schemas import Txt2ImgRequestBase
 from service.settings import Settings
 
 

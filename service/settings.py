@@ -1,32 +1,23 @@
-"""The API's configuration: environment variables read once at start-up into one Settings object.
-
-Every variable but REDIS_URL carries the `SD_` prefix. Invalid values stop the process at start-up
-with a message that names the variable and the allowed range.
-"""
+"""The API's configuration: environment variables read once at start-up into one Settings object,
+which extends the variables every process shares (schemas/settings.py)."""
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from schemas.settings import CommonSettings, ConfigurationError
+from schemas.settings import load_settings as load_settings_class
 
 SIZE_MULTIPLE = 8  # the VAE downsamples by 8: width and height must be multiples of it
 
-log = logging.getLogger(__name__)
 
+class Settings(CommonSettings):
+    """The API's variables (beside the common ones: schemas/settings.py)."""
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SD_", populate_by_name=True, frozen=True, extra="ignore")
-
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", description="Redis holding queue and images"
-    )
-    redis_socket_timeout_s: float = Field(
-        2.0, gt=0, le=60, description="per Redis command; a dead Redis fails fast"
-    )
     redis_connect_timeout_s: float = Field(1.0, gt=0, le=60, description="per Redis connection attempt")
     redis_max_connections: int = Field(64, ge=4, le=10_000, description="sync pool size (thread-pool routes)")
 
@@ -51,12 +42,8 @@ class Settings(BaseSettings):
         7.5, ge=0, le=30, description="guidance when left out and the model recommends none"
     )
 
-    result_ttl_s: int = Field(3600, ge=1, description="how long results, errors and PNGs stay in Redis")
     job_timeout_s: int = Field(600, ge=1, description="RQ job_timeout: longest run of one job")
     job_retries: int = Field(1, ge=0, le=10, description="RQ Retry(max=...) when a worker dies mid-job")
-    worker_stale_s: float = Field(30.0, gt=0, description="a worker whose heartbeat is older is not alive")
-
-    log_level: str = Field("INFO", description="level of the service's own loggers")
 
     # OpenAI-compatible POST /v1/images/generations answers only once the job ended: bound that wait.
     openai_wait_s: float = Field(
@@ -77,27 +64,12 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
-    @field_validator("redis_url")
-    @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must be empty or start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("log_level")
-    @classmethod
-    def _check_log_level(cls, value: str) -> str:
-        level = value.upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return level
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
@@ -128,30 +100,15 @@ class Settings(BaseSettings):
         return self
 
 
-class ConfigurationError(RuntimeError):
-    """The environment holds an invalid setting; the message names the variables."""
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per bad variable, named as in the environment, without echoing values (keys are secret)."""
-    lines = []
-    for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else ""
-        name = "REDIS_URL" if field == "redis_url" else f"SD_{field.upper()}" if field else "settings"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{name}: {message}")
-    return "invalid configuration: " + "; ".join(lines)
-
-
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and `overrides`), or ConfigurationError with a clear message."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        raise ConfigurationError(describe_validation_error(error)) from None
+    return load_settings_class(Settings, **overrides)
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read once; tests build their own with load_settings() or clear the cache."""
     return load_settings()
+
+
+__all__ = ["ConfigurationError", "Settings", "get_settings", "load_settings"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from schemas.jobs import GenerationParams, JobStatus
+from schemas.queue import GenerationParams, JobStatus
+from service.api_models import Txt2ImgRequestBase
 from service.deps import Services
 from service.errors import QueueFull
 from service.live_workers import live_workers_sync
 from service.resolve import resolve_params
-from service.schemas import Txt2ImgRequestBase
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

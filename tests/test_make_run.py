@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from models.default_model import EMBEDDED_MODEL_DIR
-from tests.helpers.redis_server import free_port
+from tests.support.redis_server import free_port
 from training.checker import detect
 
 ROOT = Path(__file__).resolve().parent.parent

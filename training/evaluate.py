@@ -1,6 +1,6 @@
 """Score prompt-following on held-out (colour, shape, position) combinations.
 
-Images are generated through the serving pipeline (`load_model` + `models.sampler.Sampler`, the
+Images are generated through the serving pipeline (`load_model` + `models.pipeline.Pipeline`, the
 stepper behind `generate`, here with many requests per UNet call) and read back by the checker
 (`training.checker.detect`). Prints a table of colour / position / shape accuracy per guidance
 scale:
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from models.loading import load_model
-from models.sampler import GenerationRequest, Sampler
+from models.pipeline import GenerationRequest, Pipeline
 from models.stable_diffusion import StableDiffusion
 from models.txt2img import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from training.checker import Detection, detect
@@ -102,7 +102,7 @@ def generate_images(
 ) -> list[np.ndarray]:
     """One (H, W, 3) uint8 image per case at the model's native size, `batch_size` requests per UNet call."""
     width, height = model.native_size
-    sampler = Sampler(model)
+    sampler = Pipeline(model)
     images: list[np.ndarray] = []
     for start in range(0, len(cases), batch_size):
         requests = [

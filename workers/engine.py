@@ -12,7 +12,7 @@ Each iteration of its loop:
 
 Faults stay with the job that caused them: an invalid request, a prompt that fails to encode or a
 step that raises for one request fails that job alone; an out-of-memory error halves the rows per
-UNet call and retries the same step (a failed step changes no image, see Sampler.step).
+UNet call and retries the same step (a failed step changes no image, see Pipeline.step).
 Redis is reached only through the two sinks, so this module is testable without it.
 """
 
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from redis.exceptions import RedisError
 
-from models.sampler import ActiveImage, Sampler
+from models.pipeline import ActiveImage, Pipeline
 from models.stable_diffusion import StableDiffusion
-from schemas.jobs import JobResult
-from schemas.workers import EngineStats
+from schemas.errors import ErrorType
+from schemas.queue import JobResult
+from schemas.worker_info import EngineStats
 from workers.batching import admit_count, group_by_shape, split_rows, total_rows
 from workers.errors import (
     EngineFailure,
@@ -85,11 +86,11 @@ class Engine:
         config: EngineConfig,
         results: ResultSink,
         progress: ProgressSink,
-        sampler_factory: Callable[[StableDiffusion], Sampler] = Sampler,
+        pipeline_factory: Callable[[StableDiffusion], Pipeline] = Pipeline,
     ) -> None:
         self.model = model
         self.config = config
-        self.sampler = sampler_factory(model)
+        self.pipeline = pipeline_factory(model)
         self.call_rows_limit = config.max_batch_rows  # halved by out-of-memory errors, regrown later
         self._calls_since_oom = 0
         self.vae_batch = config.vae_batch  # halved by out-of-memory errors while decoding
@@ -259,14 +260,15 @@ class Engine:
                 submission.request.validate(self.model)
             except ValueError as error:
                 self._end(
-                    submission, RequestFailed(f"invalid request for this model: {error}", "InvalidRequest")
+                    submission,
+                    RequestFailed(f"invalid request for this model: {error}", ErrorType.INVALID_REQUEST),
                 )
                 continue
             valid.append(submission)
         if not valid:
             return
         try:
-            started = self.sampler.start([(s, s.request) for s in valid])
+            started = self.pipeline.start([(s, s.request) for s in valid])
         except Exception as error:
             if isinstance(error, torch.OutOfMemoryError):
                 self._free_memory()
@@ -279,7 +281,8 @@ class Engine:
                 return
             log.error("job %s: could not start", valid[0].job_id, exc_info=True)
             self._end(
-                valid[0], RequestFailed(f"could not encode the prompt: {error}", "PromptEncodingFailed")
+                valid[0],
+                RequestFailed(f"could not encode the prompt: {error}", ErrorType.PROMPT_ENCODING_FAILED),
             )
             return
         now = time.time()
@@ -312,7 +315,7 @@ class Engine:
         owners = list(dict.fromkeys(_owner(image) for image in live))
         try:
             check_unet_call(rows, self.config.test_oom_above_rows)
-            self.sampler.step(live)
+            self.pipeline.step(live)
         except torch.OutOfMemoryError as error:
             self._free_memory()
             if len(live) == 1:
@@ -321,7 +324,7 @@ class Engine:
                     owners[0],
                     RequestFailed(
                         f"out of memory denoising one {request.width}x{request.height} image alone: {error}",
-                        "OutOfMemory",
+                        ErrorType.OUT_OF_MEMORY,
                     ),
                 )
                 return
@@ -347,7 +350,9 @@ class Engine:
             log.error("job %s: denoising step failed", owners[0].job_id, exc_info=True)
             self._end(
                 owners[0],
-                RequestFailed(f"denoising failed at step {owners[0].step}: {error}", "GenerationFailed"),
+                RequestFailed(
+                    f"denoising failed at step {owners[0].step}: {error}", ErrorType.GENERATION_FAILED
+                ),
             )
             return
         self._regrow_after_oom()
@@ -466,7 +471,10 @@ class Engine:
                     self._decode_batch([submission])
                 return
             log.error("job %s: decoding failed", submissions[0].job_id, exc_info=True)
-            self._end(submissions[0], RequestFailed(f"decoding the images failed: {error}", "DecodingFailed"))
+            self._end(
+                submissions[0],
+                RequestFailed(f"decoding the images failed: {error}", ErrorType.DECODING_FAILED),
+            )
             return
         offset = 0
         for submission, images in groups:
@@ -476,7 +484,7 @@ class Engine:
     def _decode(self, images: Sequence[ActiveImage]) -> list[np.ndarray]:
         while True:
             try:
-                return self.sampler.decode(images, self.vae_batch)
+                return self.pipeline.decode(images, self.vae_batch)
             except torch.OutOfMemoryError:
                 self._free_memory()
                 if self.vae_batch == 1:

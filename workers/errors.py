@@ -1,27 +1,38 @@
 """How a job can end other than with its images, and what RQ should do about each.
 
 The engine completes a job's ticket with one of these; the job function raises it; the slot worker
-(workers/slots.py) turns it into RQ's bookkeeping:
+(workers/slots.py) turns it into RQ's bookkeeping. Each carries an `ErrorType` (schemas/errors.py),
+which says whether another attempt could succeed:
 
-| exception          | RQ status                  | retried (Retry(max=...))? | job.meta["error"] |
-|--------------------|----------------------------|---------------------------|-------------------|
-| JobCanceled        | canceled (CanceledJobRegistry) | no                    | -                 |
-| RequestFailed      | failed                     | no: it would fail again   | {type, message}   |
-| JobTimedOut        | failed                     | no: it would time out again | {type, message} |
-| WorkerShuttingDown | queued again, at the front | not counted as a retry    | -                 |
-| EngineFailure      | failed, or queued for retry | yes, while retries are left | {type, message} when final |
+| exception          | RQ status                      | retried (Retry(max=...))?     | job.meta["error"]    |
+|--------------------|--------------------------------|-------------------------------|----------------------|
+| JobCanceled        | canceled (CanceledJobRegistry) | no                            | -                    |
+| RequestFailed      | failed                         | no: it would fail again       | {type, message}      |
+| JobTimedOut        | failed                         | no: it would time out again   | {type, message}      |
+| WorkerShuttingDown | queued again, at the front     | not counted as a retry        | -                    |
+| EngineFailure      | failed, or queued for retry    | yes, while retries are left   | {type, message} when final |
 
 Imports nothing heavy: the janitor and the API-side tests may import it.
 """
 
 from __future__ import annotations
 
+from schemas.errors import ErrorType
+
 
 class JobEnded(Exception):
-    """Base: a job ended without images. `error_type` is what the API shows as error.type."""
+    """Base: a job ended without images; `error_type` is what the API shows as error.type."""
 
-    error_type = "JobFailed"
-    retryable = False
+    error_type: ErrorType = ErrorType.JOB_FAILED
+
+    def __init__(self, message: str, error_type: ErrorType | None = None) -> None:
+        super().__init__(message)
+        if error_type is not None:
+            self.error_type = error_type
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_type.retryable
 
     @property
     def message(self) -> str:
@@ -31,7 +42,7 @@ class JobEnded(Exception):
 class JobCanceled(JobEnded):
     """The API asked (cancel key) to stop the job; it left the batch between two steps."""
 
-    error_type = "JobCanceled"
+    error_type = ErrorType.JOB_CANCELED
 
 
 class RequestFailed(JobEnded):
@@ -40,25 +51,20 @@ class RequestFailed(JobEnded):
     Deterministic: retrying it would fail the same way, and its batch-mates are not affected.
     """
 
-    def __init__(self, message: str, error_type: str = "RequestFailed") -> None:
-        super().__init__(message)
-        self.error_type = error_type
-
 
 class JobTimedOut(JobEnded):
     """The job ran longer than its RQ job_timeout; the engine stopped it between two steps."""
 
-    error_type = "JobTimedOut"
+    error_type = ErrorType.JOB_TIMED_OUT
 
 
 class WorkerShuttingDown(JobEnded):
     """The worker is draining (SIGTERM) and the job was not done in time: it goes back to the queue."""
 
-    error_type = "WorkerShuttingDown"
+    error_type = ErrorType.WORKER_SHUTTING_DOWN
 
 
 class EngineFailure(JobEnded):
     """Something failed that is not the request's fault (engine crash, Redis lost while storing)."""
 
-    error_type = "WorkerError"
-    retryable = True
+    error_type = ErrorType.WORKER_ERROR

@@ -20,32 +20,14 @@ from pathlib import Path
 
 import redis
 from redis.exceptions import RedisError
-from rq.utils import now, utcformat
 
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
-from schemas.workers import EngineStats, WorkerInfo
+from schemas.worker_info import EngineStats, WorkerInfo
 from workers.healthcheck import touch
+from workers.rq_internals import KEEP_JOB_ALIVE, keep_job_alive_call
 from workers.slots import SlotPool
 
 log = logging.getLogger(__name__)
-
-# Refresh a running job only while RQ still lists its execution as started: a beat that races the
-# job's end never brings back an entry RQ just removed (ZADD XX, and nothing else is touched).
-# KEYS: started registry, job hash, execution hash, execution registry
-# ARGV: execution composite key (job:execution), execution id, now (unix s), now (RQ text), ttl s
-_KEEP_JOB_ALIVE = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
-redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-redis.call('HSET', KEYS[2], 'last_heartbeat', ARGV[4])
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], 'last_heartbeat', ARGV[3])
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-redis.call('ZADD', KEYS[4], 'XX', now + ttl + 60, ARGV[2])
-redis.call('EXPIRE', KEYS[4], ttl + 60)
-return 1
-"""
 
 INFO_TTL_BEATS = 5  # the info key outlives this many missed beats
 
@@ -68,7 +50,7 @@ class Heartbeat:
         self._job_ttl_s = job_heartbeat_ttl_s
         self._engine_alive = engine_alive
         self._health_file = health_file  # touched on each beat while the engine lives (container health)
-        self._keep_alive = client.register_script(_KEEP_JOB_ALIVE)
+        self._keep_alive = client.register_script(KEEP_JOB_ALIVE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing_since: float | None = None
@@ -123,7 +105,6 @@ class Heartbeat:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(worker_info_key(info.name), info.model_dump_json(), ex=info_ttl_s)
             pipe.zadd(WORKERS_ZSET, {info.name: stamp})
-            rq_now = utcformat(now())
             for worker in self._slots.busy():
                 running = worker.running
                 if running is None:
@@ -132,14 +113,6 @@ class Heartbeat:
                 if execution is None:
                     continue
                 worker.heartbeat(pipeline=pipe)
-                self._keep_alive(
-                    keys=[
-                        job.started_job_registry.key,
-                        job.key,
-                        execution.key,
-                        job.execution_registry.key,
-                    ],
-                    args=[execution.composite_key, execution.id, stamp, rq_now, self._job_ttl_s],
-                    client=pipe,
-                )
+                keys, args = keep_job_alive_call(job, execution, stamp, self._job_ttl_s)
+                self._keep_alive(keys=keys, args=args, client=pipe)
             pipe.execute()

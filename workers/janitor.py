@@ -4,7 +4,7 @@ Every SD_JANITOR_INTERVAL_S it runs RQ's registry cleanup on the txt2img queue:
 - a job whose StartedJobRegistry entry expired (its worker stopped heartbeating for
   SD_JOB_HEARTBEAT_TTL_S: SIGKILL, crash, lost machine) is retried while it has retries left
   (RQ `Retry(max=...)`, set by the API), else it FAILS with job.meta["error"] =
-  {"type": "WorkerDied", ...}: never left `running`;
+  {"type": ErrorType.WORKER_DIED.value, ...}: never left `running`;
 - dead RQ worker names leave RQ's worker registry, jobs stuck between dequeue and start (a worker
   killed in that instant) are failed or retried by RQ's intermediate-queue cleanup;
 - names that stopped heartbeating for SD_WORKER_STALE_S leave WORKERS_ZSET.
@@ -13,8 +13,8 @@ After Redis was unreachable it waits one SD_JOB_HEARTBEAT_TTL_S before sweeping,
 refresh their jobs first and no running job is mistaken for an abandoned one.
 Several janitors may run: a short lock lets one sweep at a time.
 
-Self-contained on purpose (rq, redis, pydantic-settings and schemas/ only): the API image, which has
-no torch, ships this one file of workers/ to run it. Its settings are the base of the worker's.
+Torch-free on purpose (rq, redis, pydantic-settings, schemas/ and workers/rq_internals.py only): the
+API image, which has no torch, ships these files to run it.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal, TypeVar
 
 import redis
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
 from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
@@ -39,74 +37,27 @@ from rq.utils import now
 from rq.worker import BaseWorker
 from rq.worker_registration import clean_worker_registry
 
-from schemas.jobs import QUEUE_NAME
+from schemas.errors import ErrorType
+from schemas.queue import QUEUE_NAME
 from schemas.redis_keys import PREFIX, WORKERS_ZSET
+from schemas.settings import (
+    ConfigurationError,
+    LivenessSettings,
+    configure_logging,
+    load_settings,
+    redis_client,
+)
+from workers.rq_internals import AllowlistedJob
 
 log = logging.getLogger("workers.janitor")  # not __main__ under -m
 
 LOCK_KEY = PREFIX + "janitor:lock"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
-
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-S = TypeVar("S", bound=BaseSettings)
 
 
-class JanitorSettings(BaseSettings):
-    """What the janitor reads; workers/settings.py extends it for the worker (same names, same defaults)."""
+class JanitorSettings(LivenessSettings):
+    """What the janitor reads beside what the worker reads too (schemas/settings.py)."""
 
-    model_config = SettingsConfigDict(env_prefix="SD_", populate_by_name=True, frozen=True, extra="ignore")
-
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", description="Redis holding queue and images"
-    )
-    redis_socket_timeout_s: float = Field(2.0, gt=0, le=60, description="per Redis command (as the API)")
-    job_heartbeat_ttl_s: int = Field(
-        30,
-        ge=2,
-        le=3600,
-        description="a running job not heartbeated this long is abandoned (janitor retries it)",
-    )
-    worker_stale_s: float = Field(30.0, gt=0, description="a worker not heartbeating this long is dead")
     janitor_interval_s: float = Field(10.0, gt=0, le=3600, description="janitor: seconds between sweeps")
-    log_level: LogLevel = Field("INFO", description="level of the project's loggers")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
-
-class ConfigurationError(RuntimeError):
-    """The environment holds an invalid setting; the message names the variables."""
-
-
-def load_settings_class(cls: type[S], **overrides: object) -> S:
-    """`cls` from the environment (and `overrides`), or ConfigurationError naming each bad variable."""
-    try:
-        return cls(**overrides)
-    except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            field = str(item["loc"][0]) if item["loc"] else ""
-            name = "REDIS_URL" if field == "redis_url" else f"SD_{field.upper()}" if field else "settings"
-            lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
-        raise ConfigurationError("invalid configuration: " + "; ".join(lines)) from None
-
-
-def configure_logging(level: str) -> None:
-    """The project's format and level; RQ shows warnings only (our own lines say what matters)."""
-    numeric = logging.getLevelName(level.upper())
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, force=True)
-    rq_level = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
-    for name in ("rq", "rq.worker", "rq.queue", "rq.job", "rq.registry"):
-        logging.getLogger(name).setLevel(rq_level)
 
 
 @dataclass
@@ -130,7 +81,7 @@ def sweep(
         report.swept = False
         return report
     try:
-        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer, job_class=AllowlistedJob)
 
         def on_abandoned(job: Job, *exc_info: object) -> bool:
             if job.retries_left and job.retries_left > 0:
@@ -144,7 +95,7 @@ def sweep(
             else:
                 report.failed += 1
                 job.meta["error"] = {
-                    "type": "WorkerDied",
+                    "type": ErrorType.WORKER_DIED.value,
                     "message": (
                         f"the worker running this job stopped heartbeating for more than {job_heartbeat_ttl_s} s "
                         "(it crashed or was killed) and the job had no retries left"
@@ -172,15 +123,14 @@ def sweep(
 class Janitor:
     def __init__(self, settings: JanitorSettings) -> None:
         self.settings = settings
-        self.client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, socket_connect_timeout=2
-        )
+        self.client = redis_client(settings)
         # RQ's intermediate-queue cleanup needs a worker object; it gets its own connection
         self._rq_worker = BaseWorker(
             [QUEUE_NAME],
             name="sd-janitor",
-            connection=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2),
+            connection=redis_client(settings, socket_timeout=None),
             serializer=JSONSerializer,
+            job_class=AllowlistedJob,
             prepare_for_work=False,
         )
         self._stop = threading.Event()
@@ -224,7 +174,7 @@ class Janitor:
 
 def main() -> int:
     try:
-        settings = load_settings_class(JanitorSettings)
+        settings = load_settings(JanitorSettings)
     except ConfigurationError as error:
         configure_logging("INFO")
         log.error("%s", error)

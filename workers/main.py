@@ -29,16 +29,17 @@ from redis.retry import Retry
 from models.accel import AccelConfig, UNetRunner, VAEDecoder, prepare, prepare_vae
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.sampler import GenerationRequest, Sampler, VAEDecode, generate
+from models.pipeline import GenerationRequest, Pipeline, VAEDecode, generate
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
-from schemas.workers import WorkerInfo
-from workers import jobs
+from schemas.settings import configure_logging, redis_client
+from schemas.worker_info import WorkerInfo
+from workers import job_function
 from workers.device import Runtime, dtype_name, resolve_runtime
 from workers.engine import Engine, EngineConfig
 from workers.healthcheck import HEARTBEAT_FILE
 from workers.heartbeat import Heartbeat
-from workers.janitor import configure_logging, sweep
+from workers.janitor import sweep
 from workers.progress import RedisProgress
 from workers.results import ResultWriter
 from workers.settings import ConfigurationError, WorkerSettings, load_settings
@@ -50,16 +51,10 @@ SLOTS_EXIT_GRACE_S = 30.0  # after the engine stopped: time for the slots' last 
 CONTEXT_TOKENS = 77  # one prompt chunk: the context length of every prompt up to 75 tokens
 
 
-def redis_client(settings: WorkerSettings) -> redis.Redis:
+def worker_redis(settings: WorkerSettings) -> redis.Redis:
     """Short timeouts and one immediate retry: a pooled connection that died with a Redis restart is
     replaced by the next command, and a Redis that is down fails fast (the callers ride it out)."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=2.0,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    return redis_client(settings, retry=Retry(NoBackoff(), 1), health_check_interval=30)
 
 
 def prepare_unet(model: StableDiffusion, runner: UNetRunner | None, max_rows: int) -> None:
@@ -103,11 +98,11 @@ def warm_up(
     )
     decodes = 0
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
-        sampler = Sampler(model, vae_decoder=vae_decoder)
+        pipeline = Pipeline(model, vae_decoder=vae_decoder)
         latent = native_latent(model)
         for count in range(2, vae_batch + 1):  # 1 was decoded by the generation above
             try:
-                sampler.decode_latents(torch.zeros((count, *latent), device=model.device))
+                pipeline.decode_latents(torch.zeros((count, *latent), device=model.device))
             except torch.OutOfMemoryError:
                 # the engine halves its VAE batch when a decode runs out of memory: not a reason to
                 # refuse to start, only to stop warming up larger decodes
@@ -156,7 +151,7 @@ class WorkerProcess:
         self._warm_up = warm_up  # run on the engine's thread before the first job is taken
         self.runtime = runtime
         self.name = settings.resolved_worker_name()
-        client = redis_client(settings)
+        client = worker_redis(settings)
         self.engine = Engine(
             model,
             EngineConfig(
@@ -166,14 +161,14 @@ class WorkerProcess:
             ),
             results=ResultWriter(client, model_name, settings.result_ttl_s),
             progress=RedisProgress(client, settings.result_ttl_s),
-            sampler_factory=lambda m: Sampler(
+            pipeline_factory=lambda m: Pipeline(
                 m, runtime.text_batch, unet_runner=runner, vae_decoder=vae_decoder
             ),
         )
         self.slots = SlotPool(
             runtime.slots,
             self.name,
-            connect=lambda: redis_client(settings),
+            connect=lambda: worker_redis(settings),
             job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
             result_ttl_s=settings.result_ttl_s,
             maintenance=self._maintenance,
@@ -231,7 +226,7 @@ class WorkerProcess:
         except RuntimeError:
             log.critical("cannot start: the warm-up failed", exc_info=True)
             return 1
-        jobs.set_engine(self.engine)
+        job_function.set_engine(self.engine)
         self.heartbeat.start()
         self.slots.start()
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -260,7 +255,7 @@ class WorkerProcess:
         if not self.slots.join(SLOTS_EXIT_GRACE_S):
             log.error("some slots did not finish their RQ bookkeeping in time")
         self.heartbeat.stop()
-        jobs.set_engine(None)
+        job_function.set_engine(None)
         log.info("worker %s stopped", self.name)
         return exit_code
 

@@ -10,7 +10,7 @@ import numpy as np
 import redis
 
 from models.png import encode_png, parameters_of
-from schemas.jobs import ImageRef, JobResult
+from schemas.queue import ImageRef, JobResult
 from schemas.redis_keys import image_key
 from workers.submission import Submission
 

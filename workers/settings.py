@@ -1,9 +1,7 @@
 """The worker's configuration: environment variables read once into one object.
 
-Every variable but REDIS_URL carries the `SD_` prefix; names shared with the API mean the same
-thing there. It extends the janitor's settings (workers/janitor.py, self-contained because the API
-image ships that one file), so both processes agree on every shared variable and default.
-Nothing here imports torch: the device-dependent defaults (`None` below) are resolved by
+It extends the variables the worker shares with the janitor and the API (schemas/settings.py), so
+every process agrees on each shared variable and its default. Nothing here imports torch: the device-dependent defaults (`None` below) are resolved by
 `workers.device` once the device is known. Invalid values stop the process at start-up with a
 message naming the variable and its bounds.
 """
@@ -16,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from workers.janitor import ConfigurationError, JanitorSettings, load_settings_class
+from schemas.settings import ConfigurationError, LivenessSettings
+from schemas.settings import load_settings as load_settings_class
 
 __all__ = ["ConfigurationError", "WorkerSettings", "load_settings"]
 
@@ -25,7 +24,7 @@ SdpaBackend = Literal["flash", "efficient", "cudnn", "math", "auto"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
-class WorkerSettings(JanitorSettings):
+class WorkerSettings(LivenessSettings):
     # --- the model -------------------------------------------------------------------------------
     model: str | None = Field(
         None, description="model folder or checkpoint file (default: the embedded model)"
@@ -140,7 +139,6 @@ class WorkerSettings(JanitorSettings):
     )
 
     # --- Redis lifetimes and liveness ------------------------------------------------------------
-    result_ttl_s: int = Field(3600, ge=1, description="how long PNGs and progress stay in Redis")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="worker info + running jobs' heartbeat")
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: time given to running jobs to finish")
     worker_name: str | None = Field(None, description="name in Redis (default: hostname-pid)")

@@ -10,8 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from models.sampler import ActiveImage, GenerationRequest
-from schemas.jobs import GenerationParams, JobResult
+from models.pipeline import ActiveImage, GenerationRequest
+from schemas.queue import GenerationParams, JobResult
 from workers.errors import JobEnded
 
 

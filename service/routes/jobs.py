@@ -8,12 +8,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from schemas.jobs import JobStatus
-from service.deps import Owner, ServicesDep
-from service.job_status import TERMINAL
-from service.jobs import JobSnapshot
-from service.openapi_docs import error_responses
-from service.schemas import (
+from schemas.queue import JobStatus
+from service.api_models import (
     JOB_VIEW_EXAMPLE,
     ImageLink,
     JobError,
@@ -21,6 +17,10 @@ from service.schemas import (
     Progress,
     ResolvedRequest,
 )
+from service.deps import Owner, ServicesDep
+from service.job_status import TERMINAL
+from service.job_store import JobSnapshot
+from service.openapi_docs import error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

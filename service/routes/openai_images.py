@@ -23,10 +23,12 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from schemas.jobs import JobStatus
+from schemas.errors import ErrorType, is_client_fault
+from schemas.queue import JobStatus
+from service.api_models import PROMPT_EXAMPLE, Txt2ImgRequestBase, request_model
 from service.deps import Owner, Services, ServicesDep, get_owner
+from service.job_store import JobConflict, JobSnapshot
 from service.job_wait import WaitOutcome, wait_for_job
-from service.jobs import JobConflict, JobSnapshot
 from service.live_workers import live_workers
 from service.openai_errors import (
     INVALID_REQUEST,
@@ -36,7 +38,7 @@ from service.openai_errors import (
     from_validation_errors,
     openai_route_class,
 )
-from service.openai_schemas import (
+from service.openai_models import (
     RENAMED_FIELDS,
     SHARED_FIELDS,
     ImageData,
@@ -49,14 +51,11 @@ from service.openai_schemas import (
 )
 from service.resolve import sampling_defaults
 from service.routes.jobs import count_if_first_seen_finished, image_url
-from service.schemas import PROMPT_EXAMPLE, Txt2ImgRequestBase, request_model
 from service.settings import SIZE_MULTIPLE, Settings
 from service.submit import submit_job
 
 log = logging.getLogger(__name__)
 
-# Job failures that are the request's fault (the engine's error types, see workers/errors.py).
-REQUEST_FAULTS = frozenset({"InvalidRequest", "InvalidParams"})
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: the answer has no reader
 
 _ERROR_EXAMPLES: dict[int, tuple[str, str, str, str | None, str | None]] = {
@@ -149,8 +148,8 @@ def failure(snap: JobSnapshot) -> OpenAIError:
     """The error answer of a job that ended without images."""
     if snap.status is JobStatus.CANCELED:
         return OpenAIError(409, "the job was canceled before it finished", code="canceled", headers=NO_RETRY)
-    error_type, message = snap.error or ("JobFailed", "the job failed")
-    if error_type in REQUEST_FAULTS:
+    error_type, message = snap.error or (ErrorType.JOB_FAILED, "the job failed")
+    if is_client_fault(error_type):
         return OpenAIError(400, f"the request cannot run on this model: {message}", code="invalid_request")
     return OpenAIError(
         502,

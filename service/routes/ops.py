@@ -7,10 +7,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
+from service.api_models import Health, Readiness
 from service.deps import ServicesDep
 from service.live_workers import live_workers
 from service.metrics import QueueState
-from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["operations"])
 

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Response, status
 
+from service.api_models import PROMPT_EXAMPLE, JobAccepted, ValidationErrorBody, request_model
 from service.deps import Owner, ServicesDep
 from service.openapi_docs import VALIDATION_EXAMPLE, error_responses
-from service.schemas import PROMPT_EXAMPLE, JobAccepted, ValidationErrorBody, request_model
 from service.settings import Settings
 from service.submit import submit_job
 

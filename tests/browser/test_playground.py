@@ -16,9 +16,9 @@ import redis
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer
-from tests.helpers.service_stack import ServiceStack
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer
+from tests.support.service_stack import ServiceStack
 
 PROMPT = "a red circle in the top left on a blue background"
 LAPTOP = (1366, 800)

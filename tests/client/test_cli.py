@@ -16,11 +16,11 @@ import pytest
 import redis
 from PIL import Image
 
-from schemas.jobs import QUEUE_NAME
-from tests.helpers.api_process import REPO_ROOT, ApiProcess
-from tests.helpers.redis_server import RedisServer, free_port
-from tests.helpers.service_stack import ServiceStack
-from tests.service import fake_worker
+from schemas.queue import QUEUE_NAME
+from tests.support import fake_worker
+from tests.support.api_process import REPO_ROOT, ApiProcess
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.service_stack import ServiceStack
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("sd-txt2img")
 PROMPT = "a red circle in the top left on a blue background"

@@ -30,8 +30,8 @@ from models.accel import (
 )
 from models.configs import UNetConfig
 from models.loading import load_model
+from models.pipeline import GenerationRequest, Pipeline, generate
 from models.random_model import randomize_
-from models.sampler import GenerationRequest, Sampler, generate
 from models.tiny_configs import tiny_config
 from models.transfer import to_device
 from models.unet import UNet2DConditionModel
@@ -86,13 +86,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def sample_together(sampler: Sampler, requests: list[GenerationRequest]) -> tuple[torch.Tensor, list]:
-    """All requests in one batch to the end, as the engine drives the Sampler: final latents, pixels."""
-    started = sampler.start(list(enumerate(requests)))
+def sample_together(pipeline: Pipeline, requests: list[GenerationRequest]) -> tuple[torch.Tensor, list]:
+    """All requests in one batch to the end, as the engine drives the Pipeline: final latents, pixels."""
+    started = pipeline.start(list(enumerate(requests)))
     images = [image for group in started for image in group]
     while any(not image.done for image in images):
-        sampler.step([image for image in images if not image.done])
-    return torch.cat([image.latent for image in images]), sampler.decode(images)
+        pipeline.step([image for image in images if not image.done])
+    return torch.cat([image.latent for image in images]), pipeline.decode(images)
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_vae_decoder_compiles_the_chosen_shape_once_for_every_count_above_one(
     dimension dynamic) and one for a single latent; another shape decodes uncompiled. Pictures as
     `vae.decode` gives them."""
     model = load_model(random_models["sd1"])
-    assert prepare_vae(model, AccelConfig()) is None  # off: the Sampler calls vae.decode
+    assert prepare_vae(model, AccelConfig()) is None  # off: the Pipeline calls vae.decode
     compiled: list[object] = []
 
     def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -350,9 +350,9 @@ def test_vae_decoder_compiles_the_chosen_shape_once_for_every_count_above_one(
         z = torch.randn((count, *shape), generator=g)
         assert max_diff(decoder(z), model.vae.decode(z)) <= 1e-5, (count, shape)
     assert len(compiled) == 2  # 3 (dynamic: 5 and 2 reuse it) and 1; (4, 8, 16) not compiled
-    sampler = Sampler(model, vae_decoder=decoder)
+    sampler = Pipeline(model, vae_decoder=decoder)
     z = torch.randn((2, 4, 8, 8), generator=g)
-    np.testing.assert_array_equal(sampler.decode_latents(z), Sampler(model).decode_latents(z))
+    np.testing.assert_array_equal(sampler.decode_latents(z), Pipeline(model).decode_latents(z))
     torch._dynamo.reset()
 
 
@@ -380,8 +380,8 @@ def test_fused_attention_projections_give_the_same_pictures_and_split_back_exact
         GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
         GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
     ]  # a long prompt: cross-attention with a key mask
-    plain_latents, plain_pixels = sample_together(Sampler(plain), requests)
-    fused_latents, fused_pixels = sample_together(Sampler(fused, unet_runner=runner), requests)
+    plain_latents, plain_pixels = sample_together(Pipeline(plain), requests)
+    fused_latents, fused_pixels = sample_together(Pipeline(fused, unet_runner=runner), requests)
     assert relative_error(fused_latents, plain_latents) <= 1e-5
     for a, b in zip(plain_pixels, fused_pixels, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -408,8 +408,8 @@ def test_sampler_with_runner_gives_the_same_pixels(random_models: dict[str, Path
         GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
         GenerationRequest(prompt="unguided", width=64, height=48, steps=4, guidance_scale=1.0, seed=3),
     ]  # 2 + 1 guided images and 1 unguided: 7 rows, padded to 8; a long prompt: L 154 with a mask
-    plain_latents, plain_pixels = sample_together(Sampler(plain), requests)
-    fast_latents, fast_pixels = sample_together(Sampler(fast, unet_runner=runner), requests)
+    plain_latents, plain_pixels = sample_together(Pipeline(plain), requests)
+    fast_latents, fast_pixels = sample_together(Pipeline(fast, unet_runner=runner), requests)
     # 3-4 steps of CFG (x7.5) amplify float32 rounding (other conv algorithms, other batch size)
     assert relative_error(fast_latents, plain_latents) <= 1e-5
     for a, b in zip(plain_pixels, fast_pixels, strict=True):
@@ -520,7 +520,7 @@ def test_cuda_fused_vae_attention_decodes_the_same_pixels(random_models: dict[st
     fused = load_model(random_models["sd1"], "cuda", vae_dtype=torch.float16)
     fuse_projections_in(fused.vae)
     z = torch.randn((2, 4, 32, 32), generator=torch.Generator().manual_seed(4)).cuda()
-    a, b = Sampler(plain).decode_latents(z), Sampler(fused).decode_latents(z)
+    a, b = Pipeline(plain).decode_latents(z), Pipeline(fused).decode_latents(z)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 

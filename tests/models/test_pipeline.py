@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from models.loading import load_model
-from models.sampler import GenerationRequest, Sampler, generate
+from models.pipeline import GenerationRequest, Pipeline, generate
 from models.stable_diffusion import StableDiffusion
 
 PROMPT = "a red circle in the top left on a blue background"
@@ -108,7 +108,7 @@ def test_request_alone_equals_request_in_a_batch(ours: dict[str, StableDiffusion
         ),
         GenerationRequest(prompt="a triangle", width=64, height=64, steps=6, eta=1.0, seed=8, num_images=3),
     ]
-    sampler = Sampler(model)
+    sampler = Pipeline(model)
     started = sampler.start([("other0", others[0]), ("target", target)])
     running = [image for images in started for image in images]
     late = sampler.start([("other1", others[1]), ("other2", others[2])])
@@ -135,7 +135,7 @@ def test_single_file_equals_folder(
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=48, steps=3, seed=3)
     latents = []
     for model in (folder, from_file):
-        sampler = Sampler(model)
+        sampler = Pipeline(model)
         (images,) = sampler.start([(0, request)])
         while not images[0].done:
             sampler.step(images)

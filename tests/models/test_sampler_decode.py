@@ -1,4 +1,4 @@
-"""The Sampler's decode: a float16 VAE against float32, the float32 fallback decoder taking over a
+"""The Pipeline's decode: a float16 VAE against float32, the float32 fallback decoder taking over a
 float16 decode that overflows, and non-finite results failing loudly instead of black pictures."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.loading import load_model
-from models.sampler import Sampler
+from models.pipeline import Pipeline
 from models.stable_diffusion import StableDiffusion
 
 # x10,000 puts the unscaled latents past float16's largest value (65504): a float16 decode gives
@@ -34,7 +34,7 @@ def latents() -> torch.Tensor:
 
 
 def pixels(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
-    return Sampler(model).decode_latents(latents).astype(np.int16)
+    return Pipeline(model).decode_latents(latents).astype(np.int16)
 
 
 def test_fallback_is_a_float32_decoder_without_the_encoder(float16_vae_model: StableDiffusion) -> None:
@@ -70,7 +70,7 @@ def test_an_overflowing_float16_decode_is_done_again_in_float32(
     huge = latents * OVERFLOWING
     scaled = (huge / float16_vae_model.vae.config.scaling_factor).half()
     assert not float16_vae_model.vae.decode(scaled).isfinite().all()  # the case this is about
-    with caplog.at_level("WARNING", logger="models.sampler"):
+    with caplog.at_level("WARNING", logger="models.pipeline"):
         got = pixels(float16_vae_model, huge)
     np.testing.assert_array_equal(got, pixels(float32_model, huge))  # the float32 decode, exactly
     assert "overflowed: decoding them again in float32" in caplog.text
@@ -83,7 +83,7 @@ def test_only_the_latents_that_overflow_are_decoded_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     mixed = torch.cat([latents[:1], latents[1:] * OVERFLOWING])  # row 0 fine, row 1 overflows
-    with caplog.at_level("WARNING", logger="models.sampler"):
+    with caplog.at_level("WARNING", logger="models.pipeline"):
         got = pixels(float16_vae_model, mixed)
     assert "decode of 1 latents overflowed" in caplog.text
     np.testing.assert_array_equal(got[1], pixels(float32_model, mixed[1:])[0])  # float32's, exactly
@@ -96,7 +96,7 @@ def test_without_a_fallback_an_overflow_fails_loudly(
     model = load_model(random_models["sd1"], vae_dtype=torch.float16)
     assert model.vae_fallback is None
     with pytest.raises(FloatingPointError, match="torch.float16 VAE decode overflowed"):
-        Sampler(model).decode_latents(latents * OVERFLOWING)
+        Pipeline(model).decode_latents(latents * OVERFLOWING)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -107,7 +107,7 @@ def test_non_finite_latents_fail_instead_of_black_pictures(
     broken[1, 0, 3, 3] = bad
     for model in (float16_vae_model, float32_model):
         with pytest.raises(FloatingPointError, match="latents hold inf/NaN"):
-            Sampler(model).decode_latents(broken)
+            Pipeline(model).decode_latents(broken)
 
 
 def test_the_fallback_is_kept_only_for_a_float16_vae(random_models: dict[str, Path]) -> None:

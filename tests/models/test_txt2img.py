@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from models.loading import load_model
-from models.sampler import GenerationRequest, generate
+from models.pipeline import GenerationRequest, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 

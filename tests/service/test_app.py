@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import load_settings
-from tests.helpers.api_process import REPO_ROOT
+from tests.support.api_process import REPO_ROOT
 
 
 def test_importing_the_module_builds_no_app() -> None:

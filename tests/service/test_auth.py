@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from service.auth import Authenticator, owner_of
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer
-from tests.service import fake_worker
-from tests.service.conftest import client_for, module_api
+from tests.support import fake_worker
+from tests.support.api import client_for, module_api
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 

@@ -18,7 +18,7 @@ import sys
 
 import redis
 
-from tests.service.conftest import publish_worker
+from tests.support.api import publish_worker
 
 API_KEY = "fuzz-key"
 EXAMPLES_PER_OPERATION = int(os.environ.get("SD_FUZZ_EXAMPLES", "40"))

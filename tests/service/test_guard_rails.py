@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.helpers.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 BODY_LIMIT = 4096
 

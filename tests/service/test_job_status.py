@@ -7,7 +7,7 @@ import traceback
 import pytest
 from rq.job import JobStatus as RqStatus
 
-from schemas.jobs import JobStatus
+from schemas.queue import JobStatus
 from service.job_status import MAX_MESSAGE_CHARS, api_status, error_from_exc_string, error_from_meta
 
 

@@ -13,8 +13,8 @@ import redis
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
 
-from schemas.jobs import QUEUE_NAME, GenerationParams, JobStatus
-from service.jobs import JobStore
+from schemas.queue import QUEUE_NAME, GenerationParams, JobStatus
+from service.job_store import JobStore
 from service.settings import Settings
 
 PARAMS = GenerationParams(

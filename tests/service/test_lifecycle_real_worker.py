@@ -12,8 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.worker_process import WorkerProcess
+from tests.support.api_process import ApiProcess
+from tests.support.worker_process import WorkerProcess
 
 PROMPT = "a red circle in the top left on a blue background"
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers.redis_server import RedisServer
-from tests.helpers.service_stack import ServiceStack
+from tests.support.redis_server import RedisServer
+from tests.support.service_stack import ServiceStack
 
 ENDED = {"succeeded", "failed", "canceled"}
 

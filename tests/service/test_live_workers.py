@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
-from schemas.workers import WorkerInfo
+from schemas.worker_info import WorkerInfo
 from service.live_workers import live_workers_sync, parse_live
-from tests.service.conftest import publish_worker
+from tests.support.api import publish_worker
 
 
 def info(name: str, heartbeat_at: float) -> bytes:

@@ -13,8 +13,8 @@ import sys
 
 import redis
 
-from tests.service.conftest import publish_worker
 from tests.service.test_fuzz import API_KEY, SEED, is_only_an_internal_error
+from tests.support.api import publish_worker
 
 EXAMPLES = 30
 EXCLUDED_CHECKS = ["use_after_free", "not_a_server_error", "positive_data_acceptance"]

@@ -17,10 +17,10 @@ import redis
 from openai import OpenAI
 from PIL import Image
 
-from schemas.jobs import QUEUE_NAME
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer, free_port
-from tests.helpers.service_stack import ServiceStack
+from schemas.queue import QUEUE_NAME
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.service_stack import ServiceStack
 
 PROMPT = "a red circle in the top left on a blue background"
 FAST = {"steps": 2}  # the tiny model, two steps: a job takes a fraction of a second

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.settings import ConfigurationError, Settings, get_settings, load_settings
-from tests.helpers.api_process import ApiProcess, ApiProcessError
+from tests.support.api_process import ApiProcess, ApiProcessError
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

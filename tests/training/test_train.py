@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.loading import load_model
-from models.sampler import GenerationRequest, generate
+from models.pipeline import GenerationRequest, generate
 from training import train
 from training.diffusion import timestep_weights
 from training.schedule import warmup_cosine

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers.worker_process import JanitorProcess, WorkerProcess
+from tests.support.worker_process import JanitorProcess, WorkerProcess
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pytest
 
-from models.sampler import Sampler, generate
-from schemas.jobs import GenerationParams, ImageRef, JobResult
-from tests.workers.support import max_pixel_diff, params, wait_until
+from models.pipeline import Pipeline, generate
+from schemas.queue import GenerationParams, ImageRef, JobResult
+from tests.support.jobs import max_pixel_diff, params, wait_until
 from workers.engine import Engine, EngineConfig
 from workers.errors import EngineFailure, JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
 from workers.submission import Submission, to_request
@@ -44,7 +44,7 @@ class FakeResults:
         )
 
 
-class FaultySampler(Sampler):
+class FaultyPipeline(Pipeline):
     """Prompts containing BOOM fail to encode; images of prompts containing STEPFAIL fail to step."""
 
     def start(self, items):
@@ -71,7 +71,7 @@ def make_engine(tiny_model) -> Iterator:
             EngineConfig(max_batch_rows=max_batch_rows, vae_batch=vae_batch, idle_wait_s=0.05, **config),
             results,
             progress,
-            sampler_factory=FaultySampler if faulty else Sampler,
+            pipeline_factory=FaultyPipeline if faulty else Pipeline,
         )
         if start:
             engine.start()
@@ -312,7 +312,7 @@ def test_each_decode_chunk_goes_to_the_writers_before_the_next_is_decoded(tiny_m
                 first_two_stored.set()
             return result
 
-    class WaitingDecode(Sampler):
+    class WaitingDecode(Pipeline):
         def decode(self, images, max_batch=8):
             decode_calls.append(len(images))
             if len(decode_calls) == 2:
@@ -325,7 +325,7 @@ def test_each_decode_chunk_goes_to_the_writers_before_the_next_is_decoded(tiny_m
         EngineConfig(max_batch_rows=16, vae_batch=2, idle_wait_s=0.05),
         results,
         FakeProgress(),
-        sampler_factory=WaitingDecode,
+        pipeline_factory=WaitingDecode,
     )
     jobs = [Submission(f"job-{i}", GenerationParams.model_validate(params(seed=i))) for i in range(4)]
     for job in jobs:

@@ -8,9 +8,9 @@ import time
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from schemas.jobs import QUEUE_NAME
+from schemas.queue import QUEUE_NAME
 from schemas.redis_keys import WORKERS_ZSET
-from tests.workers.support import enqueue, fetch, params
+from tests.support.jobs import enqueue, fetch, params
 from workers.janitor import sweep
 from workers.slots import SlotWorker
 
@@ -48,11 +48,11 @@ def test_abandoned_jobs_are_retried_or_failed_with_a_clear_error(client) -> None
 
 
 def test_heartbeat_keeps_a_running_job_out_of_the_sweep(client) -> None:
-    from workers.heartbeat import _KEEP_JOB_ALIVE
+    from workers.rq_internals import KEEP_JOB_ALIVE
 
     job_id = enqueue(client, params(seed=3)).id
     worker, job = take_job(client, "alive", ttl_s=1)
-    keep_alive = client.register_script(_KEEP_JOB_ALIVE)
+    keep_alive = client.register_script(KEEP_JOB_ALIVE)
     execution = worker.execution
     for _ in range(4):  # 2 s of heartbeats: twice the TTL
         keep_alive(
@@ -66,7 +66,7 @@ def test_heartbeat_keeps_a_running_job_out_of_the_sweep(client) -> None:
 
 
 def test_keep_alive_never_brings_back_a_finished_execution(client) -> None:
-    from workers.heartbeat import _KEEP_JOB_ALIVE
+    from workers.rq_internals import KEEP_JOB_ALIVE
 
     enqueue(client, params(seed=4))
     worker, job = take_job(client, "alive", ttl_s=5)
@@ -74,7 +74,7 @@ def test_keep_alive_never_brings_back_a_finished_execution(client) -> None:
     with client.pipeline() as pipe:
         worker.cleanup_execution(job, pipeline=pipe)  # the job ended
         pipe.execute()
-    keep_alive = client.register_script(_KEEP_JOB_ALIVE)
+    keep_alive = client.register_script(KEEP_JOB_ALIVE)
     keys = [job.started_job_registry.key, job.key, execution.key, job.execution_registry.key]
     assert keep_alive(keys=keys, args=[execution.composite_key, execution.id, time.time(), "x", 5]) == 0
     assert not client.exists(execution.key)

@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.helpers.worker_process import WorkerProcess
-from tests.workers.support import worker_info
+from tests.support.jobs import worker_info
+from tests.support.worker_process import WorkerProcess
 
 
 def test_worker_publishes_the_models_recommended_settings(

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from schemas.jobs import GenerationParams
+from schemas.queue import GenerationParams
 from workers.errors import JobCanceled
 from workers.previews import PreviewMaker
 from workers.submission import Submission

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.worker_process import ProcessError, WorkerProcess
-from tests.workers.support import enqueue, params, result_of, wait_terminal
+from tests.support.jobs import enqueue, params, result_of, wait_terminal
+from tests.support.worker_process import ProcessError, WorkerProcess
 
 
 def test_single_file_with_its_config_folder(client, redis_url: str, random_models: dict[str, Path]) -> None:

@@ -8,9 +8,9 @@ import time
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from schemas.jobs import QUEUE_NAME
+from schemas.queue import QUEUE_NAME
 from schemas.redis_keys import cancel_key, progress_key
-from tests.workers.support import (
+from tests.support.jobs import (
     enqueue,
     fetch,
     live_worker_names,

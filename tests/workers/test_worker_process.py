@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from rq.registry import CanceledJobRegistry
 
+from models.pipeline import generate
 from models.png import read_parameters
-from models.sampler import generate
-from schemas.jobs import QUEUE_NAME, GenerationParams
+from schemas.queue import QUEUE_NAME, GenerationParams
 from schemas.redis_keys import cancel_key, image_key, progress_key
-from tests.workers.support import (
+from tests.support.jobs import (
     enqueue,
     fetch,
     max_pixel_diff,

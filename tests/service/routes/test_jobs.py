@@ -14,10 +14,10 @@ import redis
 from PIL import Image
 
 from schemas.redis_keys import image_key
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer
-from tests.service import fake_worker
-from tests.service.conftest import client_for, module_api
+from tests.support import fake_worker
+from tests.support.api import client_for, module_api
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer
-from tests.service import fake_worker
-from tests.service.conftest import client_for, module_api, publish_worker
+from tests.support import fake_worker
+from tests.support.api import client_for, module_api, publish_worker
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from schemas.jobs import SEED_MAX
+from schemas.queue import SEED_MAX
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.redis_server import RedisServer
-from tests.service.conftest import client_for, module_api, publish_worker
+from tests.support.api import client_for, module_api, publish_worker
+from tests.support.api_process import ApiProcess
+from tests.support.redis_server import RedisServer
 
 MAX_PROMPT = 20
 MAX_IMAGES = 4

@@ -14,9 +14,9 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
-from schemas.workers import WorkerInfo
+from schemas.worker_info import WorkerInfo
 
 TERMINAL = ("finished", "failed", "canceled", "stopped")
 
@@ -38,7 +38,7 @@ def params(**overrides: object) -> dict:
 
 
 def enqueue(client: redis.Redis, job_params: dict, retries: int = 1, timeout_s: int = 300) -> Job:
-    """Exactly as the API enqueues (service/jobs.py)."""
+    """Exactly as the API enqueues (service/job_store.py)."""
     queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
     return queue.enqueue(
         JOB_FUNCTION,

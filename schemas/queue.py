@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # RQ queue the API enqueues on and the workers consume.
 QUEUE_NAME = "txt2img"
 # Import path of the job function; RQ resolves it in the worker (JSON serializer: no pickle).
-JOB_FUNCTION = "workers.jobs.txt2img"
+JOB_FUNCTION = "workers.job_function.generate"
+# What a worker agrees to run (workers/rq_internals.py: AllowlistedJob); any other name fails.
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION})
 
 SEED_MAX = 2**32 - 1
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import redis
 
-from tests.helpers.api_process import ApiProcess
-from tests.helpers.worker_process import WorkerProcess
+from tests.support.api_process import ApiProcess
+from tests.support.worker_process import WorkerProcess
 
 
 class ServiceStack:

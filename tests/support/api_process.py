@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers.redis_server import free_port
+from tests.support.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The RQ job function, `workers.jobs.txt2img(params)`: hand the request to this process's engine and
+"""The RQ job function, `workers.job_function.generate(params)`: hand the request to this process's engine and
 wait for it, so RQ records status, result, failure and retries through its normal per-job path.
 
 It runs in a slot thread (workers/slots.py). The engine is process-global: `set_engine` is called
@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
-from schemas.jobs import GenerationParams
+from schemas.errors import ErrorType
+from schemas.queue import GenerationParams
 from workers.engine import Engine
 from workers.errors import (
     EngineFailure,
@@ -50,7 +51,7 @@ def set_engine(engine: Engine | None) -> None:
     _engine = engine
 
 
-def txt2img(params: dict) -> dict:
+def generate(params: dict) -> dict:
     """Generate the request's images; returns JobResult as a dict (PNG bytes live in Redis)."""
     job = get_current_job()
     job_id = job.id if job is not None else uuid.uuid4().hex
@@ -61,11 +62,13 @@ def txt2img(params: dict) -> dict:
             f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in error.errors()[:5]
         )
         log.info("job %s failed: invalid params (%s)", job_id, problems)
-        raise RequestFailed(f"invalid params: {problems}", "InvalidParams") from None
+        raise RequestFailed(f"invalid params: {problems}", ErrorType.INVALID_PARAMS) from None
 
     engine = _engine
     if engine is None:
-        raise EngineFailure("workers.jobs.txt2img runs only inside a worker process (python -m workers.main)")
+        raise EngineFailure(
+            "workers.job_function.generate runs only inside a worker process (python -m workers.main)"
+        )
     submission = Submission(
         job_id,
         request,

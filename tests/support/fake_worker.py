@@ -5,8 +5,9 @@ timestamps) without a GPU or a model. It is not the worker: the end-to-end lifec
 real worker lives with workers/. What it relies on is the contract the real worker follows:
 - progress: HSET progress_key(job_id) step/total_steps once per step;
 - PNG bytes at image_key(job_id, index) with a TTL, and the JobResult document as return value;
-- cancel: the engine checks cancel_key(job_id) between steps; on cancel the job function sets
-  `job.retries_left = 0` (no RQ retry) and raises JobCanceled.
+- cancel: the engine checks cancel_key(job_id) between steps; on cancel the job function raises
+  workers.errors.JobCanceled, and the worker's own endings (workers/slots.py: EngineEndings)
+  record the job as canceled, as in the real worker.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from collections.abc import Callable
 import redis
 from PIL import Image
 from rq import Queue, SimpleWorker, get_current_job
-from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams, ImageRef, JobResult
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, ImageRef, JobResult
 from schemas.redis_keys import cancel_key, image_key, progress_key
+from workers.errors import JobCanceled
+from workers.rq_internals import AllowlistedJob
+from workers.slots import EngineEndings
 
 FAKE_MODEL = "fake-model"
 IMAGE_TTL_S = 600
@@ -30,10 +33,6 @@ META_ERROR_PREFIX = "meta-error:"  # ... this sets job.meta["error"] = {type, me
 
 # Called as on_step(job_id, step) after each step's progress is written (tests look at the API then).
 on_step: Callable[[str, int], None] | None = None
-
-
-class JobCanceled(Exception):
-    pass
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
@@ -58,7 +57,6 @@ def fake_txt2img(params: dict) -> dict:
     conn = job.connection
     for step in range(1, request.steps + 1):
         if conn.exists(cancel_key(job.id)):
-            job.retries_left = 0  # a cancel is final: RQ must not retry it
             raise JobCanceled(f"canceled at step {step} of {request.steps}")
         conn.hset(progress_key(job.id), mapping={"step": step, "total_steps": request.steps})
         conn.expire(progress_key(job.id), IMAGE_TTL_S)
@@ -72,7 +70,7 @@ def fake_txt2img(params: dict) -> dict:
     return JobResult(model=FAKE_MODEL, images=images, timings={"run_s": 0.0}).model_dump()
 
 
-class FakeJob(Job):
+class FakeJob(AllowlistedJob):
     """Resolves the contract's job function to fake_txt2img (the real one needs torch)."""
 
     @property
@@ -82,8 +80,9 @@ class FakeJob(Job):
         return super().func
 
 
-class BurstWorker(SimpleWorker):
-    """SimpleWorker without the command channel: its pubsub thread costs up to 1 s to join on exit."""
+class BurstWorker(EngineEndings, SimpleWorker):
+    """SimpleWorker with the real worker's job endings, without the command channel (its pubsub
+    thread costs up to 1 s to join on exit)."""
 
     def subscribe(self) -> None:
         pass

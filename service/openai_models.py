@@ -3,7 +3,7 @@
 The request reuses the field definitions of POST /v1/txt2img (same types, bounds and messages),
 renamed where OpenAI names them differently (`n` for `num_images`, `size` "WxH" for width and
 height). After this model, the translated request is validated again by the txt2img model itself
-(service/routes/openai_images.py), so every rule lives in one place: service/schemas.py.
+(service/routes/openai_images.py), so every rule lives in one place: service/api_models.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model
 
-from service.schemas import PROMPT_EXAMPLE, request_model
+from service.api_models import PROMPT_EXAMPLE, request_model
 from service.settings import SIZE_MULTIPLE, Settings
 
 SIZE_PATTERN = re.compile(r"^(?P<width>[0-9]{1,6})x(?P<height>[0-9]{1,6})$")

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
-from schemas.jobs import SEED_MAX, JobStatus
+from schemas.errors import describe_error_types
+from schemas.queue import SEED_MAX, JobStatus
 from service.settings import SIZE_MULTIPLE, Settings
 
 STEPS_MAX = 150
@@ -155,7 +156,7 @@ class ImageLink(BaseModel):
 
 
 class JobError(BaseModel):
-    type: str = Field(description="Exception class name, e.g. ValueError, JobTimeoutError.")
+    type: str = Field(description=describe_error_types())
     message: str
 
 

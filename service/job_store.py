@@ -23,7 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from schemas.jobs import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult, JobStatus
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult, JobStatus
 from schemas.redis_keys import PREFIX, cancel_key, image_key, preview_key, progress_key
 from service.job_status import TERMINAL, api_status, error_from_exc_string, error_from_meta
 from service.settings import Settings
@@ -141,9 +141,6 @@ class JobStore:
         params = _params_of(job)
         status = api_status(job.get_status(refresh=False))
         error = error_from_meta(job.meta) or _error_of(job) if status is JobStatus.FAILED else None
-        if error is not None and cancel_requested and error[0] == "JobCanceled":
-            # a worker that records a cancel as a failure (RQ's default path) still means "canceled"
-            status, error = JobStatus.CANCELED, None
         snap = JobSnapshot(
             id=job.id,
             status=status,

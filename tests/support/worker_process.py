@@ -155,7 +155,7 @@ class WorkerProcess(_ManagedProcess):
         raise ProcessError(f"worker not ready within {timeout_s} s:\n{self.logs()[-4000:]}")
 
     def _ready(self, client: redis.Redis) -> bool:
-        from schemas.jobs import QUEUE_NAME
+        from schemas.queue import QUEUE_NAME
         from schemas.redis_keys import worker_info_key
 
         try:

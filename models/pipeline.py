@@ -119,7 +119,7 @@ class ActiveImage:
         return self.step_index >= self.total_steps
 
 
-class Sampler:
+class Pipeline:
     """Guided DDIM over batches of images, one step at a time, on one loaded model."""
 
     def __init__(
@@ -311,8 +311,8 @@ def generate(
     vae_decoder: VAEDecode | None = None,
 ) -> list[np.ndarray]:
     """Run one request alone to the end: its images as (H, W, 3) uint8 arrays."""
-    sampler = Sampler(model, unet_runner=unet_runner, vae_decoder=vae_decoder)
-    (images,) = sampler.start([(0, request)])
+    pipeline = Pipeline(model, unet_runner=unet_runner, vae_decoder=vae_decoder)
+    (images,) = pipeline.start([(0, request)])
     while not images[0].done:
-        sampler.step(images)
-    return sampler.decode(images)
+        pipeline.step(images)
+    return pipeline.decode(images)
