@@ -38,12 +38,13 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> 
 def ours(folder: Path, steps: int, guidance: float, repeats: int) -> tuple[float, tuple[int, int]]:
     """(median seconds per image, the native (width, height) it was timed at)."""
     from models.loading import load_model
-    from models.pipeline import GenerationRequest, generate
+    from models.pipeline import generate
+    from schemas.generation import Generation
 
     model = load_model(folder)
     width, height = model.native_size
-    request = GenerationRequest(
-        PROMPT, width=width, height=height, steps=steps, guidance_scale=guidance, seed=0
+    request = Generation(
+        prompt=PROMPT, width=width, height=height, steps=steps, guidance_scale=guidance, seed=0
     )
     return median_seconds(lambda: generate(model, request), repeats), (width, height)
 

@@ -113,8 +113,9 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
     from models.configs import UNetConfig, VAEConfig
     from models.ddim import DDIMSchedule
     from models.loading import TOKENIZER_ASSETS, load_tokenizer
-    from models.pipeline import GenerationRequest, generate
+    from models.pipeline import generate
     from models.stable_diffusion import StableDiffusion
+    from schemas.generation import Generation
 
     dtype = getattr(torch, dtype_name)
     configs = configs_for(config_name)
@@ -136,7 +137,7 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
         seeded_randomize(module, seed=0)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    request = GenerationRequest(
+    request = Generation(
         prompt="a red circle in the top left on a blue background",
         negative_prompt="blurry",
         width=size,

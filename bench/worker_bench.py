@@ -35,7 +35,8 @@ from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams  # noqa: E402
+from schemas.generation import Generation  # noqa: E402
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME  # noqa: E402
 from schemas.redis_keys import worker_info_key  # noqa: E402
 from schemas.worker_info import EngineStats, WorkerInfo  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -143,7 +144,7 @@ def submit_and_wait(
 ) -> list[Job]:
     jobs = []
     for seed in seeds:
-        params = GenerationParams(
+        params = Generation(
             prompt=f"a photograph of an astronaut riding a horse, number {seed}",
             width=args.size,
             height=args.size,

@@ -20,10 +20,9 @@ from models.ddim import ddim_step, guided_noise
 from models.stable_diffusion import StableDiffusion
 from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS, PromptEncoder
 from models.transfer import to_device
+from schemas.generation import Generation
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**64 - 1 - 64  # torch seeds are 64-bit; image i uses seed + i
 
 # (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None) -> (B, C', h, w):
 # the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in
@@ -32,54 +31,34 @@ UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | No
 VAEDecode = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One txt2img request: `num_images` pictures of one prompt."""
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 50
-    guidance_scale: float = 7.5
-    eta: float = 0.0
-    seed: int = 0
-    num_images: int = 1
-
-    @property
-    def guided(self) -> bool:
-        """Classifier-free guidance needs an unconditional pass only when the scale is > 1."""
-        return self.guidance_scale > 1.0
-
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.num_images)]
-
-    def validate(self, model: StableDiffusion) -> None:
-        """Raise ValueError naming the first field out of its allowed range for this model."""
-        multiple = model.vae_scale_factor
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value < multiple or value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
-        limit = model.schedule.max_steps
-        checks = (
-            ("steps", self.steps, 1, limit),
-            ("guidance_scale", self.guidance_scale, 0.0, float("inf")),
-            ("eta", self.eta, 0.0, 1.0),
-            ("seed", self.seed, 0, MAX_SEED),
-            ("num_images", self.num_images, 1, float("inf")),
+def check_generation(model: StableDiffusion, generation: Generation) -> None:
+    """Raise ValueError naming the first field outside what this model can do (the bounds every model
+    shares are Generation's own, checked when it was built)."""
+    multiple = model.vae_scale_factor
+    for name, value in (("width", generation.width), ("height", generation.height)):
+        if value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, got {value}")
+    if generation.steps > model.schedule.max_steps:
+        raise ValueError(
+            f"steps must be between 1 and {model.schedule.max_steps} for this model, got {generation.steps}"
         )
-        for name, value, low, high in checks:
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-        for name, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
-            tokens = len(
-                model.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    for name, text in (("prompt", generation.prompt), ("negative_prompt", generation.negative_prompt)):
+        tokens = len(
+            model.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        )
+        if tokens > MAX_PROMPT_TOKENS:
+            raise ValueError(
+                f"{name} is {tokens} CLIP tokens long; at most {MAX_PROMPT_TOKENS} "
+                f"({MAX_CHUNKS} chunks of {CHUNK_TOKENS}) are allowed"
             )
-            if tokens > MAX_PROMPT_TOKENS:
-                raise ValueError(
-                    f"{name} is {tokens} CLIP tokens long; at most {MAX_PROMPT_TOKENS} "
-                    f"({MAX_CHUNKS} chunks of {CHUNK_TOKENS}) are allowed"
-                )
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A decoded image and the seed it was generated with (what its PNG records)."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    seed: int
 
 
 @dataclass(eq=False)
@@ -93,7 +72,7 @@ class ActiveImage:
     key: Hashable  # the caller's id of the request this image belongs to
     index: int  # the image's index in its request
     seed: int
-    request: GenerationRequest
+    request: Generation
     latent: torch.Tensor  # (1, C, h, w) float32 on the model's device
     generator: torch.Generator  # CPU generator seeded `seed`: initial latent, then eta noise
     cond: torch.Tensor  # (L, D) prompt embedding, shared by the request's images
@@ -138,13 +117,13 @@ class Pipeline:
         self.vae_decode: VAEDecode = vae_decoder if vae_decoder is not None else model.vae.decode
 
     @torch.no_grad()
-    def start(self, items: Sequence[tuple[Hashable, GenerationRequest]]) -> list[list[ActiveImage]]:
+    def start(self, items: Sequence[tuple[Hashable, Generation]]) -> list[list[ActiveImage]]:
         """Validate and admit requests: encode all their prompts in one batch, draw initial noise.
 
         Returns the images of each request, in order.
         """
         for _, request in items:
-            request.validate(self.model)
+            check_generation(self.model, request)
         pairs = self.prompts.encode_pairs(
             [r.prompt for _, r in items], [r.negative_prompt if r.guided else None for _, r in items]
         )
@@ -154,7 +133,7 @@ class Pipeline:
             shape = (1, model.latent_channels, request.height // f, request.width // f)
             timesteps = model.schedule.timesteps(request.steps)
             images = []
-            for index, seed in enumerate(request.seeds()):
+            for index, seed in enumerate(request.image_seeds()):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 latent = to_device(torch.randn(shape, generator=generator), model.device)
                 images.append(
@@ -306,7 +285,7 @@ def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def generate(
     model: StableDiffusion,
-    request: GenerationRequest,
+    request: Generation,
     unet_runner: UNetCall | None = None,
     vae_decoder: VAEDecode | None = None,
 ) -> list[np.ndarray]:

@@ -8,10 +8,11 @@ is not 0, so the picture can be reproduced).
 from __future__ import annotations
 
 import io
-from typing import Protocol
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from schemas.generation import Generation
 
 PARAMETERS_KEY = "parameters"
 
@@ -44,18 +45,6 @@ def format_parameters(
         fields.append(f"Eta: {eta:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
-
-
-class Generation(Protocol):
-    """What a picture was made with: a models.pipeline.GenerationRequest or a schemas GenerationParams."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    eta: float
 
 
 def parameters_of(generation: Generation, seed: int, model: str) -> str:

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
+import secrets
 import sys
 import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.pipeline import GenerationRequest, generate
+from models.pipeline import check_generation, generate
 from models.png import encode_png, parameters_of
 from models.single_file import CheckpointError
+from schemas.generation import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, SEED_MAX, Generation
 
 logger = logging.getLogger("models.txt2img")
 
-DEFAULT_STEPS = 50  # when neither the command line nor the model's defaults.json says
-DEFAULT_GUIDANCE_SCALE = 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -63,6 +63,16 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
 
 
+def _option_error(error: dict) -> str:
+    """A validation error in the command line's words: "--width: width must be a positive multiple of 8"."""
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    if error.get("type") == "multiple_of":  # every size bound is also >= the multiple
+        message = f"must be a positive multiple of {error['ctx']['multiple_of']}"
+    else:
+        message = error["msg"].replace("Input should be", "must be")
+    return f"--{field.replace('_', '-')}: {field} {message}" if field else error["msg"]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -76,23 +86,29 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("cannot load the model: %s", err)
         return 2
     native_width, native_height = model.native_size
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=args.width or native_width,
-        height=args.height or native_height,
-        steps=args.steps if args.steps is not None else int(model.recommended.get("steps", DEFAULT_STEPS)),
-        guidance_scale=(
-            args.guidance_scale
-            if args.guidance_scale is not None
-            else float(model.recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
-        ),
-        eta=args.eta,
-        seed=args.seed if args.seed is not None else random.randrange(2**32),
-        num_images=args.num_images,
-    )
+    num_images = args.num_images
     try:
-        request.validate(model)
+        request = Generation(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            width=args.width or native_width,
+            height=args.height or native_height,
+            steps=args.steps
+            if args.steps is not None
+            else int(model.recommended.get("steps", DEFAULT_STEPS)),
+            guidance_scale=(
+                args.guidance_scale
+                if args.guidance_scale is not None
+                else float(model.recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+            ),
+            eta=args.eta,
+            seed=args.seed if args.seed is not None else secrets.randbelow(SEED_MAX - max(num_images, 1) + 2),
+            num_images=num_images,
+        )
+        check_generation(model, request)
+    except ValidationError as err:
+        logger.error("invalid argument: %s", "; ".join(_option_error(e) for e in err.errors()))
+        return 2
     except ValueError as err:
         logger.error("invalid argument: %s", err)
         return 2
@@ -101,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     images = generate(model, request)
     elapsed = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for path, image, seed in zip(output_paths(args.out, len(images)), images, request.seeds(), strict=True):
+    for path, image, seed in zip(
+        output_paths(args.out, len(images)), images, request.image_seeds(), strict=True
+    ):
         path.write_bytes(encode_png(image, parameters_of(request, seed, model.name)))
         logger.info("wrote %s (seed %d)", path, seed)
     logger.info("%d image(s) in %.2f s", len(images), elapsed)

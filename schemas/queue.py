@@ -1,10 +1,11 @@
-"""What travels through the RQ queue: the resolved generation request and the job's result."""
+"""What travels through the RQ queue beside the generation itself (schemas/generation.py): the queue,
+the job function, the statuses a client sees and the job's result."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 # RQ queue the API enqueues on and the workers consume.
 QUEUE_NAME = "txt2img"
@@ -12,8 +13,6 @@ QUEUE_NAME = "txt2img"
 JOB_FUNCTION = "workers.job_function.generate"
 # What a worker agrees to run (workers/rq_internals.py: AllowlistedJob); any other name fails.
 JOB_FUNCTIONS = frozenset({JOB_FUNCTION})
-
-SEED_MAX = 2**32 - 1
 
 
 class JobStatus(StrEnum):
@@ -24,28 +23,6 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
-
-
-class GenerationParams(BaseModel):
-    """A fully resolved request, as a worker receives it (defaults filled, seed chosen)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    steps: int = Field(ge=1)
-    guidance_scale: float = Field(ge=0)
-    eta: float = Field(ge=0, le=1)
-    seed: int = Field(ge=0, le=SEED_MAX)
-    num_images: int = Field(ge=1)
-    # Publish a small PNG of the latent at preview_key(job id) while denoising (the API's `preview`).
-    preview: bool = False
-
-    def image_seeds(self) -> list[int]:
-        """Image i of a request with seed s uses seed s + i (DESIGN.md)."""
-        return [self.seed + i for i in range(self.num_images)]
 
 
 class ImageRef(BaseModel):

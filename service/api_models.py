@@ -1,135 +1,102 @@
 """Public request and response bodies of the HTTP API (kept apart from schemas/, the worker contract).
 
-The request model is built from the settings, so the configurable bounds (prompt length, sizes,
-image count) are enforced by pydantic, named in its 422 messages and published in /openapi.json.
+The request model is derived from the one description of a generation (schemas/generation.py) with
+the deployment's bounds (prompt length, sizes, image count), so they are enforced by pydantic,
+named in its 422 messages and published in /openapi.json, without declaring a field twice.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from schemas.errors import describe_error_types
-from schemas.queue import SEED_MAX, JobStatus
-from service.settings import SIZE_MULTIPLE, Settings
+from schemas.generation import PROMPT_EXAMPLE, Generation, derive_fields
+from schemas.queue import JobStatus
+from service.settings import Settings
 
-STEPS_MAX = 150
-GUIDANCE_SCALE_MAX = 30.0
-
-PROMPT_EXAMPLE = "a red circle in the top left on a blue background"  # what the embedded model draws
 JOB_ID_EXAMPLE = "3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b"
+
+# Fields the server fills in when a request leaves them out, and what it fills them with.
+SERVER_FILLED = {
+    "width": "the served model's native width",
+    "height": "the served model's native height",
+    "steps": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_STEPS",
+    "guidance_scale": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_GUIDANCE_SCALE",
+    "seed": "a random seed, reported back in the job",
+}
+
+
+# Of those, the ones a client may also send as null.
+NULLABLE = ("width", "height", "seed")
 
 
 class Txt2ImgRequestBase(BaseModel):
     """Base of the settings-specific request model that `request_model()` builds."""
 
 
-def _integral_float_to_int(value: object) -> object:
-    """JSON Schema counts 6.0 as an integer: take it as 6. 5.5, "5" and true stay type errors."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def request_bounds(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The deployment's tighter bounds on Generation's fields (service/settings.py)."""
+    size = {"ge": settings.min_size, "le": settings.max_size}
+    return {
+        "prompt": {"max_length": settings.max_prompt_chars},
+        "negative_prompt": {"max_length": settings.max_prompt_chars},
+        "width": size,
+        "height": size,
+        "num_images": {"le": settings.max_num_images},
+    }
 
 
-def json_int(**constraints: Any) -> Any:
-    """A strict integer as JSON sees one (6.0 counts; 5.5, "5" and true do not), within `constraints`.
-
-    The constraints come before the BeforeValidator: the other way round, pydantic writes them
-    into the JSON schema as raw `ge`/`le` keys that no client understands.
-    """
-    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integral_float_to_int)]
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise PydanticCustomError(
-            "string_blank", "String should contain at least one non-whitespace character"
-        )
-    return value
+def _describe(fields: dict[str, tuple[Any, Any]], settings: Settings) -> None:
+    """Say in each field's description what the server fills in and the deployment's bounds."""
+    for name, (_, info) in fields.items():
+        extra = []
+        if name in ("width", "height"):
+            extra.append(
+                f"In [{settings.min_size}, {settings.max_size}]; width x height at most {settings.max_pixels}."
+            )
+        if name == "num_images":
+            extra.append(f"1 to {settings.max_num_images}.")
+        if name in SERVER_FILLED:
+            left_out = "Left out or null" if name in NULLABLE else "Left out"
+            extra.append(f"{left_out}: {SERVER_FILLED[name]}.")
+        if extra:
+            info.description = " ".join([info.description or "", *extra]).strip()
 
 
 @lru_cache(maxsize=8)
 def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
-    """The POST /v1/txt2img body with the bounds of `settings` (cached: one class per settings)."""
-    size_doc = (
-        f"pixels, a multiple of {SIZE_MULTIPLE} in [{settings.min_size}, {settings.max_size}]; "
-        f"width x height at most {settings.max_pixels}. Default: the served model's native size."
+    """The POST /v1/txt2img body: Generation's fields, those in SERVER_FILLED optional, with the
+    bounds of `settings` (cached: one class per settings)."""
+    fields = derive_fields(
+        nullable=NULLABLE,
+        omittable=tuple(set(SERVER_FILLED) - set(NULLABLE)),
+        bounds=request_bounds(settings),
     )
-    size = json_int(ge=settings.min_size, le=settings.max_size, multiple_of=SIZE_MULTIPLE)
-    size_field = Field(None, description=size_doc)
+    _describe(fields, settings)
+    examples = [
+        {"prompt": PROMPT_EXAMPLE},
+        {
+            "prompt": PROMPT_EXAMPLE,
+            "negative_prompt": "blurry, low quality",
+            "width": 512,
+            "height": 512,
+            "steps": 30,
+            "guidance_scale": 7.5,
+            "eta": 0.0,
+            "seed": 1234,
+            "num_images": 2,
+        },
+    ]
 
-    class Txt2ImgRequest(Txt2ImgRequestBase):
-        model_config = ConfigDict(
-            extra="forbid",
-            json_schema_extra={
-                "examples": [
-                    {"prompt": PROMPT_EXAMPLE},
-                    {
-                        "prompt": PROMPT_EXAMPLE,
-                        "negative_prompt": "blurry, low quality",
-                        "width": 512,
-                        "height": 512,
-                        "steps": 30,
-                        "guidance_scale": 7.5,
-                        "eta": 0.0,
-                        "seed": 1234,
-                        "num_images": 2,
-                    },
-                ]
-            },
-        )
+    class WithConfig(Txt2ImgRequestBase):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": examples})
 
-        prompt: StrictStr = Field(
-            min_length=1,
-            max_length=settings.max_prompt_chars,
-            json_schema_extra={"pattern": r"\S"},  # enforced by _prompt_not_blank, with a clearer message
-            description=f"What to draw: 1 to {settings.max_prompt_chars} characters, not only whitespace.",
-        )
-        negative_prompt: StrictStr = Field(
-            "",
-            max_length=settings.max_prompt_chars,
-            description="What to steer away from (replaces the empty prompt).",
-        )
-        width: size | None = size_field
-        height: size | None = size_field
-        steps: json_int(ge=1, le=STEPS_MAX) = Field(
-            settings.default_steps, description=f"DDIM steps, 1 to {STEPS_MAX}."
-        )
-        guidance_scale: float = Field(
-            settings.default_guidance_scale,
-            strict=True,
-            ge=0,
-            le=GUIDANCE_SCALE_MAX,
-            allow_inf_nan=False,
-            description=f"Classifier-free guidance, 0 to {GUIDANCE_SCALE_MAX:g} (<= 1: no unconditional pass).",
-        )
-        eta: float = Field(
-            0.0, strict=True, ge=0, le=1, allow_inf_nan=False, description="DDIM eta, 0 (deterministic) to 1."
-        )
-        seed: json_int(ge=0, le=SEED_MAX) | None = Field(
-            None,
-            description=f"0 to {SEED_MAX}; null picks a random one. Image i uses seed + i.",
-        )
-        num_images: json_int(ge=1, le=settings.max_num_images) = Field(
-            1, description=f"1 to {settings.max_num_images}."
-        )
-        preview: bool = Field(
-            False,
-            strict=True,
-            description="While the job runs, publish a cheap low-resolution preview of the first image "
-            "(`preview_url` of GET /v1/jobs/{id}).",
-        )
-
-        @field_validator("prompt")
-        @classmethod
-        def _prompt_not_blank(cls, value: str) -> str:
-            return _not_blank(value)
-
-    return Txt2ImgRequest
+    model = create_model("Txt2ImgRequest", __base__=WithConfig, **fields)
+    return model
 
 
 class JobAccepted(BaseModel):
@@ -160,18 +127,11 @@ class JobError(BaseModel):
     message: str
 
 
-class ResolvedRequest(BaseModel):
-    """The request as the worker runs it: defaults filled in, seed chosen."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    eta: float
-    seed: int
-    num_images: int
+# The request as the worker runs it: Generation's fields, defaults filled in, seed chosen (`preview`,
+# a delivery option, is reported as `preview_url`).
+ResolvedRequest = create_model(
+    "ResolvedRequest", **derive_fields(names=tuple(n for n in Generation.model_fields if n != "preview"))
+)
 
 
 JOB_VIEW_EXAMPLE: dict[str, Any] = {

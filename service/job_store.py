@@ -23,7 +23,8 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult, JobStatus
+from schemas.generation import Generation
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, JobResult, JobStatus
 from schemas.redis_keys import PREFIX, cancel_key, image_key, preview_key, progress_key
 from service.job_status import TERMINAL, api_status, error_from_exc_string, error_from_meta
 from service.settings import Settings
@@ -56,7 +57,7 @@ class JobSnapshot:
 
     id: str
     status: JobStatus
-    params: GenerationParams
+    params: Generation
     queue_position: int | None = None
     step: int = 0
     total_steps: int = 0
@@ -88,7 +89,7 @@ class JobStore:
     def queue_depth(self) -> int:
         return self.redis.llen(self.queue.key)
 
-    def submit(self, params: GenerationParams, owner: str) -> tuple[str, JobStatus, int | None]:
+    def submit(self, params: Generation, owner: str) -> tuple[str, JobStatus, int | None]:
         """Enqueue a job; returns its id, status and queue position (0: next to run; None if not queued)."""
         settings = self.settings
         job_id = uuid.uuid4().hex
@@ -243,8 +244,8 @@ def _int(raw: bytes | None, default: int) -> int:
         return default
 
 
-def _params_of(job: Job) -> GenerationParams:
-    return GenerationParams.model_validate(job.kwargs["params"])
+def _params_of(job: Job) -> Generation:
+    return Generation.model_validate(job.kwargs["params"])
 
 
 def _result_of(job: Job) -> JobResult | None:

@@ -1,10 +1,13 @@
-"""From a validated request to the GenerationParams a worker runs: defaults, seed, cross-field checks."""
+"""From a validated request to the Generation a worker runs: defaults, seed, cross-field checks."""
 
 from __future__ import annotations
 
 import secrets
 
-from schemas.queue import SEED_MAX, GenerationParams
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from schemas.generation import SEED_MAX, Generation
 from schemas.worker_info import WorkerInfo
 from service.api_models import Txt2ImgRequestBase
 from service.errors import validation_error
@@ -23,9 +26,7 @@ def sampling_defaults(settings: Settings, worker: WorkerInfo | None) -> tuple[in
     return steps, guidance_scale
 
 
-def resolve_params(
-    request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None
-) -> GenerationParams:
+def resolve_params(request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None) -> Generation:
     """Fill width/height (and steps/guidance when the model recommends them) from the served model
     (or the fallbacks while none is alive), pick a seed, and check what needs more than one field;
     a violation is a 422 naming the field."""
@@ -56,28 +57,17 @@ def resolve_params(
             "too_many_pixels",
         )
 
-    seed = request.seed
-    if seed is not None and seed + request.num_images - 1 > SEED_MAX:
-        # the last image's seed would not fit in 32 bits: a seed a client could not send back
-        raise validation_error(
-            "seed",
-            f"Input should be at most {SEED_MAX - request.num_images + 1} with num_images={request.num_images} "
-            f"(image i uses seed + i, which must stay <= {SEED_MAX})",
-            "less_than_equal",
-        )
-    if seed is None:
-        # Leave room so that every image's seed (seed + index) stays within 32 bits.
-        seed = secrets.randbelow(SEED_MAX - request.num_images + 2)
+    values = request.model_dump(exclude_none=True)
+    if "seed" not in values:
+        # room for every image's seed (seed + index) within SEED_MAX
+        values["seed"] = secrets.randbelow(SEED_MAX - request.num_images + 2)
     default_steps, default_guidance_scale = sampling_defaults(settings, worker)
-    return GenerationParams(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        width=width,
-        height=height,
-        steps=request.steps if "steps" in given else default_steps,
-        guidance_scale=request.guidance_scale if "guidance_scale" in given else default_guidance_scale,
-        eta=request.eta,
-        seed=seed,
-        num_images=request.num_images,
-        preview=request.preview,
-    )
+    values.setdefault("steps", default_steps)
+    values.setdefault("guidance_scale", default_guidance_scale)
+    values["width"], values["height"] = width, height
+    try:
+        return Generation.model_validate(values)
+    except ValidationError as error:  # a rule across fields (the seed of the last image)
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from None

@@ -9,10 +9,20 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from schemas.generation import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_HEIGHT,
+    DEFAULT_STEPS,
+    DEFAULT_WIDTH,
+    GUIDANCE_SCALE_MAX,
+    NUM_IMAGES_LIMIT,
+    PROMPT_CHARS_LIMIT,
+    SIZE_LIMIT,
+    SIZE_MULTIPLE,
+    STEPS_MAX,
+)
 from schemas.settings import CommonSettings, ConfigurationError
 from schemas.settings import load_settings as load_settings_class
-
-SIZE_MULTIPLE = 8  # the VAE downsamples by 8: width and height must be multiples of it
 
 
 class Settings(CommonSettings):
@@ -28,18 +38,30 @@ class Settings(CommonSettings):
     retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of 429 and 503 answers")
     max_body_bytes: int = Field(65_536, ge=1024, le=16 * 2**20, description="request body limit (413 beyond)")
 
-    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="prompt and negative_prompt length")
+    max_prompt_chars: int = Field(
+        2000, ge=1, le=PROMPT_CHARS_LIMIT, description="prompt and negative_prompt length"
+    )
     min_size: int = Field(64, ge=SIZE_MULTIPLE, description="smallest width/height in pixels")
-    max_size: int = Field(1024, ge=SIZE_MULTIPLE, le=16_384, description="largest width/height in pixels")
+    max_size: int = Field(1024, ge=SIZE_MULTIPLE, le=SIZE_LIMIT, description="largest width/height in pixels")
     max_pixels: int = Field(1024 * 1024, ge=SIZE_MULTIPLE**2, description="largest width x height")
-    max_num_images: int = Field(8, ge=1, le=64, description="images per request")
-    fallback_width: int = Field(512, description="default width while no live worker publishes its model")
-    fallback_height: int = Field(512, description="default height while no live worker publishes its model")
+    max_num_images: int = Field(8, ge=1, le=NUM_IMAGES_LIMIT, description="images per request")
+    fallback_width: int = Field(
+        DEFAULT_WIDTH, description="default width while no live worker publishes its model"
+    )
+    fallback_height: int = Field(
+        DEFAULT_HEIGHT, description="default height while no live worker publishes its model"
+    )
     default_steps: int = Field(
-        50, ge=1, le=150, description="steps when the request leaves them out and the model recommends none"
+        DEFAULT_STEPS,
+        ge=1,
+        le=STEPS_MAX,
+        description="steps when the request leaves them out and the model recommends none",
     )
     default_guidance_scale: float = Field(
-        7.5, ge=0, le=30, description="guidance when left out and the model recommends none"
+        DEFAULT_GUIDANCE_SCALE,
+        ge=0,
+        le=GUIDANCE_SCALE_MAX,
+        description="guidance when left out and the model recommends none",
     )
 
     job_timeout_s: int = Field(600, ge=1, description="RQ job_timeout: longest run of one job")

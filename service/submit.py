@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from schemas.queue import GenerationParams, JobStatus
+from schemas.generation import Generation
+from schemas.queue import JobStatus
 from service.api_models import Txt2ImgRequestBase
 from service.deps import Services
 from service.errors import QueueFull
@@ -25,7 +26,7 @@ class QueuedJob:
     id: str
     status: JobStatus
     queue_position: int | None
-    params: GenerationParams
+    params: Generation
 
 
 def submit_job(services: Services, request: Txt2ImgRequestBase, owner: str) -> QueuedJob:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from models.loading import load_model
-from models.pipeline import GenerationRequest, Pipeline
+from models.pipeline import Pipeline
 from models.stable_diffusion import StableDiffusion
 from models.txt2img import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from schemas.generation import Generation
 from training.checker import Detection, detect
 from training.shapes import COLOUR_NAMES, HELD_OUT, TEMPLATES, random_scene
 
@@ -102,17 +103,27 @@ def generate_images(
 ) -> list[np.ndarray]:
     """One (H, W, 3) uint8 image per case at the model's native size, `batch_size` requests per UNet call."""
     width, height = model.native_size
-    sampler = Pipeline(model)
+    pipeline = Pipeline(model)
     images: list[np.ndarray] = []
     for start in range(0, len(cases), batch_size):
         requests = [
-            (i, GenerationRequest(c.prompt, "", width, height, steps, guidance_scale, 0.0, c.seed, 1))
+            (
+                i,
+                Generation(
+                    prompt=c.prompt,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    seed=c.seed,
+                ),
+            )
             for i, c in enumerate(cases[start : start + batch_size])
         ]
-        active = [image for group in sampler.start(requests) for image in group]
+        active = [image for group in pipeline.start(requests) for image in group]
         while not active[0].done:
-            sampler.step(active)
-        images.extend(sampler.decode(active))
+            pipeline.step(active)
+        images.extend(pipeline.decode(active))
     return images
 
 

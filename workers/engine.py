@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from redis.exceptions import RedisError
 
-from models.pipeline import ActiveImage, Pipeline
+from models.pipeline import ActiveImage, Picture, Pipeline, check_generation
 from models.stable_diffusion import StableDiffusion
 from schemas.errors import ErrorType
 from schemas.queue import JobResult
@@ -62,7 +62,7 @@ class ProgressSink(Protocol):
 
 
 class ResultSink(Protocol):
-    def store(self, submission: Submission, images: Sequence[np.ndarray]) -> JobResult:
+    def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
         """Store a finished job's pictures (in image order); return its small result document."""
         ...
 
@@ -257,7 +257,7 @@ class Engine:
         valid = []
         for submission in batch:
             try:
-                submission.request.validate(self.model)
+                check_generation(self.model, submission.params)
             except ValueError as error:
                 self._end(
                     submission,
@@ -268,7 +268,7 @@ class Engine:
         if not valid:
             return
         try:
-            started = self.pipeline.start([(s, s.request) for s in valid])
+            started = self.pipeline.start([(s, s.params) for s in valid])
         except Exception as error:
             if isinstance(error, torch.OutOfMemoryError):
                 self._free_memory()
@@ -319,7 +319,7 @@ class Engine:
         except torch.OutOfMemoryError as error:
             self._free_memory()
             if len(live) == 1:
-                request = owners[0].request
+                request = owners[0].params
                 self._end(
                     owners[0],
                     RequestFailed(
@@ -478,7 +478,12 @@ class Engine:
             return
         offset = 0
         for submission, images in groups:
-            self._writer.submit(self._write, submission, pictures[offset : offset + len(images)])
+            pixels = pictures[offset : offset + len(images)]
+            self._writer.submit(
+                self._write,
+                submission,
+                [Picture(p, image.seed) for p, image in zip(pixels, images, strict=True)],
+            )
             offset += len(images)
 
     def _decode(self, images: Sequence[ActiveImage]) -> list[np.ndarray]:
@@ -496,7 +501,7 @@ class Engine:
                 )
                 self.vae_batch //= 2
 
-    def _write(self, submission: Submission, pictures: Sequence[np.ndarray]) -> None:
+    def _write(self, submission: Submission, pictures: Sequence[Picture]) -> None:
         """Writer pool: encode and store the PNGs, then wake the job's slot."""
         if submission.finished:  # its slot gave up on it meanwhile
             return

@@ -16,7 +16,7 @@ from rq import get_current_job
 from rq.job import Job
 
 from schemas.errors import ErrorType
-from schemas.queue import GenerationParams
+from schemas.generation import Generation
 from workers.engine import Engine
 from workers.errors import (
     EngineFailure,
@@ -56,7 +56,7 @@ def generate(params: dict) -> dict:
     job = get_current_job()
     job_id = job.id if job is not None else uuid.uuid4().hex
     try:
-        request = GenerationParams.model_validate(params)
+        request = Generation.model_validate(params)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in error.errors()[:5]

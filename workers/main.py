@@ -29,9 +29,10 @@ from redis.retry import Retry
 from models.accel import AccelConfig, UNetRunner, VAEDecoder, prepare, prepare_vae
 from models.default_model import default_model_path
 from models.loading import load_model
-from models.pipeline import GenerationRequest, Pipeline, VAEDecode, generate
+from models.pipeline import Pipeline, VAEDecode, generate
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
+from schemas.generation import Generation
 from schemas.settings import configure_logging, redis_client
 from schemas.worker_info import WorkerInfo
 from workers import job_function
@@ -92,7 +93,7 @@ def warm_up(
     width, height = model.native_size
     generate(
         model,
-        GenerationRequest(prompt="warm-up", width=width, height=height, steps=1),
+        Generation(prompt="warm-up", width=width, height=height, steps=1),
         unet_runner=runner,
         vae_decoder=vae_decoder,
     )

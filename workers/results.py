@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import redis
 
+from models.pipeline import Picture
 from models.png import encode_png, parameters_of
 from schemas.queue import ImageRef, JobResult
 from schemas.redis_keys import image_key
@@ -23,15 +23,14 @@ class ResultWriter:
         self.model_name = model_name
         self.ttl_s = ttl_s
 
-    def store(self, submission: Submission, images: Sequence[np.ndarray]) -> JobResult:
-        params = submission.params
-        seeds = params.image_seeds()
-        if len(images) != len(seeds):
-            raise ValueError(f"job {submission.job_id}: {len(images)} pictures for {len(seeds)} seeds")
+    def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
+        """PNGs of the job's pictures, each with the seed it was generated with, and the result."""
         refs, pngs = [], []
-        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            pngs.append(encode_png(image, parameters_of(params, seed, self.model_name)))
-            refs.append(ImageRef(index=index, seed=seed, key=image_key(submission.job_id, index)))
+        for index, picture in enumerate(pictures):
+            pngs.append(
+                encode_png(picture.pixels, parameters_of(submission.params, picture.seed, self.model_name))
+            )
+            refs.append(ImageRef(index=index, seed=picture.seed, key=image_key(submission.job_id, index)))
         self._set_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)})
         return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
 

@@ -10,39 +10,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from models.pipeline import ActiveImage, GenerationRequest
-from schemas.queue import GenerationParams, JobResult
+from models.pipeline import ActiveImage
+from schemas.generation import Generation
+from schemas.queue import JobResult
 from workers.errors import JobEnded
-
-
-def to_request(params: GenerationParams) -> GenerationRequest:
-    """The contract's resolved parameters as the sampler's request (same fields, same meaning)."""
-    return GenerationRequest(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        width=params.width,
-        height=params.height,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        eta=params.eta,
-        seed=params.seed,
-        num_images=params.num_images,
-    )
 
 
 @dataclass(eq=False)  # identity semantics: a Submission is the sampler's key for its images
 class Submission:
     job_id: str
-    params: GenerationParams
+    params: Generation
     timeout_s: float | None = None  # None: no limit
     enqueued_at: float | None = None  # unix s the job entered the RQ queue (queue-wait timing)
     submitted_at: float = field(default_factory=time.time)  # unix s the slot handed it to the engine
     admitted_at: float | None = None  # unix s it joined the batch
     images: list[ActiveImage] = field(default_factory=list)
-    request: GenerationRequest = field(init=False)
 
     def __post_init__(self) -> None:
-        self.request = to_request(self.params)
         self._started_mono = time.monotonic()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -54,7 +38,7 @@ class Submission:
     @property
     def rows(self) -> int:
         """UNet rows per step: 2 per image with classifier-free guidance, else 1."""
-        return self.params.num_images * (2 if self.request.guided else 1)
+        return self.params.num_images * (2 if self.params.guided else 1)
 
     @property
     def step(self) -> int:

@@ -53,7 +53,7 @@ def job_view(snap: JobSnapshot) -> JobView:
         status=snap.status,
         queue_position=snap.queue_position,
         progress=Progress(step=snap.step, total_steps=snap.total_steps),
-        request=ResolvedRequest(**params.model_dump()),
+        request=ResolvedRequest(**params.model_dump(exclude={"preview"})),
         model=result.model if result else None,
         images=[ImageLink(index=i.index, seed=i.seed, url=image_url(snap.id, i.index)) for i in result.images]
         if result

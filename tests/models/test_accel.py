@@ -30,11 +30,12 @@ from models.accel import (
 )
 from models.configs import UNetConfig
 from models.loading import load_model
-from models.pipeline import GenerationRequest, Pipeline, generate
+from models.pipeline import Pipeline, generate
 from models.random_model import randomize_
 from models.tiny_configs import tiny_config
 from models.transfer import to_device
 from models.unet import UNet2DConditionModel
+from schemas.generation import Generation
 
 BUCKETS = (1, 2, 4, 8)
 CONTEXT_DIM = 32  # tiny SD1's cross_attention_dim
@@ -86,7 +87,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def sample_together(pipeline: Pipeline, requests: list[GenerationRequest]) -> tuple[torch.Tensor, list]:
+def sample_together(pipeline: Pipeline, requests: list[Generation]) -> tuple[torch.Tensor, list]:
     """All requests in one batch to the end, as the engine drives the Pipeline: final latents, pixels."""
     started = pipeline.start(list(enumerate(requests)))
     images = [image for group in started for image in group]
@@ -377,8 +378,8 @@ def test_fused_attention_projections_give_the_same_pictures_and_split_back_exact
     assert not any(p.requires_grad for p in fused.unet.parameters())  # still frozen
 
     requests = [
-        GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
-        GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
+        Generation(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
+        Generation(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
     ]  # a long prompt: cross-attention with a key mask
     plain_latents, plain_pixels = sample_together(Pipeline(plain), requests)
     fused_latents, fused_pixels = sample_together(Pipeline(fused, unet_runner=runner), requests)
@@ -404,9 +405,9 @@ def test_sampler_with_runner_gives_the_same_pixels(random_models: dict[str, Path
     fast = load_model(random_models["sd1"])
     runner = prepare(fast, AccelConfig(channels_last=True, cuda_graphs=True, buckets=BUCKETS))
     requests = [
-        GenerationRequest(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
-        GenerationRequest(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
-        GenerationRequest(prompt="unguided", width=64, height=48, steps=4, guidance_scale=1.0, seed=3),
+        Generation(prompt="a red circle", width=64, height=48, steps=4, seed=1, num_images=2),
+        Generation(prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=48, steps=3, seed=7),
+        Generation(prompt="unguided", width=64, height=48, steps=4, guidance_scale=1.0, seed=3),
     ]  # 2 + 1 guided images and 1 unguided: 7 rows, padded to 8; a long prompt: L 154 with a mask
     plain_latents, plain_pixels = sample_together(Pipeline(plain), requests)
     fast_latents, fast_pixels = sample_together(Pipeline(fast, unet_runner=runner), requests)
@@ -419,7 +420,7 @@ def test_sampler_with_runner_gives_the_same_pixels(random_models: dict[str, Path
 
 def test_generate_takes_a_runner(random_models: dict[str, Path]) -> None:
     model = load_model(random_models["sd1"])
-    request = GenerationRequest(prompt="a lighthouse", width=32, height=32, steps=2, seed=5)
+    request = Generation(prompt="a lighthouse", width=32, height=32, steps=2, seed=5)
     runner = UNetRunner(model.unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
     (expected,), (got,) = generate(model, request), generate(model, request, unet_runner=runner)
     assert np.abs(expected.astype(int) - got.astype(int)).max() <= 1
@@ -533,8 +534,8 @@ def test_cuda_sampler_with_fast_runner_gives_the_same_pixels(
     runner = prepare(fast, AccelConfig(channels_last=True, sdpa_backend="flash", cuda_graphs=True))
     apply_backend_flags(AccelConfig())  # keep float32 strict for the comparison
     requests = [
-        GenerationRequest(prompt="a red circle", width=64, height=48, steps=5, seed=1, num_images=3),
-        GenerationRequest(prompt=LONG_PROMPT, width=64, height=48, steps=5, seed=2, eta=0.5),
+        Generation(prompt="a red circle", width=64, height=48, steps=5, seed=1, num_images=3),
+        Generation(prompt=LONG_PROMPT, width=64, height=48, steps=5, seed=2, eta=0.5),
     ]
     for request in requests:
         expected, got = generate(plain, request), generate(fast, request, unet_runner=runner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from models.ddim import DDIMSchedule
 from models.loading import load_model
-from models.pipeline import GenerationRequest, Pipeline, generate
+from models.pipeline import Pipeline, check_generation, generate
 from models.stable_diffusion import StableDiffusion
+from schemas.generation import Generation
 
 PROMPT = "a red circle in the top left on a blue background"
 NEGATIVE = "a green square"
@@ -22,7 +25,7 @@ def ours(random_models: dict[str, Path]) -> dict[str, StableDiffusion]:
     return {variant: load_model(random_models[variant]) for variant in ("sd1", "sd2")}
 
 
-def diffusers_images(folder: Path, request: GenerationRequest) -> np.ndarray:
+def diffusers_images(folder: Path, request: Generation) -> np.ndarray:
     """diffusers' StableDiffusionPipeline + DDIMScheduler with a list of CPU generators."""
     pipe = StableDiffusionPipeline.from_pretrained(
         folder,
@@ -42,9 +45,13 @@ def diffusers_images(folder: Path, request: GenerationRequest) -> np.ndarray:
         guidance_scale=request.guidance_scale,
         eta=request.eta,
         num_images_per_prompt=request.num_images,
-        generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds()],
+        generator=[torch.Generator("cpu").manual_seed(s) for s in request.image_seeds()],
     )
     return np.stack([np.asarray(image) for image in result.images])
+
+
+# 100 training steps with leading spacing and steps_offset 1: at most 99 inference steps
+SHORT_SCHEDULE = {"num_train_timesteps": 100, "steps_offset": 1}
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
@@ -52,7 +59,7 @@ def diffusers_images(folder: Path, request: GenerationRequest) -> np.ndarray:
 def test_png_pixels_equal_diffusers(
     variant: str, eta: float, ours: dict[str, StableDiffusion], random_models: dict[str, Path]
 ) -> None:
-    request = GenerationRequest(
+    request = Generation(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         width=80,
@@ -73,7 +80,7 @@ def test_png_pixels_equal_diffusers(
 def test_without_guidance_equals_diffusers(
     ours: dict[str, StableDiffusion], random_models: dict[str, Path]
 ) -> None:
-    request = GenerationRequest(prompt=PROMPT, width=64, height=64, steps=5, guidance_scale=1.0, seed=7)
+    request = Generation(prompt=PROMPT, width=64, height=64, steps=5, guidance_scale=1.0, seed=7)
     expected = diffusers_images(random_models["sd1"], request)
     got = np.stack(generate(ours["sd1"], request))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
@@ -83,7 +90,7 @@ def test_embedded_model_equals_diffusers() -> None:
     """The embedded model's schedule (zero terminal SNR, v-prediction, trailing) in both pipelines."""
     from models.default_model import EMBEDDED_MODEL_DIR
 
-    request = GenerationRequest(
+    request = Generation(
         prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=20, eta=0.5, seed=3, num_images=2
     )
     expected = diffusers_images(EMBEDDED_MODEL_DIR, request)
@@ -96,17 +103,15 @@ def test_embedded_model_equals_diffusers() -> None:
 def test_request_alone_equals_request_in_a_batch(ours: dict[str, StableDiffusion]) -> None:
     """Other seeds, step counts, guidance, eta, sizes and prompt lengths beside it change nothing."""
     model = ours["sd1"]
-    target = GenerationRequest(
+    target = Generation(
         prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=6, eta=0.5, seed=99, num_images=2
     )
     alone = generate(model, target)
 
     others = [
-        GenerationRequest(prompt="a blue square", width=64, height=64, steps=9, guidance_scale=3.0, seed=5),
-        GenerationRequest(
-            prompt=" ".join(["cat"] * 90), width=64, height=64, steps=4, guidance_scale=1.0, seed=6
-        ),
-        GenerationRequest(prompt="a triangle", width=64, height=64, steps=6, eta=1.0, seed=8, num_images=3),
+        Generation(prompt="a blue square", width=64, height=64, steps=9, guidance_scale=3.0, seed=5),
+        Generation(prompt=" ".join(["cat"] * 90), width=64, height=64, steps=4, guidance_scale=1.0, seed=6),
+        Generation(prompt="a triangle", width=64, height=64, steps=6, eta=1.0, seed=8, num_images=3),
     ]
     sampler = Pipeline(model)
     started = sampler.start([("other0", others[0]), ("target", target)])
@@ -132,7 +137,7 @@ def test_single_file_equals_folder(
 ) -> None:
     from_file = load_model(random_models[f"{variant}_file"], config=random_models[variant])
     folder = ours[variant]
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=48, steps=3, seed=3)
+    request = Generation(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=48, steps=3, seed=3)
     latents = []
     for model in (folder, from_file):
         sampler = Pipeline(model)
@@ -150,34 +155,40 @@ def test_long_prompt_uses_all_chunks(ours: dict[str, StableDiffusion]) -> None:
     """Tokens past 77 change the picture (A1111 chunking, not diffusers' truncation)."""
     model = ours["sd1"]
     base = " ".join(["a red circle"] * 30)  # 90 tokens
-    a = generate(model, GenerationRequest(prompt=base + " dog", width=64, height=64, steps=3, seed=1))[0]
-    b = generate(model, GenerationRequest(prompt=base + " cat", width=64, height=64, steps=3, seed=1))[0]
+    a = generate(model, Generation(prompt=base + " dog", width=64, height=64, steps=3, seed=1))[0]
+    b = generate(model, Generation(prompt=base + " cat", width=64, height=64, steps=3, seed=1))[0]
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
 
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 def test_prompt_token_limit(field: str, ours: dict[str, StableDiffusion]) -> None:
-    fits = GenerationRequest(**{"prompt": "x", field: " ".join(["cat"] * 600)})
-    fits.validate(ours["sd1"])
-    too_long = GenerationRequest(**{"prompt": "x", field: " ".join(["cat"] * 601)})
+    fits = Generation(**{"prompt": "x", field: " ".join(["cat"] * 600)})
+    check_generation(ours["sd1"], fits)
+    too_long = Generation(**{"prompt": "x", field: " ".join(["cat"] * 601)})
     with pytest.raises(ValueError, match=f"{field} is 601 CLIP tokens long; at most 600"):
-        too_long.validate(ours["sd1"])
+        check_generation(ours["sd1"], too_long)
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("width", 60, "width must be a positive multiple of 8"),
-        ("height", 0, "height must be a positive multiple of 8"),
-        ("steps", 1000, "steps must be between 1 and 999"),
-        ("eta", 1.5, "eta must be between"),
-        ("num_images", 0, "num_images must be between"),
-        ("seed", -1, "seed must be between"),
+        ("width", 60, "width\n.*multiple of 8"),
+        ("height", 0, "height\n.*greater than or equal to 8"),
+        ("steps", 1000, "steps\n.*less than or equal to 150"),
+        ("eta", 1.5, "eta\n.*less than or equal to 1"),
+        ("num_images", 0, "num_images\n.*greater than or equal to 1"),
+        ("seed", -1, "seed\n.*greater than or equal to 0"),
     ],
 )
-def test_bad_request_names_the_field(
-    field: str, value: object, message: str, ours: dict[str, StableDiffusion]
-) -> None:
-    request = GenerationRequest(**{"prompt": "x", "width": 64, "height": 64, field: value})
+def test_bad_request_names_the_field(field: str, value: object, message: str) -> None:
+    """Bounds every model shares are refused when the description is built, naming field and bound."""
     with pytest.raises(ValueError, match=message):
-        request.validate(ours["sd1"])
+        Generation(**{"prompt": "x", "width": 64, "height": 64, field: value})
+
+
+def test_model_limits_name_the_field(ours: dict[str, StableDiffusion]) -> None:
+    """What depends on the model (its schedule's longest run) is checked against the loaded model."""
+    model = ours["sd1"]
+    short = replace(model, schedule=DDIMSchedule.from_config({**SHORT_SCHEDULE}))
+    with pytest.raises(ValueError, match="steps must be between 1 and 99 for this model, got 120"):
+        check_generation(short, Generation(prompt="x", width=64, height=64, steps=120))

@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from models.loading import load_model
-from models.pipeline import GenerationRequest, generate
+from models.pipeline import generate
+from schemas.generation import Generation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def test_several_images_with_parameters(tmp_path: Path, random_models: dict[str,
     assert all(f.is_file() for f in files) and not out.exists()
     expected = generate(
         load_model(random_models["sd1"]),
-        GenerationRequest(
+        Generation(
             prompt="a cat",
             negative_prompt="a dog",
             width=72,

@@ -13,11 +13,12 @@ import redis
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
 
-from schemas.queue import QUEUE_NAME, GenerationParams, JobStatus
+from schemas.generation import Generation
+from schemas.queue import QUEUE_NAME, JobStatus
 from service.job_store import JobStore
 from service.settings import Settings
 
-PARAMS = GenerationParams(
+PARAMS = Generation(
     prompt="a cat", width=64, height=64, steps=2, guidance_scale=7.5, eta=0.0, seed=1, num_images=1
 )
 

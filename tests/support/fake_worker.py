@@ -20,7 +20,8 @@ from PIL import Image
 from rq import Queue, SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
 
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, ImageRef, JobResult
+from schemas.generation import Generation
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, ImageRef, JobResult
 from schemas.redis_keys import cancel_key, image_key, progress_key
 from workers.errors import JobCanceled
 from workers.rq_internals import AllowlistedJob
@@ -44,7 +45,7 @@ def png_bytes(width: int, height: int, seed: int) -> bytes:
 def fake_txt2img(params: dict) -> dict:
     job = get_current_job()
     assert job is not None
-    request = GenerationParams.model_validate(params)
+    request = Generation.model_validate(params)
     if request.prompt.startswith(FAIL_PREFIX):
         raise ValueError(request.prompt.removeprefix(FAIL_PREFIX).strip())
     if request.prompt.startswith(META_ERROR_PREFIX):

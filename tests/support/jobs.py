@@ -14,7 +14,8 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, GenerationParams, JobResult
+from schemas.generation import Generation
+from schemas.queue import JOB_FUNCTION, QUEUE_NAME, JobResult
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
 from schemas.worker_info import WorkerInfo
 
@@ -34,7 +35,7 @@ def params(**overrides: object) -> dict:
         num_images=1,
     )
     base.update(overrides)
-    return GenerationParams.model_validate(base).model_dump()
+    return Generation.model_validate(base).model_dump()
 
 
 def enqueue(client: redis.Redis, job_params: dict, retries: int = 1, timeout_s: int = 300) -> Job:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from models.loading import load_model
-from models.pipeline import GenerationRequest, generate
+from models.pipeline import generate
+from schemas.generation import Generation
 from training import train
 from training.diffusion import timestep_weights
 from training.schedule import warmup_cosine
@@ -37,8 +38,8 @@ def test_training_runs_end_to_end_on_a_tiny_config(tmp_path: Path) -> None:
     assert model.vae_scale_factor == 4
     (image,) = generate(
         model,
-        GenerationRequest(
-            "a red circle in the top left on a blue background", width=64, height=64, steps=2, seed=1
+        Generation(
+            prompt="a red circle in the top left on a blue background", width=64, height=64, steps=2, seed=1
         ),
     )
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8

@@ -9,12 +9,13 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pytest
 
-from models.pipeline import Pipeline, generate
-from schemas.queue import GenerationParams, ImageRef, JobResult
+from models.pipeline import Picture, Pipeline, generate
+from schemas.generation import Generation
+from schemas.queue import ImageRef, JobResult
 from tests.support.jobs import max_pixel_diff, params, wait_until
 from workers.engine import Engine, EngineConfig
 from workers.errors import EngineFailure, JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
-from workers.submission import Submission, to_request
+from workers.submission import Submission
 
 
 class FakeProgress:
@@ -34,13 +35,15 @@ class FakeResults:
         self.pictures: dict[str, list[np.ndarray]] = {}
         self.order: list[str] = []
 
-    def store(self, submission: Submission, pictures: Sequence[np.ndarray]) -> JobResult:
-        self.pictures[submission.job_id] = list(pictures)
+    def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
+        self.pictures[submission.job_id] = [picture.pixels for picture in pictures]
         self.order.append(submission.job_id)
-        seeds = submission.params.image_seeds()
         return JobResult(
             model="tiny",
-            images=[ImageRef(index=i, seed=s, key=f"{submission.job_id}:{i}") for i, s in enumerate(seeds)],
+            images=[
+                ImageRef(index=i, seed=picture.seed, key=f"{submission.job_id}:{i}")
+                for i, picture in enumerate(pictures)
+            ],
         )
 
 
@@ -85,7 +88,7 @@ def make_engine(tiny_model) -> Iterator:
 
 
 def submit(engine: Engine, job_id: str, timeout_s: float | None = None, **overrides) -> Submission:
-    submission = Submission(job_id, GenerationParams.model_validate(params(**overrides)), timeout_s=timeout_s)
+    submission = Submission(job_id, Generation.model_validate(params(**overrides)), timeout_s=timeout_s)
     engine.submit(submission)
     return submission
 
@@ -95,7 +98,7 @@ def finish(submissions: list[Submission], timeout_s: float = 120) -> None:
 
 
 def assert_alone_equal(tiny_model, results: FakeResults, submission: Submission) -> None:
-    alone = generate(tiny_model, to_request(submission.params))
+    alone = generate(tiny_model, submission.params)
     got = results.pictures[submission.job_id]
     assert len(got) == len(alone)
     for picture, reference in zip(got, alone, strict=True):
@@ -142,10 +145,10 @@ def test_request_larger_than_the_budget_runs_alone_split(make_engine, tiny_model
 def test_invalid_request_fails_alone(make_engine, tiny_model) -> None:
     engine, results, _ = make_engine()
     good = submit(engine, "good", seed=3)
-    bad = submit(engine, "bad", width=60)  # not a multiple of the VAE's 8
+    bad = submit(engine, "bad", prompt="cat " * 601)  # more CLIP tokens than this model takes
     finish([good, bad])
     assert isinstance(bad.error, RequestFailed) and bad.error.error_type == "InvalidRequest"
-    assert "width" in str(bad.error)
+    assert "prompt" in str(bad.error)
     assert good.error is None
     assert_alone_equal(tiny_model, results, good)
 
@@ -207,7 +210,7 @@ def test_rows_per_call_grow_back_after_out_of_memory(make_engine, tiny_model) ->
 
 def test_canceled_job_leaves_the_batch_and_others_finish(make_engine, tiny_model) -> None:
     engine, results, progress = make_engine()
-    doomed = submit(engine, "doomed", steps=400)
+    doomed = submit(engine, "doomed", steps=150, width=128, height=128)
     other = submit(engine, "other", steps=10, seed=4)
     wait_until(lambda: progress.latest.get("doomed", (0, 0))[0] >= 2, 60, "the doomed job to run")
     with progress.lock:
@@ -223,7 +226,7 @@ def test_canceled_job_leaves_the_batch_and_others_finish(make_engine, tiny_model
 
 def test_timeout_is_enforced_between_steps(make_engine) -> None:
     engine, _, _ = make_engine()
-    slow = submit(engine, "slow", steps=900, timeout_s=0.5)
+    slow = submit(engine, "slow", steps=150, width=128, height=128, timeout_s=0.5)
     quick = submit(engine, "quick", steps=3)
     finish([slow, quick])
     assert isinstance(slow.error, JobTimedOut)
@@ -233,7 +236,7 @@ def test_timeout_is_enforced_between_steps(make_engine) -> None:
 
 def test_drain_hands_unfinished_jobs_back_and_refuses_new_ones(make_engine) -> None:
     engine, _, progress = make_engine()
-    long = submit(engine, "long", steps=900)
+    long = submit(engine, "long", steps=150, width=128, height=128)
     wait_until(lambda: progress.latest.get("long", (0, 0))[0] >= 1, 60, "the job to run")
     engine.drain(0)
     finish([long])
@@ -327,7 +330,7 @@ def test_each_decode_chunk_goes_to_the_writers_before_the_next_is_decoded(tiny_m
         FakeProgress(),
         pipeline_factory=WaitingDecode,
     )
-    jobs = [Submission(f"job-{i}", GenerationParams.model_validate(params(seed=i))) for i in range(4)]
+    jobs = [Submission(f"job-{i}", Generation.model_validate(params(seed=i))) for i in range(4)]
     for job in jobs:
         engine.submit(job)  # before start: all four join the first batch and finish together
     engine.start()

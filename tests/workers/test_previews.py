@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from schemas.queue import GenerationParams
+from schemas.generation import Generation
 from workers.errors import JobCanceled
 from workers.previews import PreviewMaker
 from workers.submission import Submission
 
 
 def submission(preview: bool, job_id: str = "a" * 32) -> Submission:
-    params = GenerationParams(
+    params = Generation(
         prompt="x",
         width=96,
         height=64,

@@ -72,7 +72,7 @@ def test_long_job_outlives_many_heartbeat_ttls_without_being_abandoned(
     ttl_s = 2
     janitor = start_janitor(SD_JANITOR_INTERVAL_S="0.3", SD_JOB_HEARTBEAT_TTL_S=str(ttl_s))
     worker = start_worker(SD_SLOTS="1", SD_JOB_HEARTBEAT_TTL_S=str(ttl_s), SD_HEARTBEAT_INTERVAL_S="0.3")
-    job_id = enqueue(client, params(steps=900, width=128, height=128)).id  # far longer than we watch it
+    job_id = enqueue(client, params(steps=150, width=256, height=256)).id  # far longer than we watch it
     wait_until(lambda: int(client.hget(progress_key(job_id), "step") or 0) >= 1, 60, "the job to run")
     time.sleep(4 * ttl_s)  # several TTLs (and janitor sweeps) while it runs
     assert started_ids(client) == {job_id}  # still running, its first and only execution
@@ -106,7 +106,7 @@ def test_sigterm_finishes_running_jobs_and_leaves_queued_ones(client, start_work
 
 def test_sigterm_deadline_hands_running_jobs_back_to_the_queue(client, start_worker) -> None:
     worker = start_worker(SD_SLOTS="2", SD_DRAIN_TIMEOUT_S="0.5")
-    endless = enqueue(client, params(steps=900), retries=1).id
+    endless = enqueue(client, params(steps=150, width=128, height=128), retries=1).id
     later = enqueue(client, params(steps=3, seed=5)).id
     wait_until(lambda: int(client.hget(progress_key(endless), "step") or 0) >= 1, 60, "the job to run")
     assert worker.stop(timeout_s=60) == 0

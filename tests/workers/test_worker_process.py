@@ -7,7 +7,8 @@ from rq.registry import CanceledJobRegistry
 
 from models.pipeline import generate
 from models.png import read_parameters
-from schemas.queue import QUEUE_NAME, GenerationParams
+from schemas.generation import Generation
+from schemas.queue import QUEUE_NAME
 from schemas.redis_keys import cancel_key, image_key, progress_key
 from tests.support.jobs import (
     enqueue,
@@ -21,17 +22,16 @@ from tests.support.jobs import (
     wait_until,
     worker_info,
 )
-from workers.submission import to_request
 
 JOBS_BOUND_S = 240  # hang guard only, never a speed requirement
 
 
 def assert_pngs_equal_alone_runs(client, tiny_model, job_id: str, job_params: dict) -> None:
-    request = to_request(GenerationParams.model_validate(job_params))
+    request = Generation.model_validate(job_params)
     result = result_of(client, job_id)
     alone = generate(tiny_model, request)
     assert [ref.index for ref in result.images] == list(range(request.num_images))
-    assert [ref.seed for ref in result.images] == request.seeds()
+    assert [ref.seed for ref in result.images] == request.image_seeds()
     for ref, reference in zip(result.images, alone, strict=True):
         assert ref.key == image_key(job_id, ref.index)
         png = client.get(ref.key)
@@ -77,7 +77,7 @@ def test_concurrent_jobs_share_unet_calls_and_equal_alone_runs(client, start_wor
 
 def test_running_job_canceled_within_two_steps_others_succeed(client, start_worker, tiny_model) -> None:
     start_worker(SD_SLOTS="3", SD_MAX_BATCH_ROWS="8")
-    doomed = enqueue(client, params(steps=400, seed=1)).id
+    doomed = enqueue(client, params(steps=150, width=128, height=128, seed=1)).id
     others = [(enqueue(client, p).id, p) for p in (params(steps=12, seed=2), params(steps=20, seed=3))]
     wait_until(lambda: int(client.hget(progress_key(doomed), "step") or 0) >= 2, 60, "the job to run")
     client.set(cancel_key(doomed), b"1", ex=600)  # what the API's DELETE does for a running job
@@ -116,15 +116,15 @@ def test_injected_out_of_memory_splits_the_batch_and_every_job_succeeds(
 
 def test_failing_request_fails_alone_with_a_clear_error(client, start_worker) -> None:
     worker = start_worker(SD_SLOTS="3")
-    bad = enqueue(client, params(width=60, seed=1)).id  # valid for the contract, not for this model's VAE
-    garbage = enqueue(client, {"prompt": "x"}).id  # not even GenerationParams
+    bad = enqueue(client, params(prompt="cat " * 601, seed=1)).id  # valid for the contract, too long for CLIP
+    garbage = enqueue(client, {"prompt": "x", "steps": "many"}).id  # not even a Generation
     good = enqueue(client, params(seed=2)).id
     outcomes = wait_terminal(client, [bad, garbage, good], JOBS_BOUND_S)
     assert outcomes == {bad: "failed", garbage: "failed", good: "finished"}
     error = fetch(client, bad).meta["error"]
     assert (
         error["type"] == "InvalidRequest"
-        and "width must be a positive multiple of 8, got 60" in error["message"]
+        and "prompt is 601 CLIP tokens long; at most 600" in error["message"]
     )
     assert fetch(client, garbage).meta["error"]["type"] == "InvalidParams"
     # not retried (it would only fail again): it ran once

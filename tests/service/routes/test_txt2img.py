@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from schemas.queue import SEED_MAX
+from schemas.generation import SEED_MAX
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
 from tests.support.api import client_for, module_api, publish_worker
 from tests.support.api_process import ApiProcess
