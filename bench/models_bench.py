@@ -111,8 +111,8 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from models.configs import UNetConfig, VAEConfig
-    from models.ddim import DDIMSchedule
     from models.loading import TOKENIZER_ASSETS, load_tokenizer
+    from models.noise_schedule import NoiseSchedule
     from models.pipeline import generate
     from models.stable_diffusion import StableDiffusion
     from schemas.generation import Generation
@@ -147,7 +147,7 @@ def build_side(side: str, config_name: str, size: int, steps: int, device: str, 
         seed=1,
     )
     if side == "ours":
-        schedule = DDIMSchedule.from_config(configs["scheduler"])
+        schedule = NoiseSchedule.from_config(configs["scheduler"])
         model = StableDiffusion("bench", unet, vae, text_encoder, tokenizer, schedule)
         return lambda: generate(model, request)[0]
 

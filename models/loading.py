@@ -18,7 +18,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from models.configs import UNetConfig, VAEConfig
-from models.ddim import DDIMSchedule
+from models.noise_schedule import NoiseSchedule
 from models.single_file import CheckpointError, detect_variant, ldm_to_diffusers, read_checkpoint
 from models.stable_diffusion import StableDiffusion
 from models.unet import UNet2DConditionModel
@@ -153,7 +153,7 @@ def build_model(
         unet_config = UNetConfig.from_dict(configs["unet"])
         vae_config = VAEConfig.from_dict(configs["vae"])
         text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
-        schedule = DDIMSchedule.from_config(configs["scheduler"])
+        schedule = NoiseSchedule.from_config(configs["scheduler"])
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{name}: invalid config: {err}") from err
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.ddim import ddim_step, guided_noise
+from models.samplers import RowState, Sampler, get_sampler
+from models.samplers.base import NoiseSource
 from models.stable_diffusion import StableDiffusion
 from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS, PromptEncoder
 from models.transfer import to_device
@@ -63,22 +64,24 @@ class Picture:
 
 @dataclass(eq=False)
 class ActiveImage:
-    """One image of a request on its way: its latent and where it is in its schedule.
+    """One image of a request on its way: its latent and where it is in its sampler's plan.
 
     Images, not requests, are the unit of batching, so a big request can be split over several
-    UNet calls (row limit, out-of-memory retries) without changing any pixel.
+    UNet calls (row limit, out-of-memory retries) and its images paused and resumed between steps
+    without changing any pixel.
     """
 
     key: Hashable  # the caller's id of the request this image belongs to
     index: int  # the image's index in its request
     seed: int
     request: Generation
-    latent: torch.Tensor  # (1, C, h, w) float32 on the model's device
-    generator: torch.Generator  # CPU generator seeded `seed`: initial latent, then eta noise
+    latent: torch.Tensor  # (1, C, h, w) float32 on the model's device, in its sampler's scale
+    generator: torch.Generator  # CPU generator seeded `seed`: initial latent, then any step noise
     cond: torch.Tensor  # (L, D) prompt embedding, shared by the request's images
     uncond: torch.Tensor | None  # (L, D) negative-prompt embedding; None without guidance
-    timesteps: torch.Tensor  # (steps,) int64 on the CPU
-    step_index: int = 0
+    sampler: Sampler
+    state: RowState  # plan, step index and history; replaced (never changed) by each step
+    denoised: torch.Tensor | None = None  # (1, C, h, w): the last step's estimate of the clean latent
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -90,16 +93,21 @@ class ActiveImage:
         return 2 if self.uncond is not None else 1
 
     @property
+    def step_index(self) -> int:
+        return self.state.step_index
+
+    @property
     def total_steps(self) -> int:
-        return len(self.timesteps)
+        return self.state.plan.steps
 
     @property
     def done(self) -> bool:
-        return self.step_index >= self.total_steps
+        return self.state.done
 
 
 class Pipeline:
-    """Guided DDIM over batches of images, one step at a time, on one loaded model."""
+    """Guided sampling over batches of images, one step at a time, on one loaded model: prompt
+    encoding, initial noise, steps (each image with its own sampler), VAE decode."""
 
     def __init__(
         self,
@@ -131,24 +139,30 @@ class Pipeline:
         result = []
         for (key, request), (cond, uncond) in zip(items, pairs, strict=True):
             shape = (1, model.latent_channels, request.height // f, request.width // f)
-            timesteps = model.schedule.timesteps(request.steps)
+            sampler = get_sampler(request.sampler)
+            plan = sampler.plan(model.schedule, request)
             images = []
             for index, seed in enumerate(request.image_seeds()):
                 generator = torch.Generator("cpu").manual_seed(seed)
-                latent = to_device(torch.randn(shape, generator=generator), model.device)
+                noise = torch.randn(shape, generator=generator)
+                latent = to_device(noise * plan.init_noise_sigma, model.device)
                 images.append(
-                    ActiveImage(key, index, seed, request, latent, generator, cond, uncond, timesteps)
+                    ActiveImage(
+                        key, index, seed, request, latent, generator, cond, uncond, sampler, RowState(plan)
+                    )
                 )
             result.append(images)
         return result
 
     @torch.no_grad()
     def step(self, images: Sequence[ActiveImage]) -> None:
-        """Advance every image by one denoising step, with ONE UNet call.
+        """Advance every image by one step of its own sampler, with ONE UNet call.
 
         All must have the same latent shape and none may be done. Rows: every image with its prompt
-        context, then the guided images again with their negative-prompt context. If anything
-        raises (e.g. out of memory), no image has changed: the step can be retried as it was.
+        context, then the guided images again with their negative-prompt context. After the call
+        the rows are grouped by sampler, each group stepped in one vectorised call. If anything
+        raises (e.g. out of memory), no image has changed, generators included: the step can be
+        retried as it was.
         """
         if not images:
             return
@@ -157,11 +171,15 @@ class Pipeline:
         if any(i.done for i in images):
             raise ValueError("a finished image cannot take another step")
         model = self.model
+        groups = _group_by_sampler(images)
 
-        sample = torch.cat([i.latent for i in images])  # (R, C, h, w) float32
-        timesteps = torch.stack([i.timesteps[i.step_index] for i in images])  # (R,) int64
-        num_steps = torch.tensor([i.total_steps for i in images])
-        eta = torch.tensor([i.request.eta for i in images], dtype=torch.float32)
+        sample = torch.cat([i.latent for i in images])  # (R, C, h, w) float32, each in its sampler's scale
+        model_input = sample
+        for sampler, rows in groups:
+            if type(sampler).scale_input is not Sampler.scale_input:
+                scaled = sampler.scale_input(sample[rows.device_index], [images[r].state for r in rows.rows])
+                model_input = model_input.index_copy(0, rows.device_index, scaled)
+        timesteps = torch.stack([i.state.plan.timesteps[i.step_index] for i in images])  # (R,) float32
         guidance = torch.tensor([i.request.guidance_scale for i in images], dtype=torch.float32)
         guided_rows = torch.tensor(
             [r for r, i in enumerate(images) if i.uncond is not None], dtype=torch.long
@@ -171,42 +189,42 @@ class Pipeline:
         context, mask = _stack_contexts(contexts)
         # host-to-device copies without a host sync: the host queues this step behind the last one
         index = to_device(guided_rows, sample.device)
-        unet_input = torch.cat([sample, sample[index]]).to(model.dtype)
+        unet_input = torch.cat([model_input, model_input[index]]).to(model.dtype)
         unet_t = to_device(torch.cat([timesteps, timesteps[guided_rows]]), model.device)
         output = self.unet(unet_input, unet_t, context, mask).float()
 
-        rows = len(images)
-        noise_pred = output[:rows]
+        count = len(images)
+        noise_pred = output[:count]
         if len(guided_rows):
             noise_pred = noise_pred.index_put(
-                (index,), guided_noise(noise_pred[index], output[rows:], guidance[guided_rows])
+                (index,), guided_noise(noise_pred[index], output[count:], guidance[guided_rows])
             )
 
-        noise = None
-        if any(i.request.eta > 0 for i in images):
-            # each image's noise from its own generator, as diffusers' scheduler draws it; saved
-            # states let a failed step be retried with the same noise
-            states = [i.generator.get_state() for i in images]
-            try:
-                noise = torch.cat(
-                    [
-                        torch.randn((1, *i.latent_shape), generator=i.generator)
-                        if i.request.eta > 0
-                        else torch.zeros((1, *i.latent_shape))
-                        for i in images
-                    ]
-                )
-                updated = ddim_step(model.schedule, noise_pred, sample, timesteps, num_steps, eta, noise)
-            except BaseException:
-                for image, state in zip(images, states, strict=True):
-                    image.generator.set_state(state)
-                raise
-        else:
-            updated = ddim_step(model.schedule, noise_pred, sample, timesteps, num_steps, eta)
-
-        for row, image in enumerate(images):
-            image.latent = updated[row : row + 1]
-            image.step_index += 1
+        # every image's noise from its own generator, as diffusers' schedulers draw it; saved states
+        # let a failed step be retried with the same noise
+        states = [i.generator.get_state() for i in images]
+        try:
+            results = [
+                (rows, sampler.step(
+                    model.schedule,
+                    noise_pred[rows.device_index],
+                    sample[rows.device_index],
+                    [images[r].state for r in rows.rows],
+                    _noise_source([images[r] for r in rows.rows], sample.device),
+                ))
+                for sampler, rows in groups
+            ]  # fmt: skip
+        except BaseException:
+            for image, state in zip(images, states, strict=True):
+                image.generator.set_state(state)
+            raise
+        for rows, result in results:
+            for position, r in enumerate(rows.rows):
+                image = images[r]
+                image.latent = result.samples[position : position + 1]
+                image.state = result.states[position]
+                if result.denoised is not None:
+                    image.denoised = result.denoised[position : position + 1]
 
     @torch.no_grad()
     def decode(self, images: Sequence[ActiveImage], max_batch: int = 8) -> list[np.ndarray]:
@@ -266,6 +284,46 @@ class Pipeline:
         if not bool(decoded.isfinite().all()):
             raise FloatingPointError("the VAE decode gives inf/NaN even in float32")
         return decoded
+
+
+@dataclass(frozen=True)
+class _Rows:
+    rows: list[int]  # positions in the call
+    device_index: torch.Tensor  # the same, as an index tensor on the latents' device
+
+
+def _group_by_sampler(images: Sequence[ActiveImage]) -> list[tuple[Sampler, _Rows]]:
+    """The call's rows grouped by sampler, in order of first appearance."""
+    groups: dict[str, tuple[Sampler, list[int]]] = {}
+    for position, image in enumerate(images):
+        groups.setdefault(image.sampler.name, (image.sampler, []))[1].append(position)
+    device = images[0].latent.device
+    return [
+        (sampler, _Rows(rows, to_device(torch.tensor(rows, dtype=torch.long), device)))
+        for sampler, rows in groups.values()
+    ]
+
+
+def _noise_source(images: Sequence[ActiveImage], device: torch.device) -> NoiseSource:
+    """Noise for a sampler's rows: a standard normal (1, C, h, w) draw from each marked image's own
+    CPU generator (as diffusers draws it from the image's generator), zeros for the others."""
+
+    def draw(marks: Sequence[bool]) -> torch.Tensor:
+        noise = [
+            torch.randn((1, *i.latent_shape), generator=i.generator)
+            if mark
+            else torch.zeros((1, *i.latent_shape))
+            for i, mark in zip(images, marks, strict=True)
+        ]
+        return to_device(torch.cat(noise), device)
+
+    return draw
+
+
+def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + g * (cond - uncond)``, one g per row ((B,) float32)."""
+    g = to_device(guidance_scale.to(cond.dtype), cond.device).view(-1, *([1] * (cond.dim() - 1)))
+    return uncond + g * (cond - uncond)
 
 
 def _stack_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.ddim import DDIMSchedule
+from models.noise_schedule import NoiseSchedule
 from models.unet import UNet2DConditionModel
 from models.vae import AutoencoderKL
 
 
 @dataclass
 class StableDiffusion:
-    """UNet, KL autoencoder, CLIP text encoder + tokenizer and DDIM schedule of one checkpoint.
+    """UNet, KL autoencoder, CLIP text encoder + tokenizer and noise schedule of one checkpoint.
 
     The VAE may run in another dtype than the UNet (e.g. float32 decode beside a float16 UNet). A
     float16 VAE may keep a float32 copy of its decoding side (`vae_fallback`, see
@@ -27,7 +27,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    schedule: DDIMSchedule
+    schedule: NoiseSchedule
     # settings the model's authors recommend (a folder's optional defaults.json): {"steps", "guidance_scale"}
     recommended: dict[str, float] = field(default_factory=dict)
     # float32 copy of the VAE without its encoder: decodes again what overflows in float16

@@ -14,9 +14,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+
+from schemas.samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SCHEDULER,
+    SAMPLERS,
+    SCHEDULERS,
+    UnknownName,
+    check_pair,
+    resolve_sampler,
+    resolve_scheduler,
+    sampler_labels,
+)
 
 # Hard limits: a deployment's settings may tighten them (service/settings.py), never widen them.
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in AUTOMATIC1111 and diffusers' examples
@@ -78,10 +98,74 @@ def _last_seed_fits(seed: int | None, info: ValidationInfo) -> int | None:
     return seed
 
 
+class _ImpliedSchedulerConflict:
+    """A combined sampler name ("DPM++ 2M Karras") sent with another scheduler: reported on `sampler`."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _sampler_name(value: object) -> object:
+    """A canonical sampler name from a name or an alias; the error lists the valid ones."""
+    if isinstance(value, _ImpliedSchedulerConflict):
+        raise PydanticCustomError("sampler_scheduler_conflict", value.message)
+    if not isinstance(value, str):
+        return value  # the str type reports it
+    try:
+        return resolve_sampler(value)[0]
+    except UnknownName as error:
+        raise PydanticCustomError("unknown_sampler", str(error)) from None
+
+
+def _scheduler_name(value: object, info: ValidationInfo) -> object:
+    """A canonical scheduler name that the (already validated) sampler can follow."""
+    if not isinstance(value, str):
+        return value
+    try:
+        scheduler = resolve_scheduler(value)
+        sampler = info.data.get("sampler")
+        if isinstance(sampler, str):
+            check_pair(sampler, scheduler)
+    except UnknownName as error:
+        raise PydanticCustomError("unknown_scheduler", str(error)) from None
+    return scheduler
+
+
+class SamplerNames(BaseModel):
+    """Splits AUTOMATIC1111's combined names ("DPM++ 2M Karras") into sampler and scheduler, for
+    Generation and for every request model derived from it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_combined_sampler_name(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("sampler"), str):
+            return data
+        try:
+            sampler, implied = resolve_sampler(data["sampler"])
+        except UnknownName:
+            return data  # the field reports it
+        if implied is None:
+            return data
+        given = data.get("scheduler")
+        if given is None:
+            return {**data, "sampler": sampler, "scheduler": implied}
+        try:
+            same = isinstance(given, str) and resolve_scheduler(given) == implied
+        except UnknownName:
+            same = False
+        if same:
+            return {**data, "sampler": sampler}
+        conflict = _ImpliedSchedulerConflict(
+            f"{data['sampler']!r} means sampler {sampler} with scheduler {implied}, but scheduler is "
+            f"{given!r}: send sampler {sampler!r} with the scheduler you want"
+        )
+        return {**data, "sampler": conflict}
+
+
 Size = json_int(ge=SIZE_MULTIPLE, le=SIZE_LIMIT, multiple_of=SIZE_MULTIPLE)
 
 
-class Generation(BaseModel):
+class Generation(SamplerNames):
     """What to generate: `num_images` pictures of one prompt, image i with seed `seed + i`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -104,7 +188,19 @@ class Generation(BaseModel):
         DEFAULT_GUIDANCE_SCALE,
         description=f"Classifier-free guidance, 0 to {GUIDANCE_SCALE_MAX:g} (<= 1: no unconditional pass).",
     )
-    eta: json_float(ge=0, le=1) = Field(0.0, description="DDIM eta, 0 (deterministic) to 1.")
+    eta: json_float(ge=0, le=1) = Field(
+        0.0, description="DDIM's eta, 0 (deterministic) to 1; samplers other than ddim accept and ignore it."
+    )
+    sampler: Annotated[str, BeforeValidator(_sampler_name), Field(strict=True)] = Field(
+        DEFAULT_SAMPLER,
+        description=f"One of {', '.join(SAMPLERS)}, or AUTOMATIC1111's names ({sampler_labels()}, and "
+        'combined ones such as "DPM++ 2M Karras"). GET /v1/samplers lists them.',
+    )
+    scheduler: Annotated[str, BeforeValidator(_scheduler_name), Field(strict=True)] = Field(
+        DEFAULT_SCHEDULER,
+        description=f"How the steps are spread over the noise levels: {', '.join(SCHEDULERS)} "
+        "(each sampler supports some; GET /v1/samplers).",
+    )
     num_images: json_int(ge=1, le=NUM_IMAGES_LIMIT) = Field(1, description="Pictures of this prompt.")
     # after num_images: the seed's check reads it
     seed: Annotated[json_int(ge=0, le=SEED_MAX), AfterValidator(_last_seed_fits)] = Field(

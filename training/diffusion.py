@@ -25,7 +25,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from models.configs import UNetConfig
-from models.ddim import DDIMSchedule
+from models.samplers.ddim import DDIMSchedule
 from models.text import PromptEncoder
 from models.unet import UNet2DConditionModel
 from training.schedule import EMA, warmup_cosine

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from models.ddim import DDIMSchedule, ddim_step, guided_noise
+from models.pipeline import guided_noise
+from models.samplers.ddim import DDIMSchedule, ddim_step
 from models.tiny_configs import tiny_config
 
 SD_SCHEDULER = tiny_config("sd1")["scheduler"]

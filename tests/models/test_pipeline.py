@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from models.ddim import DDIMSchedule
 from models.loading import load_model
+from models.noise_schedule import NoiseSchedule
 from models.pipeline import Pipeline, check_generation, generate
 from models.stable_diffusion import StableDiffusion
 from schemas.generation import Generation
@@ -189,6 +189,6 @@ def test_bad_request_names_the_field(field: str, value: object, message: str) ->
 def test_model_limits_name_the_field(ours: dict[str, StableDiffusion]) -> None:
     """What depends on the model (its schedule's longest run) is checked against the loaded model."""
     model = ours["sd1"]
-    short = replace(model, schedule=DDIMSchedule.from_config({**SHORT_SCHEDULE}))
+    short = replace(model, schedule=NoiseSchedule.from_config({**SHORT_SCHEDULE}))
     with pytest.raises(ValueError, match="steps must be between 1 and 99 for this model, got 120"):
         check_generation(short, Generation(prompt="x", width=64, height=64, steps=120))

@@ -10,18 +10,17 @@ spacing, and a negative previous timestep uses ``final_alpha_cumprod``.
 from __future__ import annotations
 
 import functools
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from models.noise_schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, training_betas
+from models.samplers.base import NoiseSource, Plan, RowState, Sampler, StepResult, advanced
 from models.transfer import to_device
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+from schemas.generation import Generation
 
 # diffusers' DDIMScheduler defaults, used for keys a scheduler_config.json leaves out, so a folder
 # gives the same schedule here as DDIMScheduler.from_pretrained(folder) gives there.
@@ -40,30 +39,6 @@ _DEFAULTS: dict[str, Any] = {
     "timestep_spacing": "leading",
     "rescale_betas_zero_snr": False,
 }
-
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas of the squaredcos_cap_v2 schedule (Nichol & Dhariwal 2021)."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
-        for i in range(num_train_timesteps)
-    ]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt -= last
-    alphas_bar_sqrt *= first / (first - last)
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
 
 
 @dataclass(frozen=True)
@@ -85,8 +60,6 @@ class DDIMSchedule:
         training schedule and the DDIM options are read)."""
         cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS and v is not None}}
         n = int(cfg["num_train_timesteps"])
-        if n < 1:
-            raise ValueError(f"scheduler num_train_timesteps must be >= 1, got {n}")
         for key, allowed in (
             ("prediction_type", PREDICTION_TYPES),
             ("timestep_spacing", TIMESTEP_SPACINGS),
@@ -96,25 +69,7 @@ class DDIMSchedule:
         if cfg["thresholding"]:
             raise ValueError("scheduler thresholding=true is not supported (no SD 1.x/2.x model uses it)")
 
-        if cfg["trained_betas"] is not None:
-            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
-            if betas.shape != (n,):
-                raise ValueError(f"scheduler trained_betas has {betas.numel()} values, expected {n}")
-        elif cfg["beta_schedule"] == "linear":
-            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=torch.float32)
-        elif cfg["beta_schedule"] == "scaled_linear":
-            betas = (
-                torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
-            )
-        elif cfg["beta_schedule"] == "squaredcos_cap_v2":
-            betas = _cosine_betas(n)
-        else:
-            raise ValueError(
-                f"scheduler beta_schedule must be one of {BETA_SCHEDULES}, got {cfg['beta_schedule']!r}"
-            )
-        if cfg["rescale_betas_zero_snr"]:
-            betas = _rescale_zero_terminal_snr(betas)
-
+        betas = training_betas(cfg)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else alphas_cumprod[0].clone()
         return cls(
@@ -152,12 +107,6 @@ class DDIMSchedule:
             ratio = n // num_steps
             return (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + self.steps_offset
         return np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1  # trailing
-
-
-def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + g * (cond - uncond)``, one g per row ((B,) float32)."""
-    g = to_device(guidance_scale.to(cond.dtype), cond.device).view(-1, *([1] * (cond.dim() - 1)))
-    return uncond + g * (cond - uncond)
 
 
 def ddim_step(
@@ -221,3 +170,55 @@ def ddim_step(
         # rows with eta == 0 have std 0: their noise (zeros, or unused) changes nothing
         prev_sample = prev_sample + std * to_device(noise.to(dtype), device)
     return prev_sample
+
+
+@dataclass(frozen=True)
+class DDIMPlan(Plan):
+    schedule: DDIMSchedule | None = None  # the DDIM options of the request's spacing
+    eta: float = 0.0
+
+
+class DDIM(Sampler):
+    """diffusers' DDIMScheduler; `sgm_uniform` is its "trailing" spacing."""
+
+    name = "ddim"
+
+    def __init__(self) -> None:
+        self._options: dict[tuple[int, str], DDIMSchedule] = {}
+
+    def options(self, schedule: NoiseSchedule, scheduler: str) -> DDIMSchedule:
+        """The DDIM options of a model's schedule, with "trailing" spacing for sgm_uniform (cached)."""
+        key = (id(schedule.config), scheduler)
+        if key not in self._options:
+            config = dict(schedule.config)
+            if scheduler == "sgm_uniform":
+                config["timestep_spacing"] = "trailing"
+            self._options[key] = DDIMSchedule.from_config(config)
+        return self._options[key]
+
+    def plan(self, schedule: NoiseSchedule, generation: Generation) -> DDIMPlan:
+        options = self.options(schedule, generation.scheduler)
+        timesteps = options.timesteps(generation.steps).to(torch.float32)
+        return DDIMPlan(timesteps=timesteps, init_noise_sigma=1.0, schedule=options, eta=generation.eta)
+
+    def step(
+        self,
+        schedule: NoiseSchedule,
+        model_output: torch.Tensor,
+        samples: torch.Tensor,
+        rows: Sequence[RowState],
+        noise: NoiseSource,
+    ) -> StepResult:
+        plans = [row.plan for row in rows]
+        assert all(isinstance(plan, DDIMPlan) for plan in plans)
+        # the rows' options differ only in spacing, which the plans' timesteps already hold
+        options = plans[0].schedule
+        timesteps = torch.stack(
+            [plan.timesteps[row.step_index] for plan, row in zip(plans, rows, strict=True)]
+        )
+        num_steps = torch.tensor([plan.steps for plan in plans])
+        eta = torch.tensor([plan.eta for plan in plans], dtype=torch.float32)
+        draws = [plan.eta > 0 for plan in plans]
+        variance_noise = noise(draws) if any(draws) else None
+        updated = ddim_step(options, model_output, samples, timesteps.long(), num_steps, eta, variance_noise)
+        return StepResult(samples=updated, states=advanced(rows))
