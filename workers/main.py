@@ -38,7 +38,7 @@ from schemas.worker_info import WorkerInfo
 from workers import job_function
 from workers.device import Runtime, dtype_name, resolve_runtime
 from workers.engine import Engine, EngineConfig
-from workers.healthcheck import HEARTBEAT_FILE
+from workers.healthcheck import heartbeat_file
 from workers.heartbeat import Heartbeat
 from workers.janitor import sweep
 from workers.progress import RedisProgress
@@ -200,7 +200,7 @@ class WorkerProcess:
             self.slots,
             settings.job_heartbeat_ttl_s,
             engine_alive=lambda: self.engine.alive,
-            health_file=HEARTBEAT_FILE,
+            health_file=heartbeat_file(settings.device),
         )
         self._stop = threading.Event()
         self._signals = 0
