@@ -3,6 +3,9 @@
 #
 #   run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=560)
 #
+# (docs/benchmarks.md, "Prepared, not yet run", has the runs prepared next with their exact
+# commands, GPU_RUN_* and GPU_BENCH_ARGS set, and how long each takes.)
+#
 # It needs .whl/ (git-ignored, ~11 MB) prepared on the development machine first, in the repo root:
 # `bash bench/gpu_wheels.sh`, which runs exactly these two downloads:
 #
@@ -22,9 +25,11 @@
 #   1. installs the wheels into /tmp/site (PYTHONPATH), unpacks redis-server into /tmp/redis;
 #   2. prints the card, driver, torch and package versions;
 #   3. runs the CUDA tests of the fast path (tests/models/test_accel.py, CPU ones too);
-#   4. runs bench/gpu.py (SD 1.5, 512x512, 50 steps: ours vs diffusers at batch 1/4/8/16, engine,
-#      real worker, ablations) -> $OUT/gpu_bench.json, $OUT/gpu_bench.md;
-#   5. if time is left: bench/models_bench.py on the GPU (issue 2's figure) -> $OUT/models_bench.json.
+#   4. runs bench/gpu.py (SD 1.5, 512x512, 50 steps: ours vs diffusers at batch 1/4/8/16, the
+#      compiled UNet call's kernels by kind, finer CUDA-graph buckets, the engine with its PNG/decode
+#      tail, a real worker, ablations) -> $OUT/gpu_bench.json, $OUT/gpu_bench.md;
+#   5. if time is left: bench/models_bench.py on the GPU (ours against diffusers per image, with
+#      peak memory) -> $OUT/models_bench.json.
 # The whole run keeps within GPU_RUN_DEADLINE_S (default 500 s); optional stages are skipped first.
 # GPU_RUN_TESTS=0 skips step 3 (=after: runs it last, time permitting); GPU_BENCH_ARGS adds
 # arguments to bench/gpu.py (a shorter rerun).
@@ -112,7 +117,7 @@ timeout $(($(left) - 15)) $PY bench/gpu.py --budget-s $(($(left) - 60)) --out "$
     echo "bench/gpu.py exited with $?"
 
 if [ "$QUICK" != 1 ] && [ "$(left)" -gt 170 ]; then
-    step "bench/models_bench.py, SD 1.5 float16 (issue 2's GPU figure)"
+    step "bench/models_bench.py, SD 1.5 float16: ours against diffusers per image, peak memory"
     timeout $(($(left) - 10)) $PY bench/models_bench.py --configs sd15 --size 512 --steps 50 \
         --device cuda --dtype float16 --repeats 3 --json "$OUT/models_bench.json" ||
         echo "models_bench exited with $?"

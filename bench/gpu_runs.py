@@ -8,28 +8,34 @@ repeats after a warm-up (which also captures the CUDA graphs and runs cuDNN's au
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.accel import UNetRunner
 from models.configs import UNetConfig, VAEConfig
-from models.ddim import DDIMSchedule
 from models.loading import SINGLE_FILE_CONFIGS, TOKENIZER_ASSETS, load_tokenizer, read_component_configs
-from models.pipeline import GenerationRequest, Pipeline
+from models.noise_schedule import NoiseSchedule
+from models.pipeline import ActiveImage, Picture, Pipeline
 from models.stable_diffusion import StableDiffusion
 from models.tiny_configs import TOKENIZER_PAD_TOKEN, tiny_config
 from models.unet import UNet2DConditionModel
 from models.vae import AutoencoderKL
+from schemas.generation import Generation
 from workers.batching import split_rows
+
+if TYPE_CHECKING:
+    from schemas.queue import JobResult
+    from workers.submission import Submission
 
 GUIDANCE = 7.5
 NEGATIVE = "blurry, low quality"
@@ -39,7 +45,7 @@ PROMPTS = [
     "a red circle in the top left on a blue background",
     "a bowl of ramen, studio lighting, 35mm",
 ]
-# Published cost of SD 1.5 at 512x512 (the issue's figures): one CFG step (2 UNet rows), one decode
+# Published cost of SD 1.5 at 512x512 (FLOP): one CFG step (2 UNet rows), one decode
 SD15_UNET_CFG_STEP_FLOP = 1.61e12
 SD15_VAE_DECODE_FLOP = 2.5e12
 # Dense fp16/bf16 tensor-core peaks (vendor datasheets, TFLOP/s), matched on the driver's name
@@ -77,7 +83,7 @@ def build_ours(
         vae,
         text_encoder,
         load_tokenizer(TOKENIZER_ASSETS),
-        DDIMSchedule.from_config(configs["scheduler"]),
+        NoiseSchedule.from_config(configs["scheduler"]),
     )
     return model.to(device=device, dtype=dtype, vae_dtype=vae_dtype).eval()
 
@@ -151,12 +157,12 @@ def _timing(marks: dict[str, float], steps: int) -> Timing:
     return Timing(marks["end"], marks["text"], step_s, marks["end"] - last)
 
 
-def batch_requests(batch: int, size: int, steps: int) -> list[tuple[int, GenerationRequest]]:
+def batch_requests(batch: int, size: int, steps: int) -> list[tuple[int, Generation]]:
     """`batch` one-image requests, as `batch` users would send them (CFG, own seeds and prompts)."""
     return [
         (
             i,
-            GenerationRequest(
+            Generation(
                 prompt=f"{PROMPTS[i % len(PROMPTS)]}, number {i}",
                 negative_prompt=NEGATIVE,
                 width=size,
@@ -240,16 +246,25 @@ def repeat(fn: Callable[[], Timing], repeats: int) -> tuple[Timing, list[float]]
     return median_timing(timings), [t.total_s for t in timings]
 
 
+def unet_inputs(
+    model: StableDiffusion, rows: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random inputs of one UNet call of `rows` rows at `size` pixels, as the Pipeline passes them
+    (the same dtypes, or a compiled UNet would compile again for these): sample (rows, C, h, w) and
+    context (rows, 77, D) in the UNet's dtype, timesteps (rows,) float32."""
+    f = model.vae_scale_factor
+    device, dtype = model.device, model.dtype
+    sample = torch.randn((rows, model.latent_channels, size // f, size // f), device=device, dtype=dtype)
+    context = torch.randn((rows, 77, model.text_encoder.config.hidden_size), device=device, dtype=dtype)
+    return sample, torch.full((rows,), 500.0, device=device), context
+
+
 @torch.no_grad()
 def count_flops(model: StableDiffusion, size: int) -> dict[str, float]:
     """FLOPs of one CFG step (2 UNet rows) and one VAE decode at `size`, counted by PyTorch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    f = model.vae_scale_factor
-    device = model.device
-    sample = torch.randn((2, model.latent_channels, size // f, size // f), device=device, dtype=model.dtype)
-    context = torch.randn((2, 77, model.text_encoder.config.hidden_size), device=device, dtype=model.dtype)
-    timesteps = torch.tensor([500, 500], device=device)
+    sample, timesteps, context = unet_inputs(model, 2, size)
     with FlopCounterMode(display=False) as unet_counter:
         model.unet(sample, timesteps, context)
     with FlopCounterMode(display=False) as vae_counter:
@@ -260,56 +275,263 @@ def count_flops(model: StableDiffusion, size: int) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def profile_unet(
-    model: StableDiffusion, rows: int, size: int, top: int = 25, calls: int = 3
-) -> dict[str, Any]:
-    """torch.profiler over `calls` UNet calls of `rows` rows (after 2 warm-up calls): the `top` ops
-    by self time (device time on a GPU, host time on the CPU), with their share of the total."""
+# --- where a UNet call spends its time --------------------------------------------------------------
+
+KERNEL_KINDS = ("convolution", "GEMM", "attention", "elementwise/normalization", "other")
+
+# (kind, pattern) in the order tried, case-insensitive, on CUDA kernel names and on the CPU's op names.
+# A name often matches more than one kind: cuDNN's fused attention is an "fprop", its convolutions
+# "implicit_gemm"s, and inductor names a generated kernel after every op it fuses
+# (triton_poi_fused_convolution_silu_3 is a convolution's bias and SiLU, elementwise).
+_KIND_PATTERNS = [
+    ("other", r"^memcpy|^memset"),
+    ("elementwise/normalization", r"^triton_(?:poi|red|per)_"),  # inductor's pointwise/reductions
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|winograd|[shx]cudnn_"),
+    (
+        "GEMM",
+        r"gemm|gemv|nvjet|cublas|cutlass|matmul|splitk|^triton_tem_|\b(?:addmm|baddbmm|bmm|mm|linear)\b",
+    ),
+    (
+        "elementwise/normalization",
+        r"elementwise|norm|moments|fusedparams|reduce|silu|gelu|sigmoid|tanh|copy|upsample|nchw|nhwc"
+        r"|\b(?:add|sub|mul|div|neg|exp|pow|rsqrt|clamp|where|fill|clone|contiguous|cat|to|_to_copy"
+        r"|index|gather|embedding|arange|cos|sin|chunk|split)_?\b",
+    ),
+]
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (one of KERNEL_KINDS) of a CUDA kernel or a CPU op, from its name as torch.profiler
+    gives it (e.g. sm90_xmma_fprop_implicit_gemm_... is a cuDNN convolution, nvjet_hsh_... a cuBLAS
+    GEMM, triton_red_fused_native_group_norm_... an inductor reduction)."""
+    return next(
+        (kind for kind, pattern in _KIND_PATTERNS if re.search(pattern, name, re.IGNORECASE)), "other"
+    )
+
+
+def _profiled(call: Callable[[], Any], device: torch.device, calls: int) -> list[tuple[str, float, int]]:
+    """(name, microseconds over all `calls`, count) of what `call` ran, largest first: kernels and
+    their device time on a GPU (the ops that launch them are left out: they would count each kernel
+    twice), ops and their host self time on the CPU."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    f = model.vae_scale_factor
-    device, dtype = model.device, model.dtype
-    sample = torch.randn((rows, model.latent_channels, size // f, size // f), device=device, dtype=dtype)
-    context = torch.randn((rows, 77, model.text_encoder.config.hidden_size), device=device, dtype=dtype)
-    timesteps = torch.full((rows,), 500, device=device)
-    for _ in range(2):
-        model.unet(sample, timesteps, context)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
-            model.unet(sample, timesteps, context)
+            call()
         if cuda:
             torch.cuda.synchronize()
-
-    def self_us(event: Any) -> float:
-        if not cuda:
-            return event.self_cpu_time_total
+    events = prof.key_averages()
+    if cuda:
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
         # renamed from *_cuda_* to *_device_* in recent PyTorch
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        rows = [
+            (
+                e.key,
+                getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0),
+                e.count,
+            )
+            for e in kernels or events
+        ]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    return sorted((row for row in rows if row[1] > 0), key=lambda row: row[1], reverse=True)
 
-    events = [e for e in prof.key_averages() if self_us(e) > 0]
-    total = sum(self_us(e) for e in events) or 1.0
-    events.sort(key=self_us, reverse=True)
+
+@torch.no_grad()
+def profile_unet(
+    model: StableDiffusion, rows: int, size: int, top: int = 25, calls: int = 3
+) -> dict[str, Any]:
+    """torch.profiler over `calls` UNet calls of `rows` rows (after 2 warm-up calls): the `top`
+    kernels by device time on a GPU (ops by host self time on the CPU), with their share of the total."""
+    inputs = unet_inputs(model, rows, size)
+    for _ in range(2):
+        model.unet(*inputs)
+    events = _profiled(lambda: model.unet(*inputs), model.device, calls)
+    total = sum(us for _, us, _ in events) or 1.0
     return {
         "rows": rows,
         "calls": calls,
-        "time": "device" if cuda else "host",
+        "time": "device" if model.device.type == "cuda" else "host",
         "ms_per_call": total / 1000 / calls,
         "top": [
             {
-                "name": e.key,
-                "ms_per_call": self_us(e) / 1000 / calls,
-                "share": self_us(e) / total,
-                "count_per_call": e.count / calls,
+                "name": name,
+                "ms_per_call": us / 1000 / calls,
+                "share": us / total,
+                "count_per_call": count / calls,
             }
-            for e in events[:top]
+            for name, us, count in events[:top]
         ],
     }
 
 
+@torch.no_grad()
+def kernel_profile(
+    unet: Callable[..., torch.Tensor], model: StableDiffusion, rows: int, size: int, calls: int = 3
+) -> dict[str, Any]:
+    """torch.profiler over `calls` calls of `unet` (a runner, or the UNet) on `rows` rows, after 2
+    warm-up calls: the time of its kernels (the CPU's ops) by kind (kernel_kind), each kind with its
+    share, distinct kernels, launches per call and largest kernel; and the 10 largest kernels."""
+    inputs = unet_inputs(model, rows, size)
+    for _ in range(2):
+        unet(*inputs)
+    events = _profiled(lambda: unet(*inputs), model.device, calls)
+    total = sum(us for _, us, _ in events) or 1.0
+    kinds: dict[str, dict[str, Any]] = {
+        kind: {
+            "kind": kind,
+            "ms_per_call": 0.0,
+            "share": 0.0,
+            "kernels": 0,
+            "launches_per_call": 0.0,
+            "largest": None,
+        }
+        for kind in KERNEL_KINDS
+    }
+    for name, us, count in events:  # largest first
+        row = kinds[kernel_kind(name)]
+        row["ms_per_call"] += us / 1000 / calls
+        row["share"] += us / total
+        row["kernels"] += 1
+        row["launches_per_call"] += count / calls
+        row["largest"] = row["largest"] or name
+    return {
+        "rows": rows,
+        "calls": calls,
+        "time": "device" if model.device.type == "cuda" else "host",
+        "ms_per_call": total / 1000 / calls,
+        "kinds": list(kinds.values()),
+        "top": [
+            {"name": name, "kind": kernel_kind(name), "ms_per_call": us / 1000 / calls, "share": us / total}
+            for name, us, _ in events[:10]
+        ],
+    }
+
+
+@torch.no_grad()
+def time_unet_call(
+    unet: Callable[..., torch.Tensor], model: StableDiffusion, rows: int, size: int, calls: int = 5
+) -> float:
+    """Milliseconds of one call of `unet` (a runner, or the UNet) on `rows` rows: the median of
+    `calls` calls after 2 warm-up calls (which capture a runner's CUDA graph)."""
+    inputs = unet_inputs(model, rows, size)
+    for _ in range(2):
+        unet(*inputs)
+    times_ms = []
+    for _ in range(calls):
+        clock = Clock(model.device)
+        clock.mark("start")
+        unet(*inputs)
+        clock.mark("end")
+        times_ms.append(clock.seconds()["end"] * 1000)
+    return statistics.median(times_ms)
+
+
 # --- continuous batching: the engine in this process, and a real worker ------------------------------
+
+
+class MemoryResults:
+    """The engine's result sink without Redis: each picture encoded to a PNG as the worker does, the
+    time each job's PNGs were done, and the encoding time summed over the writer threads."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.finished_at: dict[str, float] = {}
+        self.png_s = 0.0
+        self.lock = threading.Lock()
+
+    def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
+        from models.png import encode_png
+        from schemas.queue import ImageRef, JobResult
+
+        started = time.perf_counter()
+        for picture in pictures:
+            encode_png(picture.pixels, submission.params.prompt)
+        done = time.perf_counter()
+        with self.lock:
+            self.finished_at[submission.job_id] = done
+            self.png_s += done - started
+        refs = [
+            ImageRef(index=i, seed=picture.seed, key=f"{submission.job_id}:{i}")
+            for i, picture in enumerate(pictures)
+        ]
+        return JobResult(model=self.model_name, images=refs)
+
+
+class NoProgress:
+    """The engine's progress sink without Redis: publishes nothing, cancels nothing."""
+
+    def sync(self, *args: Any, **kwargs: Any) -> set[str]:
+        return set()
+
+
+class DecodeTimedPipeline(Pipeline):
+    """The Pipeline, keeping the host time span of each decode call (a call ends with the pixels on
+    the host, so its span holds the device's work too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode_spans: list[tuple[float, float]] = []
+
+    def decode(self, images: Sequence[ActiveImage], max_batch: int = 8) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            return super().decode(images, max_batch)
+        finally:
+            self.decode_spans.append((started, time.perf_counter()))
+
+
+def _engine_load(
+    engine: Any, size: int, steps: int, count: int, seed0: int, timeout_s: float
+) -> tuple[list[Submission], float]:
+    """`count` one-image jobs (CFG, own prompts and seeds) submitted to `engine` at once, waited for;
+    returns them and the time they were submitted (perf_counter)."""
+    from workers.submission import Submission
+
+    jobs = []
+    for i in range(count):
+        params = Generation(
+            prompt=f"{PROMPTS[i % len(PROMPTS)]}, number {seed0 + i}",
+            negative_prompt=NEGATIVE,
+            width=size,
+            height=size,
+            steps=steps,
+            guidance_scale=GUIDANCE,
+            eta=0.0,
+            seed=seed0 + i,
+            num_images=1,
+        )
+        jobs.append(Submission(job_id=uuid.uuid4().hex, params=params))
+    started = time.perf_counter()
+    for job in jobs:
+        engine.submit(job)
+    for job in jobs:
+        if not job.wait(timeout_s):
+            raise TimeoutError(f"engine jobs not done within {timeout_s} s")
+        job.outcome()  # raises the job's error, if any
+    return jobs, started
+
+
+def decode_tail(
+    last_unet_end: float | None, decode_spans: list[tuple[float, float]], png_s: float, last_png: float
+) -> dict[str, Any]:
+    """The tail of a load after its last UNet call (perf_counter times): to the last PNG stored, the
+    decode calls in it, from the last decode to the last PNG, the PNG encoding time (summed over the
+    writer threads, which run in parallel)."""
+    if last_unet_end is None:
+        return {}
+    decodes = [(start, end) for start, end in decode_spans if end > last_unet_end]
+    return {
+        "after_last_unet_s": last_png - last_unet_end,
+        "decode_calls": len(decodes),
+        "decode_s": sum(end - start for start, end in decodes),
+        "last_decode_to_last_png_s": last_png - max(end for _, end in decodes) if decodes else None,
+        "png_encode_s": png_s,
+    }
 
 
 def run_engine(
@@ -328,34 +550,12 @@ def run_engine(
     with in-memory stand-ins for Redis; `requests` one-image jobs submitted at once.
 
     Warm-up first: every bucket up to the load's rows, as the worker does at start
-    (`warm_all_buckets`; off with torch.compile, whose compile of every bucket the bench need not pay), then the same load for 2 steps,
-    which runs (so captures or compiles) the load's own calls, decode chunks and PNG sizes."""
-    from models.png import encode_png
-    from schemas.queue import GenerationParams, ImageRef, JobResult
+    (`warm_all_buckets`; off with torch.compile, whose compile of every bucket the bench need not
+    pay), then the same load for 2 steps, which runs (so captures or compiles) the load's own calls,
+    decode chunks and PNG sizes. Besides throughput and latency: the UNet calls timed on the device,
+    the engine's step cadence, the PNG/decode tail after the last UNet call, and a control run of the
+    same batch through the Pipeline directly."""
     from workers.engine import Engine, EngineConfig
-    from workers.submission import Submission
-
-    class MemoryResults:
-        def __init__(self) -> None:
-            self.finished_at: dict[str, float] = {}
-            self.lock = threading.Lock()
-
-        def store(self, submission: Submission, pictures: Any) -> JobResult:
-            for picture in pictures:
-                encode_png(picture, submission.params.prompt)
-            with self.lock:
-                self.finished_at[submission.job_id] = time.perf_counter()
-            seeds = submission.params.image_seeds()
-            return JobResult(
-                model=model.name,
-                images=[
-                    ImageRef(index=i, seed=s, key=f"{submission.job_id}:{i}") for i, s in enumerate(seeds)
-                ],
-            )
-
-    class NoProgress:
-        def sync(self, progress: Any) -> set[str]:
-            return set()
 
     if runner is not None and warm_all_buckets:
         f = model.vae_scale_factor
@@ -367,40 +567,37 @@ def run_engine(
     timed.start()
     control, _ = run_ours(model, timed, requests, size, steps, max_rows, vae_batch, vae_decoder)
     control_calls = timed.summary()
-    results = MemoryResults()
-    engine = Engine(
-        model,
-        EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch),
-        results,
-        NoProgress(),
-        pipeline_factory=lambda m: Pipeline(m, unet_runner=timed, vae_decoder=vae_decoder),
-    )
+    results = MemoryResults(model.name)
+    pipeline = DecodeTimedPipeline(model, unet_runner=timed, vae_decoder=vae_decoder)
+    config = EngineConfig(max_batch_rows=max_rows, vae_batch=vae_batch)
+    engine = Engine(model, config, results, NoProgress(), pipeline_factory=lambda _: pipeline)
     engine.start()
+    try:
+        row = _timed_engine_load(engine, results, pipeline, timed, size, steps, requests, timeout_s)
+    finally:
+        engine.drain(0)
+        engine.join(60)
+    row["control"] = {
+        "what": "the same batch through the Pipeline directly, same runner, just before",
+        "images_per_s": requests / control.total_s,
+        **control.as_dict(),
+        "unet_calls": control_calls,
+    }
+    return row
 
-    def submit(count: int, seed0: int, steps: int = steps) -> tuple[list[Submission], float]:
-        jobs = []
-        for i in range(count):
-            params = GenerationParams(
-                prompt=f"{PROMPTS[i % len(PROMPTS)]}, number {seed0 + i}",
-                negative_prompt=NEGATIVE,
-                width=size,
-                height=size,
-                steps=steps,
-                guidance_scale=GUIDANCE,
-                eta=0.0,
-                seed=seed0 + i,
-                num_images=1,
-            )
-            jobs.append(Submission(job_id=uuid.uuid4().hex, params=params))
-        started = time.perf_counter()
-        for job in jobs:
-            engine.submit(job)
-        for job in jobs:
-            if not job.wait(timeout_s):
-                raise TimeoutError(f"engine jobs not done within {timeout_s} s")
-            job.outcome()  # raises the job's error, if any
-        return jobs, started
 
+def _timed_engine_load(
+    engine: Any,
+    results: MemoryResults,
+    pipeline: DecodeTimedPipeline,
+    timed: TimedUNet,
+    size: int,
+    steps: int,
+    requests: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """run_engine's load on a started engine: 2 warm-up loads of 2 steps, then the timed one, with
+    the engine's per-step log lines, its UNet calls and its decode calls recorded."""
     steps_seen = StepTimes()
     engine_log = logging.getLogger("workers.engine")
     level = engine_log.level
@@ -410,20 +607,21 @@ def run_engine(
         # without its warm-up on the engine thread); the second shows the steady state.
         warm_loads_s = []
         for seed0 in (10_000, 20_000):
-            warm_jobs, warm_started = submit(requests, seed0, steps=2)
+            warm_jobs, warm_started = _engine_load(engine, size, 2, requests, seed0, timeout_s)
             warm_loads_s.append(max(results.finished_at[job.job_id] for job in warm_jobs) - warm_started)
         before = engine.stats()
         engine_log.addHandler(steps_seen)
         engine_log.setLevel(logging.DEBUG)  # its per-step debug line: when each step's host work ended
+        pipeline.decode_spans.clear()
+        results.png_s = 0.0
         timed.start()
-        jobs, started = submit(requests, 0)
+        jobs, started = _engine_load(engine, size, steps, requests, 0, timeout_s)
         after = engine.stats()
+        last_unet_end = timed.last_end_on_host()
         engine_calls = timed.summary()
     finally:
         engine_log.removeHandler(steps_seen)
         engine_log.setLevel(level)
-        engine.drain(0)
-        engine.join(60)
     ends = sorted(results.finished_at[job.job_id] - started for job in jobs)
     calls = max(1, after.unet_calls - before.unet_calls)
     return {
@@ -434,14 +632,9 @@ def run_engine(
         "rows_per_call": (after.unet_rows - before.unet_rows) / calls,
         "span_s": ends[-1],
         "phases": steps_seen.phases(started, ends[-1]),
+        "tail": decode_tail(last_unet_end, pipeline.decode_spans, results.png_s, started + ends[-1]),
         "warm_up_loads_s": warm_loads_s,  # 2-step loads: first on a fresh engine thread, then again
         "unet_calls": engine_calls,
-        "control": {
-            "what": "the same batch through the Pipeline directly, same runner, just before",
-            "images_per_s": requests / control.total_s,
-            **control.as_dict(),
-            "unet_calls": control_calls,
-        },
     }
 
 
@@ -471,6 +664,21 @@ class TimedUNet:
         output = self.inner(sample, *args)
         self.calls.append((start, self._mark(), sample.shape[0]))
         return output
+
+    def last_end_on_host(self) -> float | None:
+        """When the last recorded call ended on the device, as a perf_counter time. On a GPU an event
+        recorded now ties the device's clock to the host's: call it with the device idle (a load's
+        pictures all on the host), so that the event ends as soon as it is recorded."""
+        if not self.calls:
+            return None
+        end = self.calls[-1][1]
+        if not self.cuda:
+            return end
+        now = torch.cuda.Event(enable_timing=True)
+        now.record()
+        host_now = time.perf_counter()
+        now.synchronize()
+        return host_now - end.elapsed_time(now) / 1000
 
     def summary(self) -> dict[str, Any]:
         """Calls recorded since start(): device ms per call (median), cadence between call starts,
