@@ -4,28 +4,31 @@
   from Python; at small batches the GPU waits for the host. A captured graph replays them all with
   one launch. A graph has fixed shapes and fixed input addresses, so the rows of a call are padded
   up to the next bucket (1, 2, 4, 8, 16, 24, 32, 48, 64 by default) and the inputs (latents,
-  per-row timesteps, contexts, key-padding mask) are copied into the bucket's static buffers
-  before each replay. Padding rows cost compute but change nothing: every UNet op works within
-  its own row (GroupNorm per sample, convs, attention over the row's own tokens), and only the
-  real rows are returned. The key of a bucket is (rows, latent C/h/w, context length and width,
-  mask present or not, dtypes). Graphs are captured lazily on first use (warm-up runs on a side
-  stream first, as PyTorch's CUDA-graph docs require), share one memory pool, and at most
-  `max_graphs` are kept (least recently used freed first), so memory stays bounded.
+  per-row timesteps, contexts, key-padding mask, an LCM-distilled UNet's guidance embeddings) are
+  copied into the bucket's static buffers before each replay. Padding rows cost compute but change
+  nothing: every UNet op works within its own row (GroupNorm per sample, convs, attention over the
+  row's own tokens), and only the real rows are returned. The key of a bucket is (rows, latent
+  C/h/w, context length and width, mask present or not, dtypes, timestep condition width). Graphs
+  are captured lazily on first use (warm-up runs on a side stream first, as PyTorch's CUDA-graph
+  docs require), share one memory pool, and at most `max_graphs` are kept (least recently used
+  freed first), so memory stays bounded.
 - **Attention kernel** for the UNet's `scaled_dot_product_attention` calls (flash, efficient,
   cudnn, math, or PyTorch's choice).
 - **channels_last** memory format of the UNet and VAE convolutions (cuDNN's native layout for
   half-precision tensor cores; our blocks keep the input's format, see models/blocks.py); the VAE
   may take another layout than the UNet (`vae_channels_last`).
 - **torch.compile** of the UNet, alone or inside our graphs (the worker's default on CUDA), one
-  graph per bucket or one for all (`compile_dynamic_batch`: the batch dimension symbolic, about a
-  minute of start-up for SD 1.5 on an H100 instead of ~40 s per bucket), for every call or only
-  chosen ones (`compile_latents`, `compile_context_lengths`: the worker's native size with
-  one-chunk prompts, compiled at warm-up; other calls run uncompiled).
-- **torch.compile of the VAE decoder** (`compile_vae`, off by default: not yet measured), for the
-  same chosen latent shapes, the batch dimension dynamic (decode calls take 1 to `vae_batch`
-  latents); other shapes decode uncompiled. `VAEDecoder` is what the Pipeline calls.
-- **Fused attention projections** (`fuse_projections`, off by default: not yet measured): one
-  matmul for each attention's q, k and v instead of three, the UNet's and the VAE's.
+  graph per bucket or one for all (`compile_dynamic_batch`: the batch dimension symbolic, one
+  compile at start-up instead of one per bucket), for every call or only chosen ones
+  (`compile_latents`, `compile_context_lengths`: the worker's native size with one-chunk prompts,
+  compiled at warm-up; other calls run uncompiled).
+- **torch.compile of the VAE decoder** (`compile_vae`, off by default: GroupNorm and SiLU fused into
+  the convolutions' neighbours, for a longer start-up), for the same chosen latent shapes, the
+  batch dimension dynamic (decode calls take 1 to `vae_batch` latents); other shapes decode
+  uncompiled. `VAEDecoder` is what the Pipeline calls.
+- **Fused attention projections** (`fuse_projections`, off by default): one matmul for each
+  attention's q, k and v instead of three, the UNet's and the VAE's; the state dict then no longer
+  has diffusers' keys until they are split again.
 - **Backend flags** for the process: TF32 for float32 matmuls/convs, cuDNN autotuning.
 
 On the CPU the same bucketing code runs eagerly (no capture), which is how tests check it.
@@ -81,10 +84,10 @@ class AccelConfig:
     # a torch.compile backend: name or callable (tests use "eager" to check the plumbing quickly)
     compile_backend: str | Callable[..., Any] = "inductor"
     # latent shapes (C, h, w) and context lengths (prompt tokens) whose unmasked calls are compiled;
-    # () for both compiles everything. A compile takes about a minute for SD 1.5 on an H100: the
-    # worker compiles its native size with one-chunk prompts during warm-up, and any other call
-    # (another size, longer prompts, a key mask) takes the uncompiled graphs instead of stalling
-    # the whole batch while it compiles.
+    # () for both compiles everything. A compile of SD 1.5 takes minutes: the worker compiles its
+    # native size with one-chunk prompts during warm-up, and any other call (another size, longer
+    # prompts, a key mask) takes the uncompiled graphs instead of stalling the whole batch while it
+    # compiles.
     compile_latents: tuple[tuple[int, int, int], ...] = ()
     compile_context_lengths: tuple[int, ...] = ()
     # one compiled graph for every bucket of a latent shape (the batch dimension symbolic) instead of
@@ -92,12 +95,13 @@ class AccelConfig:
     # as torch specialises size 1)
     compile_dynamic_batch: bool = False
     # inductor (only): 1x1 convolutions (the transformers' proj_in/proj_out, the resnets' shortcuts)
-    # lowered to matmuls, which fuse with their neighbours' pointwise ops instead of calling cuDNN.
-    # Off by default: 0.96x for SD 1.5 at batch 16 on an H100 (cuDNN's channels_last 1x1 convs win)
+    # lowered to matmuls, which fuse with their neighbours' pointwise ops, but give up cuDNN's
+    # channels_last 1x1 convolutions, which are the faster for SD 1.5 (docs/benchmarks.md)
     compile_conv_1x1_as_mm: bool = False
     # inductor (only): benchmark Triton matmul templates (with fused epilogues) against cuBLAS per
-    # matmul shape, keeping cuDNN's convolutions; a lighter max-autotune (not yet measured on a GPU).
-    # Inductor then also lowers channels_last 1x1 convolutions to matmuls (as conv_1x1_as_mm does)
+    # matmul shape, keeping cuDNN's convolutions; a lighter max-autotune: faster matmuls for a longer
+    # compile. Inductor then also lowers channels_last 1x1 convolutions to matmuls (as
+    # conv_1x1_as_mm does)
     compile_autotune_matmuls: bool = False
     # the VAE's layout when it differs from the UNet's (None: channels_last's); eager PyTorch's CUDA
     # GroupNorm has no channels_last kernel (it copies to contiguous), which the compiled UNet avoids
@@ -106,7 +110,7 @@ class AccelConfig:
     # torch.compile (inductor, default mode) of the VAE decoder for the compile_latents shapes
     compile_vae: bool = False
     # one matmul for each attention's q, k and v (cross-attention: k and v), UNet and VAE: the
-    # input read once; same outputs (not yet measured on a GPU)
+    # input read once and fewer launches; same outputs, but not diffusers' state-dict keys
     fuse_projections: bool = False
     tf32: bool = False  # TF32 for float32 matmuls and convs (process-wide)
     cudnn_benchmark: bool = False  # cuDNN autotuning per shape (process-wide)
@@ -147,10 +151,10 @@ class AccelConfig:
         return next((b for b in self.buckets if b >= rows), None)
 
 
-# The worker's defaults on CUDA (workers/settings.py can switch each one). Measured on an H100
-# (docs/benchmarks.md), batch 16: torch.compile in the graphs 1.24x, with channels_last 1.31x
-# (uncompiled, channels_last costs 10%), one dynamic-batch compile for all buckets; forcing flash
-# attention costs ~10% (PyTorch's choice there is cuDNN attention).
+# The worker's defaults on CUDA (workers/settings.py can switch each one), the fastest combination
+# measured (docs/benchmarks.md): torch.compile inside the CUDA graphs, for minutes of start-up; one
+# dynamic-batch compile for every bucket rather than one per bucket; channels_last, which helps the
+# compiled UNet but slows the uncompiled one (GRAPHS_ONLY_CUDA); PyTorch's own attention kernel.
 FAST_CUDA = AccelConfig(
     cuda_graphs=True,
     tf32=True,
@@ -228,6 +232,7 @@ class BucketKey:
     masked: bool
     dtype: torch.dtype  # the UNet's: sample and context buffers
     timestep_dtype: torch.dtype
+    cond_dim: int | None = None  # width of the timestep condition (LCM-distilled UNets), None: none
 
 
 class _Bucket:
@@ -246,6 +251,9 @@ class _Bucket:
         self.timesteps = torch.zeros((key.rows,), dtype=key.timestep_dtype, device=device)
         self.context = torch.zeros((key.rows, length, width), dtype=key.dtype, device=device)
         self.mask = torch.ones((key.rows, length), dtype=torch.bool, device=device) if key.masked else None
+        self.timestep_cond = (
+            torch.zeros((key.rows, key.cond_dim), dtype=key.dtype, device=device) if key.cond_dim else None
+        )
         if dynamic_batch:  # torch.compile: one graph for every bucket of this shape (rows symbolic)
             for tensor in self.inputs():
                 if tensor is not None:
@@ -253,16 +261,27 @@ class _Bucket:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Tensor | None = None  # (rows, C', h, w), written by each replay
 
-    def load(self, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None) -> None:
+    def load(
+        self,
+        sample: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        timestep_cond: Tensor | None = None,
+    ) -> None:
         n = sample.shape[0]  # stream-ordered copies: a replay still running reads the old values
         self.sample[:n].copy_(sample)
         self.timesteps[:n].copy_(timesteps)
         self.context[:n].copy_(context)
         if self.mask is not None:
             self.mask[:n].copy_(mask)
+        if self.timestep_cond is not None:
+            self.timestep_cond[:n].copy_(timestep_cond)
 
-    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        return self.sample, self.timesteps, self.context, self.mask
+    def inputs(self) -> tuple[Tensor | None, ...]:
+        """The UNet's arguments: sample, timesteps, context, mask (and timestep_cond, if any)."""
+        inputs = (self.sample, self.timesteps, self.context, self.mask)
+        return inputs if self.timestep_cond is None else (*inputs, self.timestep_cond)
 
 
 @dataclass
@@ -343,9 +362,15 @@ class UNetRunner:
 
     @torch.no_grad()
     def __call__(
-        self, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None = None
+        self,
+        sample: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        mask: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
-        # sample (B, C, h, w); timesteps (B,) or one for all; context (B, L, D); mask (B, L) bool
+        # sample (B, C, h, w); timesteps (B,) or one for all; context (B, L, D); mask (B, L) bool;
+        # timestep_cond (B, time_cond_proj_dim) for LCM-distilled UNets
         rows = sample.shape[0]
         device = self.device
         timesteps = to_device(timesteps.reshape(-1), device).expand(rows)
@@ -357,11 +382,12 @@ class UNetRunner:
         if bucket is None:
             if self.config.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
+            extra = () if timestep_cond is None else (timestep_cond,)
             with attention_backend(self.config.sdpa_backend):
-                output = self.forward_for(None)(sample, timesteps, context, mask)
+                output = self.forward_for(None)(sample, timesteps, context, mask, *extra)
         else:
             self._stats.padded_rows += bucket - rows
-            output = self._run_bucket(bucket, sample, timesteps, context, mask)
+            output = self._run_bucket(bucket, sample, timesteps, context, mask, timestep_cond)
         if device.type == "cuda":
             self._last_call = torch.cuda.Event()
             self._last_call.record()
@@ -375,7 +401,13 @@ class UNetRunner:
             self._last_call = None
 
     def _run_bucket(
-        self, bucket_rows: int, sample: Tensor, timesteps: Tensor, context: Tensor, mask: Tensor | None
+        self,
+        bucket_rows: int,
+        sample: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         n = sample.shape[0]
         key = BucketKey(
@@ -385,9 +417,10 @@ class UNetRunner:
             masked=mask is not None,
             dtype=self.dtype,
             timestep_dtype=timesteps.dtype,
+            cond_dim=None if timestep_cond is None else timestep_cond.shape[1],
         )
         bucket = self._bucket(key)
-        bucket.load(sample, timesteps, context, mask)
+        bucket.load(sample, timesteps, context, mask, timestep_cond)
         if (
             self.config.cuda_graphs
             and bucket.sample.is_cuda
@@ -483,11 +516,15 @@ class UNetRunner:
         wanted += [last] if last is not None else []
         wanted = wanted[-self.config.max_graphs :]  # more would evict the first ones again
         device, dtype = self.device, self.dtype
+        cond_dim = getattr(getattr(self.unet, "config", None), "time_cond_proj_dim", None)
         for rows in wanted:
             sample = torch.randn((rows, *latent_shape), device=device, dtype=dtype)
-            timesteps = torch.full((rows,), 500, dtype=torch.long, device=device)
+            # float32, as Pipeline.step passes them (the dtype is part of a bucket's key)
+            timesteps = torch.full((rows,), 500, dtype=torch.float32, device=device)
             context = torch.randn((rows, *context_shape), device=device, dtype=dtype)
-            self(sample, timesteps, context, None)
+            # an LCM-distilled UNet is always called with its guidance embedding: warm that bucket
+            cond = None if cond_dim is None else torch.zeros((rows, cond_dim), device=device, dtype=dtype)
+            self(sample, timesteps, context, None, cond)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return len(wanted)
@@ -503,7 +540,8 @@ class UNetRunner:
 def _describe(key: BucketKey) -> str:
     c, h, w = key.latent
     mask = ", masked" if key.masked else ""
-    return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}"
+    cond = f", timestep_cond {key.cond_dim}" if key.cond_dim else ""
+    return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}{cond}"
 
 
 def _compile_mode(config: AccelConfig) -> dict[str, Any]:

@@ -43,15 +43,43 @@ def timestep_embedding(
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """MLP from the sinusoidal timestep embedding to the embedding every resnet receives."""
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) float32 of guidance weights w (LCM-distilled UNets take
+    w = guidance_scale - 1), as diffusers' `get_guidance_scale_embedding` (VDM's, same operation
+    order): frequency i of the `dim // 2` is 10000 ** (-i / (dim // 2 - 1)) applied to 1000 w,
+    output [sin, cos]."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    angles = w[:, None] * frequencies[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
 
-    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
+
+class TimestepEmbedding(nn.Module):
+    """MLP from the sinusoidal timestep embedding to the embedding every resnet receives. With
+    `cond_proj_dim` (LCM-distilled UNets) a condition (the guidance embedding) is projected, without
+    bias, and added to the timestep embedding first."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, cond_proj_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = (
+            nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
+        )
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, t_emb: Tensor) -> Tensor:  # (B, in_channels) -> (B, time_embed_dim)
+    def forward(self, t_emb: Tensor, condition: Tensor | None = None) -> Tensor:
+        # t_emb (B, in_channels), condition (B, cond_proj_dim) -> (B, time_embed_dim)
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError(
+                    "this UNet takes no timestep condition (its config has no time_cond_proj_dim)"
+                )
+            t_emb = t_emb + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(t_emb)))
 
 

@@ -47,7 +47,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "projection_class_embeddings_input_dim": (None,),
@@ -169,6 +168,9 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     center_input_sample: bool = False
+    # LCM-distilled UNets: width of the guidance-scale embedding added to the timestep embedding
+    # (None: no such input, the guidance is classifier-free)
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -264,6 +266,7 @@ class UNetConfig:
             flip_sin_to_cos=_bool(d, "flip_sin_to_cos", True),
             freq_shift=_float(d, "freq_shift", 0),
             center_input_sample=_bool(d, "center_input_sample", False),
+            time_cond_proj_dim=_optional_positive_int(d, "time_cond_proj_dim"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,6 +298,8 @@ class UNetConfig:
             "attention_head_dim": compact(self.num_attention_heads),
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
+            # only when set, as diffusers' SD 1.x/2.x configs leave it out
+            **({} if self.time_cond_proj_dim is None else {"time_cond_proj_dim": self.time_cond_proj_dim}),
         }
 
 
@@ -399,6 +404,13 @@ def _positive_int(d: dict[str, Any], key: str, default: int) -> int:
     value = d.get(key, default)
     if not _is_int(value) or value <= 0:
         raise _fail(key, value, "a positive int")
+    return value
+
+
+def _optional_positive_int(d: dict[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is not None and (not _is_int(value) or value <= 0):
+        raise _fail(key, value, "null or a positive int")
     return value
 
 

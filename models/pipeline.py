@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.blocks import guidance_embedding
 from models.samplers import RowState, Sampler, get_sampler
 from models.samplers.base import NoiseSource
 from models.stable_diffusion import StableDiffusion
@@ -26,8 +27,10 @@ from schemas.generation import Generation
 log = logging.getLogger(__name__)
 
 # (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None) -> (B, C', h, w):
-# the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in
-UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in;
+# an LCM-distilled UNet (time_cond_proj_dim) is called with a fifth argument, each row's guidance
+# embedding (B, time_cond_proj_dim)
+UNetCall = Callable[..., torch.Tensor]
 # unscaled latents (B, C, h, w) in the VAE's dtype -> images (B, 3, H, W): `vae.decode`'s signature
 VAEDecode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,6 +55,14 @@ def check_generation(model: StableDiffusion, generation: Generation) -> None:
                 f"{name} is {tokens} CLIP tokens long; at most {MAX_PROMPT_TOKENS} "
                 f"({MAX_CHUNKS} chunks of {CHUNK_TOKENS}) are allowed"
             )
+    # the sampler's plan: what its schedule refuses on this model (e.g. lcm's longest run)
+    get_sampler(generation.sampler).plan(model.schedule, generation)
+
+
+def classifier_free(model: StableDiffusion) -> bool:
+    """Whether guidance takes an unconditional pass: not for LCM-distilled UNets, which take the
+    guidance scale as an embedding instead (time_cond_proj_dim)."""
+    return model.unet.config.time_cond_proj_dim is None
 
 
 @dataclass(frozen=True)
@@ -132,8 +143,11 @@ class Pipeline:
         """
         for _, request in items:
             check_generation(self.model, request)
+        # LCM-distilled UNets (time_cond_proj_dim): no unconditional pass, see guidance_condition
+        unconditional = classifier_free(self.model)
         pairs = self.prompts.encode_pairs(
-            [r.prompt for _, r in items], [r.negative_prompt if r.guided else None for _, r in items]
+            [r.prompt for _, r in items],
+            [r.negative_prompt if r.guided and unconditional else None for _, r in items],
         )
         model, f = self.model, self.model.vae_scale_factor
         result = []
@@ -191,7 +205,10 @@ class Pipeline:
         index = to_device(guided_rows, sample.device)
         unet_input = torch.cat([model_input, model_input[index]]).to(model.dtype)
         unet_t = to_device(torch.cat([timesteps, timesteps[guided_rows]]), model.device)
-        output = self.unet(unet_input, unet_t, context, mask).float()
+        # LCM-distilled UNets (time_cond_proj_dim): each row's guidance embedding, no guided rows
+        condition = guidance_condition(model, images)
+        extra = () if condition is None else (condition,)
+        output = self.unet(unet_input, unet_t, context, mask, *extra).float()
 
         count = len(images)
         noise_pred = output[:count]
@@ -318,6 +335,18 @@ def _noise_source(images: Sequence[ActiveImage], device: torch.device) -> NoiseS
         return to_device(torch.cat(noise), device)
 
     return draw
+
+
+def guidance_condition(model: StableDiffusion, images: Sequence[ActiveImage]) -> torch.Tensor | None:
+    """LCM-distilled UNets (time_cond_proj_dim) take the guidance scale as an input instead of an
+    unconditional pass: each image's embedding of w = guidance_scale - 1, (R, time_cond_proj_dim) in
+    the UNet's dtype on its device, as diffusers' StableDiffusionPipeline computes it (there
+    `do_classifier_free_guidance` is then False whatever the scale). None for other UNets."""
+    dim = model.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor([i.request.guidance_scale - 1 for i in images], dtype=torch.float32)
+    return to_device(guidance_embedding(w, dim).to(model.dtype), model.device)
 
 
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,9 @@ class UNet2DConditionModel(nn.Module):
         channels = config.block_out_channels
         n = len(channels)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], _time_embed_dim(config))
+        self.time_embedding = TimestepEmbedding(
+            channels[0], _time_embed_dim(config), config.time_cond_proj_dim
+        )
         # registration order as diffusers' (down, up, mid): the same state-dict key order
         self.down_blocks = nn.ModuleList([DownBlock2D(config, i) for i in range(n)])
         self.up_blocks = nn.ModuleList([UpBlock2D(config, i) for i in range(n)])
@@ -190,6 +192,7 @@ class UNet2DConditionModel(nn.Module):
         timesteps: Tensor,
         encoder_hidden_states: Tensor,
         encoder_attention_mask: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """Denoiser output (B, out_channels, h, w) for `sample` (B, in_channels, h, w).
 
@@ -199,6 +202,9 @@ class UNet2DConditionModel(nn.Module):
         cross-attention only, so rows whose prompts were padded to a common L give the same output
         as unpadded. A row with no True attends to every token, as diffusers' -10000 bias does.
         Any h, w work: where a size is odd, upsampling targets the skip connection's size.
+        `timestep_cond`: (B, time_cond_proj_dim), only for a UNet whose config has one (LCM-distilled:
+        each row's guidance embedding, `models.blocks.guidance_embedding`), added to its timestep
+        embedding; None leaves it out, as diffusers does.
         """
         batch = sample.shape[0]
         if self.config.center_input_sample:
@@ -209,8 +215,18 @@ class UNet2DConditionModel(nn.Module):
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         ).to(sample.dtype)  # (B, C0), computed in float32
+        if timestep_cond is not None:
+            expected = (batch, self.config.time_cond_proj_dim)
+            if self.config.time_cond_proj_dim is None:
+                raise ValueError("this UNet takes no timestep_cond: its config has no time_cond_proj_dim")
+            if tuple(timestep_cond.shape) != expected:
+                raise ValueError(
+                    f"timestep_cond has shape {tuple(timestep_cond.shape)}, expected "
+                    f"(B, time_cond_proj_dim) = {expected}"
+                )
+            timestep_cond = timestep_cond.to(device=sample.device, dtype=sample.dtype)
         # every resnet applies SiLU to the embedding before its own projection: do it once here
-        temb = F.silu(self.time_embedding(t_emb))  # (B, 4 * C0)
+        temb = F.silu(self.time_embedding(t_emb, timestep_cond))  # (B, 4 * C0)
 
         mask = None
         if encoder_attention_mask is not None:

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 from models.samplers.base import Plan, RowState, Sampler, StepResult
 from models.samplers.ddim import DDIM
+from models.samplers.dpmpp_2m import DPMPP2M
+from models.samplers.dpmpp_2m_sde import DPMPP2MSDE
 from models.samplers.euler import Euler
 from models.samplers.euler_ancestral import EulerAncestral
+from models.samplers.lcm import LCM
+from models.samplers.uni_pc import UniPC
 
-SAMPLERS: dict[str, Sampler] = {sampler.name: sampler for sampler in (DDIM(), Euler(), EulerAncestral())}
+SAMPLERS: dict[str, Sampler] = {
+    sampler.name: sampler
+    for sampler in (
+        DDIM(),
+        Euler(),
+        EulerAncestral(),
+        DPMPP2M(),
+        DPMPP2MSDE(),
+        UniPC(),
+        LCM(),
+    )
+}
 
 
 def get_sampler(name: str) -> Sampler:

@@ -40,7 +40,7 @@ def training_sigmas(schedule: NoiseSchedule) -> np.ndarray:
     alphas_cumprod = schedule.alphas_cumprod.clone()
     if schedule.option("rescale_betas_zero_snr", False):
         alphas_cumprod[-1] = 2**-24
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
 def spacing_of(schedule: NoiseSchedule, scheduler: str) -> str:

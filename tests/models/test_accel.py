@@ -31,7 +31,7 @@ from models.accel import (
 from models.configs import UNetConfig
 from models.loading import load_model
 from models.pipeline import Pipeline, generate
-from models.random_model import randomize_
+from models.random_model import random_weights, randomize_, write_diffusers_folder
 from models.tiny_configs import tiny_config
 from models.transfer import to_device
 from models.unet import UNet2DConditionModel
@@ -181,6 +181,52 @@ def test_warm_up_runs_every_bucket_up_to_max_rows(unet: UNet2DConditionModel) ->
     assert runner.warm_up((4, 8, 8), (77, CONTEXT_DIM), max_rows=6) == 4  # 1, 2, 4 and 8 (holds 6)
     assert len(runner.stats().keys) == 4
     assert UNetRunner(unet).warm_up((4, 8, 8), (77, CONTEXT_DIM), max_rows=6) == 0  # nothing to prepare
+
+
+def lcm_unet(cond_dim: int = 8) -> UNet2DConditionModel:
+    """A tiny UNet that takes a guidance embedding, as LCM-distilled ones do (time_cond_proj_dim)."""
+    unet = UNet2DConditionModel(
+        UNetConfig.from_dict({**tiny_config("sd1")["unet"], "time_cond_proj_dim": cond_dim})
+    )
+    randomize_(unet, torch.Generator().manual_seed(1))
+    return unet.eval().requires_grad_(False)
+
+
+def test_timestep_cond_goes_through_the_buckets() -> None:
+    """An LCM-distilled UNet's guidance embeddings: a static buffer per bucket (stale padding rows
+    change nothing), the width in the bucket's key, and the warm-up runs the buckets it will use."""
+    unet = lcm_unet()
+    runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    for rows, seed in ((4, 1), (3, 2), (9, 3)):  # a full bucket, a stale padding row, beyond the largest
+        args = unet_inputs(rows, seed=seed)
+        cond = torch.randn((rows, 8), generator=torch.Generator().manual_seed(seed))
+        expected = unet(*args, cond)
+        assert max_diff(runner(*args, cond), expected) <= 1e-5
+        assert max_diff(unet(*args), expected) > 1e-3  # the condition is not ignored
+    assert runner.stats().keys == ["4 rows x 4x8x8, context 77x32, timestep_cond 8"]
+    runner(*unet_inputs(4))  # no condition: a bucket of its own
+    assert len(runner.stats().keys) == 2
+    warm = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    assert warm.warm_up((4, 8, 8), (77, CONTEXT_DIM), max_rows=2) == 2
+    assert all(key.endswith("timestep_cond 8") for key in warm.stats().keys)
+
+
+def test_distilled_unet_with_runner_gives_the_same_pixels(tmp_path: Path) -> None:
+    """The Pipeline hands an LCM-distilled UNet's guidance embeddings to the runner."""
+    configs = tiny_config("sd1")
+    configs["unet"]["time_cond_proj_dim"] = 8
+    folder = write_diffusers_folder(
+        tmp_path / "lcm", configs, random_weights(configs, seed=2), "<|endoftext|>"
+    )
+    model = load_model(folder)
+    runner = UNetRunner(model.unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
+    request = Generation(
+        prompt="a lighthouse", width=32, height=32, steps=3, guidance_scale=4.0, sampler="lcm", num_images=3
+    )
+    expected, got = generate(model, request), generate(model, request, unet_runner=runner)
+    for a, b in zip(expected, got, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert runner.stats().keys == ["4 rows x 4x4x4, context 77x32, timestep_cond 8"]  # 3 rows: no CFG
 
 
 # --- each option on or off keeps the outputs ---------------------------------------------------------

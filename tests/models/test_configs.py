@@ -156,7 +156,7 @@ def test_to_dict_round_trips(name):
         ("class_embed_type", "timestep"),
         ("addition_embed_type", "text_time"),
         ("addition_time_embed_dim", 256),
-        ("time_cond_proj_dim", 256),
+        ("time_cond_proj_dim", 0),
         ("num_class_embeds", 10),
         ("encoder_hid_dim", 1024),
         ("only_cross_attention", True),

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from models.blocks import multihead_attention
+from models.blocks import guidance_embedding, multihead_attention
 from models.configs import UNetConfig
 from models.tiny_configs import tiny_config
 from models.unet import UNet2DConditionModel
@@ -187,6 +187,55 @@ def test_bfloat16_close_to_float32(models):
     error = (got.float() - expected).abs()
     assert error.mean() < 0.02 * expected.abs().mean(), (error.mean(), expected.abs().mean())
     assert error.max() < 0.1 * expected.abs().max(), (error.max(), expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def lcm_models() -> tuple[torch.nn.Module, UNet2DConditionModel, dict]:
+    """(diffusers UNet, ours) of an LCM-distilled UNet: a guidance embedding (time_cond_proj_dim)
+    projected (cond_proj, no bias) into the timestep embedding."""
+    config = {**tiny_config("sd1")["unet"], "time_cond_proj_dim": 16}
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**diffusers_kwargs(config)).eval()
+    randomize_(reference, seed=6)
+    ours = UNet2DConditionModel(UNetConfig.from_dict(config)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours, config
+
+
+def test_guidance_embedding_equals_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([0.5, 7.0, 0.0, -0.25]) - 1  # guidance scale - 1
+    for dim in (16, 256, 7):
+        expected = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        torch.testing.assert_close(guidance_embedding(w, dim), expected, rtol=0, atol=0)
+
+
+def test_timestep_cond_matches_diffusers(lcm_models):
+    reference, ours, config = lcm_models
+    assert list(ours.state_dict()) == list(reference.state_dict())  # cond_proj where diffusers has it
+    sample, timesteps, context = inputs(config, (3, 4, 8, 8))
+    cond = guidance_embedding(torch.tensor([0.0, 1.0, 7.0]), 16)
+    with torch.no_grad():
+        expected = reference(sample, timesteps, context, timestep_cond=cond).sample
+        got = ours(sample, timesteps, context, timestep_cond=cond)
+        unconditioned = ours(sample, timesteps, context)
+        torch.testing.assert_close(
+            unconditioned, reference(sample, timesteps, context).sample, rtol=0, atol=ATOL
+        )
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+    assert (got - unconditioned).abs().max() > 0.01  # the condition is not ignored
+
+
+def test_timestep_cond_is_checked(models, lcm_models):
+    _, plain, config = models
+    _, ours, _ = lcm_models
+    sample, timesteps, context = inputs(config, (2, 4, 8, 8))
+    with pytest.raises(ValueError, match="no time_cond_proj_dim"):
+        plain(sample, timesteps, context, timestep_cond=torch.zeros(2, 16))
+    sample, timesteps, context = inputs(lcm_models[2], (2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"timestep_cond has shape \(2, 8\), expected .* \(2, 16\)"):
+        ours(sample, timesteps, context, timestep_cond=torch.zeros(2, 8))
 
 
 def test_upcast_attention_runs_float16_in_float32():
