@@ -23,6 +23,7 @@ from models.single_file import CheckpointError, detect_variant, ldm_to_diffusers
 from models.stable_diffusion import StableDiffusion
 from models.unet import UNet2DConditionModel
 from models.vae import AutoencoderKL, convert_deprecated_vae_attention_keys
+from schemas.samplers import UnknownName, check_pair, resolve_sampler, resolve_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -99,26 +100,43 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
     return model
 
 
-def read_recommended(path: Path) -> dict[str, float]:
-    """A model folder's optional defaults.json: {"steps": int, "guidance_scale": float} (either may be
-    left out). Not part of the diffusers format: our embedded model ships one."""
+def read_recommended(path: Path) -> dict[str, Any]:
+    """A model folder's optional defaults.json: {"steps": int, "guidance_scale": float, "sampler":
+    name, "scheduler": name} (any may be left out; names as in schemas/samplers.py, aliases
+    included). Not part of the diffusers format: our embedded model ships one."""
     if not path.is_file():
         return {}
     data = read_json(path)
-    allowed = {"steps": int, "guidance_scale": (int, float)}
-    recommended: dict[str, float] = {}
+    numbers = {"steps": int, "guidance_scale": (int, float)}
+    recommended: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in allowed:
-            continue  # free-form notes may sit beside the settings
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, allowed[key])
-            or value < (1 if key == "steps" else 0)
-        ):
-            raise CheckpointError(
-                f"{path}: {key} must be a {'positive integer' if key == 'steps' else 'number >= 0'}, got {value!r}"
-            )
-        recommended[key] = value
+        if key in numbers:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers[key])
+                or value < (1 if key == "steps" else 0)
+            ):
+                kind = "positive integer" if key == "steps" else "number >= 0"
+                raise CheckpointError(f"{path}: {key} must be a {kind}, got {value!r}")
+            recommended[key] = value
+        elif key in ("sampler", "scheduler"):
+            if not isinstance(value, str):
+                raise CheckpointError(f"{path}: {key} must be a name, got {value!r}")
+            try:
+                if key == "sampler":
+                    recommended["sampler"], implied = resolve_sampler(value)
+                    if implied is not None:
+                        recommended.setdefault("scheduler", implied)
+                else:
+                    recommended["scheduler"] = resolve_scheduler(value)
+            except UnknownName as error:
+                raise CheckpointError(f"{path}: {error}") from None
+        # other keys: free-form notes may sit beside the settings
+    if "sampler" in recommended and "scheduler" in recommended:
+        try:
+            check_pair(recommended["sampler"], recommended["scheduler"])
+        except UnknownName as error:
+            raise CheckpointError(f"{path}: {error}") from None
     return recommended
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -28,8 +29,9 @@ class StableDiffusion:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
-    # settings the model's authors recommend (a folder's optional defaults.json): {"steps", "guidance_scale"}
-    recommended: dict[str, float] = field(default_factory=dict)
+    # settings the model's authors recommend (a folder's optional defaults.json): steps,
+    # guidance_scale, sampler, scheduler
+    recommended: dict[str, Any] = field(default_factory=dict)
     # float32 copy of the VAE without its encoder: decodes again what overflows in float16
     vae_fallback: AutoencoderKL | None = None
 

@@ -36,6 +36,8 @@ from schemas.samplers import (
     resolve_sampler,
     resolve_scheduler,
     sampler_labels,
+    sampler_spellings,
+    scheduler_spellings,
 )
 
 # Hard limits: a deployment's settings may tighten them (service/settings.py), never widen them.
@@ -193,11 +195,13 @@ class Generation(SamplerNames):
     )
     sampler: Annotated[str, BeforeValidator(_sampler_name), Field(strict=True)] = Field(
         DEFAULT_SAMPLER,
+        json_schema_extra={"enum": sampler_spellings()},
         description=f"One of {', '.join(SAMPLERS)}, or AUTOMATIC1111's names ({sampler_labels()}, and "
         'combined ones such as "DPM++ 2M Karras"). GET /v1/samplers lists them.',
     )
     scheduler: Annotated[str, BeforeValidator(_scheduler_name), Field(strict=True)] = Field(
         DEFAULT_SCHEDULER,
+        json_schema_extra={"enum": scheduler_spellings()},
         description=f"How the steps are spread over the noise levels: {', '.join(SCHEDULERS)} "
         "(each sampler supports some; GET /v1/samplers).",
     )

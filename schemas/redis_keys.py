@@ -14,7 +14,8 @@ def image_key(job_id: str, index: int) -> str:
 
 
 def progress_key(job_id: str) -> str:
-    """Hash {step, total_steps} of a running job (TTL)."""
+    """Hash {step, total_steps, attempt} of a job that has taken its first step (TTL); `attempt` is
+    the RQ worker running it, so a retried job's old progress is not taken for the new attempt's."""
     return f"{PREFIX}progress:{job_id}"
 
 
@@ -31,3 +32,9 @@ def preview_key(job_id: str) -> str:
 def worker_info_key(worker_name: str) -> str:
     """JSON WorkerInfo a worker publishes on every heartbeat (TTL a few heartbeats)."""
     return f"{PREFIX}worker:{worker_name}"
+
+
+def waiting_key(worker_name: str) -> str:
+    """Sorted set of the jobs a worker holds that have not taken their first step, scored by the time
+    they were enqueued (TTL): with the queue, what a queued job waits behind."""
+    return f"{PREFIX}waiting:{worker_name}"

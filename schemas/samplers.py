@@ -88,7 +88,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo(
             "lcm",
             "LCM",
-            ("normal", "sgm_uniform"),
+            ("normal", "sgm_uniform"),  # the same plan: LCM's timesteps skip through the model's own
             stochastic=True,
             lcm_model=True,
             description="Latent Consistency Models (Luo et al. 2023): for LCM-distilled weights or an "
@@ -150,3 +150,49 @@ def sampler_labels() -> str:
 def a1111_name(sampler: str, scheduler: str) -> tuple[str, str]:
     """What AUTOMATIC1111 writes in a PNG's parameters: ("DPM++ 2M", "Karras")."""
     return SAMPLERS[sampler].label, SCHEDULER_LABELS[scheduler]
+
+
+def sampler_spellings(sampler: str | None = None) -> list[str]:
+    """The sampler names a request may send, as the public schema lists them: canonical and
+    AUTOMATIC1111's (combined names such as "DPM++ 2M Karras" are accepted too, unlisted)."""
+    infos = SAMPLERS.values() if sampler is None else [SAMPLERS[sampler]]
+    return [name for info in infos for name in (info.name, info.label)]
+
+
+def scheduler_spellings(schedulers: tuple[str, ...] = SCHEDULERS) -> list[str]:
+    """Scheduler names as the public schema lists them: canonical and AUTOMATIC1111's labels."""
+    spellings = []
+    for scheduler in schedulers:
+        spellings += [scheduler, SCHEDULER_LABELS[scheduler]]
+        if scheduler == "normal":
+            spellings.append("Automatic")
+    return spellings
+
+
+def universal_schedulers() -> tuple[str, ...]:
+    """The schedulers every sampler can follow."""
+    return tuple(s for s in SCHEDULERS if all(s in info.schedulers for info in SAMPLERS.values()))
+
+
+def pair_rules() -> list[dict]:
+    """JSON Schema rules (`allOf` items): each sampler with the schedulers it can follow, and a
+    scheduler that not every sampler can follow only with a sampler named."""
+    rules: list[dict] = [
+        {
+            "if": {"properties": {"sampler": {"enum": sampler_spellings(name)}}, "required": ["sampler"]},
+            "then": {"properties": {"scheduler": {"enum": scheduler_spellings(info.schedulers)}}},
+        }
+        for name, info in SAMPLERS.items()
+        if info.schedulers != SCHEDULERS
+    ]
+    partial = tuple(s for s in SCHEDULERS if s not in universal_schedulers())
+    rules.append(
+        {
+            "if": {
+                "properties": {"scheduler": {"enum": scheduler_spellings(partial)}},
+                "required": ["scheduler"],
+            },
+            "then": {"required": ["sampler"]},
+        }
+    )
+    return rules

@@ -33,6 +33,8 @@ class WorkerInfo(BaseModel):
     # requests that leave them out; None: the API's SD_DEFAULT_STEPS / SD_DEFAULT_GUIDANCE_SCALE
     default_steps: int | None = None
     default_guidance_scale: float | None = None
+    default_sampler: str | None = None
+    default_scheduler: str | None = None
     device: str
     dtype: str
     max_batch_rows: int

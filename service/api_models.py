@@ -14,8 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from schemas.errors import describe_error_types
-from schemas.generation import PROMPT_EXAMPLE, Generation, derive_fields
+from schemas.generation import PROMPT_EXAMPLE, Generation, SamplerNames, derive_fields
 from schemas.queue import JobStatus
+from schemas.samplers import pair_rules
 from service.settings import Settings
 
 JOB_ID_EXAMPLE = "3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b"
@@ -26,6 +27,9 @@ SERVER_FILLED = {
     "height": "the served model's native height",
     "steps": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_STEPS",
     "guidance_scale": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_GUIDANCE_SCALE",
+    "sampler": "the served model's recommendation (GET /v1/models), else ddim",
+    "scheduler": "the one an AUTOMATIC1111 sampler name implies, else the served model's recommendation "
+    "when the sampler supports it, else normal",
     "seed": "a random seed, reported back in the job",
 }
 
@@ -34,8 +38,9 @@ SERVER_FILLED = {
 NULLABLE = ("width", "height", "seed")
 
 
-class Txt2ImgRequestBase(BaseModel):
-    """Base of the settings-specific request model that `request_model()` builds."""
+class Txt2ImgRequestBase(SamplerNames):
+    """Base of the settings-specific request model that `request_model()` builds (it reads
+    AUTOMATIC1111's combined sampler names, as Generation does)."""
 
 
 def request_bounds(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -93,7 +98,10 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
     ]
 
     class WithConfig(Txt2ImgRequestBase):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": examples})
+        # "allOf": each sampler with the schedulers it can follow, so schema-valid means accepted
+        model_config = ConfigDict(
+            extra="forbid", json_schema_extra={"examples": examples, "allOf": pair_rules()}
+        )
 
     model = create_model("Txt2ImgRequest", __base__=WithConfig, **fields)
     return model

@@ -20,18 +20,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.job_store import ImageNotFound, JobConflict, JobNotFound
+from service.job_store import ImageNotFound, JobConflict, JobNotFound, QueueFull
 from service.route_table import RouteTable
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    def __init__(self, depth: int, limit: int, retry_after_s: int) -> None:
-        super().__init__(
-            f"the queue is full ({depth} jobs waiting, limit {limit}); retry in {retry_after_s} s"
-        )
-        self.retry_after_s = retry_after_s
 
 
 def validation_error(field: str, message: str, error_type: str) -> RequestValidationError:

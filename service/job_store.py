@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +26,15 @@ from rq.serializers import JSONSerializer
 
 from schemas.generation import Generation
 from schemas.queue import JOB_FUNCTION, QUEUE_NAME, JobResult, JobStatus
-from schemas.redis_keys import PREFIX, cancel_key, image_key, preview_key, progress_key
+from schemas.redis_keys import (
+    PREFIX,
+    WORKERS_ZSET,
+    cancel_key,
+    image_key,
+    preview_key,
+    progress_key,
+    waiting_key,
+)
 from service.job_status import TERMINAL, api_status, error_from_exc_string, error_from_meta
 from service.settings import Settings
 
@@ -37,6 +46,14 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex: 122 random bits
 def seen_key(job_id: str) -> str:
     """Set once by whichever API process first sees a job finished, so metrics count each job once."""
     return f"{PREFIX}api:seen:{job_id}"
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, depth: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"the queue is full ({depth} jobs waiting, limit {limit}); retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
 
 
 class JobNotFound(LookupError):
@@ -90,30 +107,57 @@ class JobStore:
         return self.redis.llen(self.queue.key)
 
     def submit(self, params: Generation, owner: str) -> tuple[str, JobStatus, int | None]:
-        """Enqueue a job; returns its id, status and queue position (0: next to run; None if not queued)."""
+        """Enqueue a job unless SD_MAX_QUEUE_DEPTH jobs already wait (QueueFull): the depth check and
+        the enqueue are one transaction (WATCH on the queue), so concurrent posts never overshoot.
+        Returns the id, the status (queued) and the position (jobs ahead: 0 is next)."""
         settings = self.settings
-        job_id = uuid.uuid4().hex
-        self.queue.enqueue(
+        job = self.queue.create_job(
             JOB_FUNCTION,
             # defaults left out: a worker that predates an optional field still takes the job
             kwargs={"params": params.model_dump(exclude_defaults=True)},
-            job_id=job_id,
-            description="txt2img",  # RQ's default repeats the whole prompt
+            job_id=uuid.uuid4().hex,
+            description="generate",  # RQ's default repeats the whole prompt
             result_ttl=settings.result_ttl_s,
             failure_ttl=settings.result_ttl_s,
-            job_timeout=settings.job_timeout_s,
+            timeout=settings.job_timeout_s,
             retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
             meta={"owner": owner},
         )
-        position = self.redis.lpos(self.queue.key, job_id)
-        if position is not None:
-            return job_id, JobStatus.QUEUED, position
-        # Only a worker can have taken it (no client knows the id yet). RQ moves the id out of the
-        # queue before it writes "started", so a status still "queued" means running, not queued
-        # without a place.
-        raw = self.redis.hget(Job.key_for(job_id), "status")
-        status = api_status(raw.decode() if raw else None)
-        return job_id, JobStatus.RUNNING if status is JobStatus.QUEUED else status, None
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.queue.key)
+                    depth = pipe.llen(self.queue.key)
+                    if depth >= settings.max_queue_depth:
+                        raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s)
+                    pipe.multi()
+                    self.queue.enqueue_job(job, pipeline=pipe)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue  # another post (or a worker's take) changed the queue: look again
+        return job.id, JobStatus.QUEUED, self.position(job.id, self.redis.lpos(self.queue.key, job.id))
+
+    def position(self, job_id: str, queue_index: int | None) -> int:
+        """Jobs ahead of a queued job: those the live workers hold that have not taken their first
+        step (enqueued before it), then those ahead of it in the queue (`queue_index`, its LPOS; None:
+        a worker took it and has not listed it yet: behind every listed one)."""
+        stale_before = time.time() - self.settings.worker_stale_s
+        names = [_text(n) for n in self.redis.zrangebyscore(WORKERS_ZSET, stale_before, "+inf")]
+        if not names:
+            return queue_index or 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zscore(waiting_key(name), job_id)
+                pipe.zcard(waiting_key(name))
+            replies = pipe.execute()
+        scores = [score for score in replies[0::2] if score is not None]
+        if not scores:
+            return sum(replies[1::2]) + (queue_index or 0)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zcount(waiting_key(name), "-inf", f"({scores[0]}")
+            return sum(pipe.execute())
 
     # --- look up ------------------------------------------------------------------------------
 
@@ -131,28 +175,38 @@ class JobStore:
         return job
 
     def snapshot(self, job: Job) -> JobSnapshot:
-        """Status, position, progress, result and error of a fetched job (one or two round trips)."""
+        """Status, position, progress, result and error of a fetched job (one to three round trips).
+
+        Running means: a worker has taken the job's current attempt AND it has taken its first step
+        (its progress names that attempt). Until then the job is queued, also while a worker holds it
+        waiting for room in its batch, with a position that counts those waiting in workers too.
+        """
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.lpos(self.queue.key, job.id)
-            pipe.hmget(progress_key(job.id), ["step", "total_steps"])
+            pipe.hmget(progress_key(job.id), ["step", "total_steps", "attempt"])
             pipe.exists(cancel_key(job.id))
             pipe.exists(preview_key(job.id))
-            position, (step, total_steps), cancel_requested, has_preview = pipe.execute()
+            queue_index, (step, total_steps, attempt), cancel_requested, has_preview = pipe.execute()
 
         params = _params_of(job)
         status = api_status(job.get_status(refresh=False))
+        if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            stepping = (
+                attempt is not None and job.worker_name is not None and _text(attempt) == job.worker_name
+            )
+            status = JobStatus.RUNNING if stepping else JobStatus.QUEUED
         error = error_from_meta(job.meta) or _error_of(job) if status is JobStatus.FAILED else None
         snap = JobSnapshot(
             id=job.id,
             status=status,
             params=params,
-            queue_position=position if status is JobStatus.QUEUED else None,
-            step=_int(step, 0),
+            queue_position=self.position(job.id, queue_index) if status is JobStatus.QUEUED else None,
+            step=_int(step, 0) if status is not JobStatus.QUEUED else 0,
             total_steps=_int(total_steps, params.steps),
             cancel_requested=bool(cancel_requested),
             preview_ready=bool(has_preview) and params.preview and status is JobStatus.RUNNING,
             created_at=job.created_at,
-            started_at=job.started_at,
+            started_at=job.started_at if status is not JobStatus.QUEUED else None,
             finished_at=job.ended_at if status in TERMINAL else None,
         )
         if status is JobStatus.SUCCEEDED:
@@ -235,6 +289,10 @@ class JobStore:
         if data is None:
             raise ImageNotFound(f"job {job.id} has no preview now (not started yet, or already ended)")
         return data
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _int(raw: bytes | None, default: int) -> int:

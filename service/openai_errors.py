@@ -22,8 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import QueueFull
-from service.job_store import JobNotFound
+from service.job_store import JobNotFound, QueueFull
 from service.openai_models import OpenAIErrorBody, OpenAIErrorDetail
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from schemas.generation import SEED_MAX, Generation
+from schemas.samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SCHEDULER,
+    SAMPLERS,
+    UnknownName,
+    resolve_sampler,
+    resolve_scheduler,
+)
 from schemas.worker_info import WorkerInfo
 from service.api_models import Txt2ImgRequestBase
 from service.errors import validation_error
@@ -24,6 +32,37 @@ def sampling_defaults(settings: Settings, worker: WorkerInfo | None) -> tuple[in
         else settings.default_guidance_scale
     )
     return steps, guidance_scale
+
+
+def check_default_sampler(sampler: str, scheduler: str | None) -> None:
+    """A scheduler sent without a sampler must suit the default sampler (422 naming those it suits)."""
+    if scheduler is None:
+        return
+    try:
+        wanted = resolve_scheduler(scheduler)
+    except UnknownName:
+        return  # Generation names the valid ones
+    if wanted not in SAMPLERS[sampler].schedulers:
+        able = [name for name, info in SAMPLERS.items() if wanted in info.schedulers]
+        raise validation_error(
+            "scheduler",
+            f"scheduler {scheduler!r} needs a sampler that can follow it (the default, {sampler}, cannot): "
+            f"send `sampler`, one of {', '.join(able)}",
+            "sampler_required",
+        )
+
+
+def recommended_scheduler(sampler: str, worker: WorkerInfo | None) -> str:
+    """The scheduler the served model recommends if `sampler` (a name or alias) can follow it, else
+    the default."""
+    recommended = worker.default_scheduler if worker else None
+    try:
+        canonical = resolve_sampler(sampler)[0]
+    except UnknownName:
+        return DEFAULT_SCHEDULER  # Generation reports the sampler
+    if recommended and recommended in SAMPLERS[canonical].schedulers:
+        return recommended
+    return DEFAULT_SCHEDULER
 
 
 def resolve_params(request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None) -> Generation:
@@ -64,6 +103,11 @@ def resolve_params(request: Txt2ImgRequestBase, settings: Settings, worker: Work
     default_steps, default_guidance_scale = sampling_defaults(settings, worker)
     values.setdefault("steps", default_steps)
     values.setdefault("guidance_scale", default_guidance_scale)
+    if "sampler" not in values:
+        values["sampler"] = worker.default_sampler if worker and worker.default_sampler else DEFAULT_SAMPLER
+        check_default_sampler(values["sampler"], values.get("scheduler"))
+    if "scheduler" not in values:
+        values["scheduler"] = recommended_scheduler(values["sampler"], worker)
     values["width"], values["height"] = width, height
     try:
         return Generation.model_validate(values)

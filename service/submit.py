@@ -14,7 +14,7 @@ from schemas.generation import Generation
 from schemas.queue import JobStatus
 from service.api_models import Txt2ImgRequestBase
 from service.deps import Services
-from service.errors import QueueFull
+from service.job_store import QueueFull
 from service.live_workers import live_workers_sync
 from service.resolve import resolve_params
 
@@ -32,14 +32,13 @@ class QueuedJob:
 def submit_job(services: Services, request: Txt2ImgRequestBase, owner: str) -> QueuedJob:
     """Enqueue a validated request for `owner`; QueueFull or a 422 RequestValidationError otherwise."""
     settings = services.settings
-    store = services.store
-    depth = store.queue_depth()
-    if depth >= settings.max_queue_depth:
-        services.metrics.jobs_rejected.labels("queue_full").inc()
-        raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s)
     workers = live_workers_sync(services.redis.sync, settings.worker_stale_s)
     params = resolve_params(request, settings, workers[0] if workers else None)
-    job_id, status, position = store.submit(params, owner)
+    try:
+        job_id, status, position = services.store.submit(params, owner)
+    except QueueFull:
+        services.metrics.jobs_rejected.labels("queue_full").inc()
+        raise
     services.metrics.jobs_submitted.inc()
     log.info(
         "queued job %s (%dx%d, %d steps, %d images)",

@@ -1,5 +1,5 @@
-"""Continuous-batching decisions as pure functions: who joins the batch, and how a step is cut into
-UNet calls. No torch, no Redis: the engine applies them, the unit tests check them directly.
+"""Continuous-batching decisions as pure functions: which images take the next step, and how a step
+is cut into UNet calls. No torch, no Redis: the engine applies them, the unit tests check them.
 
 Rows are UNet rows: an image guided by classifier-free guidance takes 2 (prompt and negative
 prompt), an unguided one 1.
@@ -8,6 +8,7 @@ prompt), an unguided one 1.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 
@@ -25,21 +26,38 @@ R = TypeVar("R", bound=Rowed)
 S = TypeVar("S", bound=Shaped)
 
 
-def admit_count(waiting_rows: Iterable[int], running_rows: int, max_rows: int) -> int:
-    """How many waiting requests, oldest first, join the batch now.
+@dataclass(frozen=True)
+class Demand:
+    """What one request in the engine wants from the next step."""
 
-    Strict FIFO: the oldest waiting request joins if its rows fit in what is left of `max_rows`; if
-    it does not, nobody behind it jumps ahead (so a big request is never starved by small ones, nor
-    a request of another size by a stream of one size). A request larger than `max_rows` on its own
-    joins when nothing else runs, alone; its step is then split over several UNet calls.
+    rows_per_image: int  # 2 with classifier-free guidance, else 1
+    images_left: int  # images not denoised yet
+
+
+def share_rows(demands: Sequence[Demand], max_rows: int) -> list[int]:
+    """How many images of each request (given oldest first) take the next step.
+
+    Round robin in arrival order, one image per request per round, while the images fit in
+    `max_rows`: every request in the engine gets an image into every step as long as one image of
+    each fits, so a big request cannot hold a small one back for its whole run, and the oldest
+    requests ask first in every round, so a stream of small ones cannot starve a big one (or any
+    request: the newest wait when even one image each does not fit, until an older one ends). An
+    image bigger than `max_rows` on its own steps alone (its call is split only by the device's limit).
     """
-    count, rows = 0, running_rows
-    for request_rows in waiting_rows:
-        if rows > 0 and rows + request_rows > max_rows:
-            break
-        count += 1
-        rows += request_rows
-    return count
+    take = [0] * len(demands)
+    rows = 0
+    while True:
+        grew = False
+        for i, demand in enumerate(demands):
+            if take[i] >= demand.images_left:
+                continue
+            if rows > 0 and rows + demand.rows_per_image > max_rows:
+                continue
+            take[i] += 1
+            rows += demand.rows_per_image
+            grew = True
+        if not grew:
+            return take
 
 
 def group_by_shape(images: Iterable[S]) -> list[list[S]]:

@@ -1,19 +1,23 @@
 """The engine: one thread that owns the model and runs every job of the process in one continuous batch.
 
 Each iteration of its loop:
-  1. admit   waiting jobs, oldest first, while their rows fit SD_MAX_BATCH_ROWS (batched prompt
-             encoding for all of them at once);
-  2. step    every running image once: one UNet call per latent shape (split into several calls
-             when a group has more rows than the per-call limit);
-  3. sync    one pipelined Redis round trip: progress of every job out, cancel flags in; then
-             cancels, timeouts and the drain deadline take effect;
-  4. retire  finished jobs: VAE decode in chunks, each chunk's PNGs + Redis at once on a small
-             writer pool, so the next chunk and the next step do not wait for zlib or the network.
+  1. accept  jobs the slots handed over (checked against the model: an invalid one fails alone);
+  2. share   the step's rows among the jobs, oldest first, one image per job per round
+             (workers/batching.py: share_rows), so a big job's images interleave with small jobs
+             and a job's images may take different steps (each has its own state);
+  3. start   jobs that get rows for the first time: their prompts encoded in one batch, their
+             initial noise drawn;
+  4. step    the chosen images once: one UNet call per latent shape (split into several calls when
+             a group has more rows than the device takes);
+  5. sync    one pipelined Redis round trip: progress of the jobs that have stepped, the list of
+             those still waiting, cancel flags back; then cancels, timeouts and the drain deadline;
+  6. retire  jobs whose images are all denoised: VAE decode in chunks, each chunk's PNGs + Redis on a
+             small writer pool, so the next chunk and the next step do not wait for zlib or Redis.
 
-Faults stay with the job that caused them: an invalid request, a prompt that fails to encode or a
-step that raises for one request fails that job alone; an out-of-memory error halves the rows per
-UNet call and retries the same step (a failed step changes no image, see Pipeline.step).
-Redis is reached only through the two sinks, so this module is testable without it.
+Faults stay with the job that caused them (workers/recovery.py): a batch that fails is retried one
+job at a time, and out-of-memory errors halve the batch limit and retry (a failed step changes no
+image, see Pipeline.step). Redis is reached only through the two sinks, so this module is
+testable without it. Which threads may end a job: see workers/submission.py.
 """
 
 from __future__ import annotations
@@ -25,18 +29,17 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-import numpy as np
 import torch
 from redis.exceptions import RedisError
 
-from models.pipeline import ActiveImage, Picture, Pipeline, check_generation
+from models.pipeline import ActiveImage, Picture, Pipeline, check_generation, classifier_free
 from models.stable_diffusion import StableDiffusion
 from schemas.errors import ErrorType
 from schemas.queue import JobResult
 from schemas.worker_info import EngineStats
-from workers.batching import admit_count, group_by_shape, split_rows, total_rows
+from workers.batching import Demand, group_by_shape, share_rows, split_rows, total_rows
 from workers.errors import (
     EngineFailure,
     JobCanceled,
@@ -47,17 +50,29 @@ from workers.errors import (
 )
 from workers.faults import check_unet_call
 from workers.previews import PreviewMaker
+from workers.recovery import AdaptiveLimit, isolate_failures
+from workers.redis_outage import OUTAGE
 from workers.submission import Submission
 
 log = logging.getLogger(__name__)
 
 
-class ProgressSink(Protocol):
-    def sync(self, progress: Mapping[str, tuple[int, int]]) -> set[str]:
-        """Publish {job_id: (step, total_steps)}; return the ids among them whose cancel was asked.
+class Progress(NamedTuple):
+    step: int
+    total_steps: int
+    attempt: str  # the RQ worker running the job (schemas/redis_keys.py: progress_key)
 
-        When some job asked for live previews, it is called as sync(progress, previews={job_id: PNG}).
-        """
+
+class ProgressSink(Protocol):
+    def sync(
+        self,
+        running: Mapping[str, Progress],
+        waiting: Sequence[tuple[str, float]],
+        previews: Mapping[str, bytes],
+    ) -> set[str]:
+        """Publish the progress of the jobs that have stepped, the (job id, enqueued-at) of those
+        still waiting for their first step, and live previews ({job id: PNG}); return the ids among
+        all of them whose cancel was asked."""
         ...
 
 
@@ -69,13 +84,12 @@ class ResultSink(Protocol):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_rows: int  # UNet rows admitted into the batch (CFG: 2 per image)
+    max_batch_rows: int  # UNet rows per step (CFG: 2 per image)
     vae_batch: int  # latents per VAE decode call
     idle_wait_s: float = 0.5  # longest sleep with nothing to do (a submission wakes it at once)
     writer_threads: int = 4  # PNG encoding (zlib releases the GIL) + Redis SET, off the engine thread
     test_oom_above_rows: int | None = None  # TEST ONLY, see workers/faults.py
-    # after this many UNet calls without an out-of-memory error, the rows per call double again (up
-    # to max_batch_rows): one huge request must not slow the worker down until it restarts
+    # after this many clean UNet calls (VAE decodes) below the configured limit, it doubles again
     oom_recover_calls: int = 200
 
 
@@ -91,21 +105,21 @@ class Engine:
         self.model = model
         self.config = config
         self.pipeline = pipeline_factory(model)
-        self.call_rows_limit = config.max_batch_rows  # halved by out-of-memory errors, regrown later
-        self._calls_since_oom = 0
-        self.vae_batch = config.vae_batch  # halved by out-of-memory errors while decoding
+        self.unet_rows = AdaptiveLimit("UNet call", "rows", config.max_batch_rows, config.oom_recover_calls)
+        self.vae_batch = AdaptiveLimit("VAE call", "latents", config.vae_batch, config.oom_recover_calls)
         self._results = results
         self._progress = progress
         self._previews = PreviewMaker()
         self._cond = threading.Condition()
-        self._waiting: deque[Submission] = deque()  # guarded by _cond
-        self._running: list[Submission] = []  # engine thread only, in admission order
+        self._inbox: deque[Submission] = deque()  # guarded by _cond: handed over, not yet accepted
+        self._jobs: list[Submission] = []  # engine thread only: accepted, oldest first
+        self._waiting_jobs = 0  # guarded by _cond: accepted jobs the last share gave no rows
+        self._listed_jobs = False  # the last progress round trip published some job
         self._drain_deadline: float | None = None  # monotonic s; set once draining
         self._writer = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="sd-writer")
         self._thread: threading.Thread | None = None
         self._stats = EngineStats(call_rows_limit=config.max_batch_rows)
         self._stats_lock = threading.Lock()
-        self._redis_down_since: float | None = None
         self.failure: BaseException | None = None  # set if the loop itself crashed
 
     # --- called from other threads ------------------------------------------------------------------
@@ -137,8 +151,8 @@ class Engine:
         if outcome:
             self._writer.shutdown(wait=False)
             with self._cond:
-                waiting = list(self._waiting)
-                self._waiting.clear()
+                waiting = list(self._inbox)
+                self._inbox.clear()
             for submission in waiting:  # never started: back to the queue, no retry used up
                 self._end(
                     submission, WorkerShuttingDown("the worker's warm-up failed before the job started")
@@ -154,13 +168,13 @@ class Engine:
         return self._drain_deadline is not None
 
     def submit(self, submission: Submission) -> None:
-        """Queue a job for admission (also before start()); WorkerShuttingDown if this engine takes no
+        """Queue a job for the batch (also before start()); WorkerShuttingDown if this engine takes no
         more work."""
         with self._cond:
             stopped = self._thread is not None and not self._thread.is_alive()
             if self.draining or self.failure is not None or stopped:
                 raise WorkerShuttingDown("this worker is shutting down; the job goes back to the queue")
-            self._waiting.append(submission)
+            self._inbox.append(submission)
             self._cond.notify()
 
     def drain(self, timeout_s: float) -> None:
@@ -180,16 +194,17 @@ class Engine:
         return not self.alive
 
     def has_room(self) -> bool:
-        """False while jobs handed over still wait to join the batch: no point taking more now."""
+        """False while jobs handed over still wait for their first rows: no point taking more now
+        (they stay in the queue, where a worker with room can take them)."""
         with self._cond:
-            return not self._waiting
+            return not self._inbox and not self._waiting_jobs
 
     def stats(self) -> EngineStats:
         with self._stats_lock:
             stats = self._stats.model_copy()
-        stats.call_rows_limit = self.call_rows_limit
+        stats.call_rows_limit = self.unet_rows.value
         with self._cond:
-            stats.jobs_in_engine = len(self._waiting) + len(self._running)
+            stats.jobs_in_engine = len(self._inbox) + len(self._jobs)
         return stats
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -202,14 +217,19 @@ class Engine:
             self.failure = error
             log.critical("the engine crashed; its running jobs fail (RQ may retry them)", exc_info=True)
             with self._cond:
-                running, waiting = list(self._running), list(self._waiting)
-                self._running.clear()
-                self._waiting.clear()
-            for submission in running:
-                self._end(submission, EngineFailure(f"the worker's engine crashed: {error!r}"))
-            for submission in waiting:  # never started here: back to the queue, no retry used up
+                jobs, inbox = list(self._jobs), list(self._inbox)
+                self._jobs.clear()
+                self._inbox.clear()
+            for submission in jobs:
+                if submission.stepped:
+                    self._end(submission, EngineFailure(f"the worker's engine crashed: {error!r}"))
+                else:  # never started here: back to the queue, no retry used up
+                    self._end(
+                        submission, WorkerShuttingDown("the worker's engine crashed before the job started")
+                    )
+            for submission in inbox:
                 self._end(
-                    submission, WorkerShuttingDown("the worker's engine crashed before starting the job")
+                    submission, WorkerShuttingDown("the worker's engine crashed before the job started")
                 )
         finally:
             self._writer.shutdown(wait=True)  # jobs already denoised still get their PNGs stored
@@ -217,45 +237,37 @@ class Engine:
 
     def _iterate(self) -> bool:
         """One iteration of the loop; False when the engine is drained and done."""
-        self._admit()
-        if not self._running:
+        self._accept()
+        if not self._jobs:
             with self._cond:
-                if self._waiting:
-                    return True  # the last admission failed at start: admit the next ones
+                if self._inbox:
+                    return True
                 if self.draining:
                     return False
                 self._cond.wait(self.config.idle_wait_s)
             return True
+        chosen = self._share()
         started = time.perf_counter()
-        calls_before = self._stats.unet_calls
-        self._step()
+        self._step(chosen)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "step: %d UNet call(s), %d rows, %d requests, %.3f s",
-                self._stats.unet_calls - calls_before,
-                total_rows(image for s in self._running for image in s.images),
-                len(self._running),
+                "step: %d images, %d rows, %d jobs, %.3f s",
+                len(chosen),
+                total_rows(chosen),
+                len({id(_owner(image)) for image in chosen}),
                 time.perf_counter() - started,
             )
         self._sync()
         self._retire()
         return True
 
-    # --- 1. admission -----------------------------------------------------------------------------
+    # --- 1. accept --------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _accept(self) -> None:
         with self._cond:
-            running_rows = sum(s.rows for s in self._running)
-            count = admit_count((s.rows for s in self._waiting), running_rows, self.config.max_batch_rows)
-            batch = [self._waiting.popleft() for _ in range(count)]
-        if batch:
-            self._start(batch)
-
-    def _start(self, batch: list[Submission]) -> None:
-        """Encode the prompts of `batch` in one call and draw their initial noise; a request that
-        cannot start fails alone (on a batched failure, each is retried alone to find it)."""
-        valid = []
-        for submission in batch:
+            arrived = list(self._inbox)
+            self._inbox.clear()
+        for submission in arrived:
             try:
                 check_generation(self.model, submission.params)
             except ValueError as error:
@@ -264,129 +276,136 @@ class Engine:
                     RequestFailed(f"invalid request for this model: {error}", ErrorType.INVALID_REQUEST),
                 )
                 continue
-            valid.append(submission)
-        if not valid:
+            self._jobs.append(submission)
+
+    # --- 2. share the step's rows -----------------------------------------------------------------------
+
+    def _share(self) -> list[ActiveImage]:
+        """The images that take this step: each job's share (share_rows), its most advanced images
+        first, so a job's images stay together when they can."""
+        jobs = [s for s in self._jobs if not s.finished]
+        demands = [Demand(self._rows_per_image(s), s.images_left) for s in jobs]
+        shares = share_rows(demands, self.config.max_batch_rows)
+        with self._cond:
+            self._waiting_jobs = sum(1 for s, k in zip(jobs, shares, strict=True) if k == 0 and not s.stepped)
+        self._start([s for s, k in zip(jobs, shares, strict=True) if k > 0 and not s.started])
+        chosen: list[ActiveImage] = []
+        for submission, count in zip(jobs, shares, strict=True):
+            left = [image for image in submission.images if not image.done]
+            left.sort(key=lambda image: -image.step_index)  # stable: lower index first among equals
+            chosen.extend(left[:count])
+        return chosen
+
+    # --- 3. start: prompts encoded, noise drawn ------------------------------------------------------
+
+    def _start(self, batch: list[Submission]) -> None:
+        """Encode the prompts of `batch` in one call and draw their initial noise; a request that
+        cannot start fails alone."""
+        if not batch:
             return
-        try:
-            started = self.pipeline.start([(s, s.params) for s in valid])
-        except Exception as error:
-            if isinstance(error, torch.OutOfMemoryError):
+
+        def start(jobs: Sequence[Submission]) -> None:
+            try:
+                started = self.pipeline.start([(s, s.params) for s in jobs])
+            except torch.OutOfMemoryError:
                 self._free_memory()
-            if len(valid) > 1:
-                log.warning(
-                    "starting %d requests together failed (%r): starting each alone", len(valid), error
-                )
-                for submission in valid:
-                    self._start([submission])
-                return
-            log.error("job %s: could not start", valid[0].job_id, exc_info=True)
+                raise
+            for submission, images in zip(jobs, started, strict=True):
+                submission.attach_images(images)
+
+        def fail(submission: Submission, error: Exception) -> None:
+            log.error("job %s: could not start", submission.job_id, exc_info=error)
             self._end(
-                valid[0],
+                submission,
                 RequestFailed(f"could not encode the prompt: {error}", ErrorType.PROMPT_ENCODING_FAILED),
             )
-            return
+
+        isolate_failures(batch, start, fail, "starting")
+
+    # --- 4. one denoising step for the chosen images ----------------------------------------------------
+
+    def _step(self, images: Sequence[ActiveImage]) -> None:
         now = time.time()
-        for submission, images in zip(valid, started, strict=True):
-            submission.images = images
-            submission.admitted_at = now
-            self._running.append(submission)
-
-    # --- 2. one denoising step for every running image -----------------------------------------------
-
-    def _step(self) -> None:
-        images = [image for s in self._running for image in s.images]
         for group in group_by_shape(images):
             self._step_group(group)
+        for image in images:
+            owner = _owner(image)
+            if owner.admitted_at is None and not owner.finished:
+                owner.admitted_at = now
 
     def _step_group(self, images: Sequence[ActiveImage]) -> None:
-        """Advance same-shape images by one step, in calls of at most `call_rows_limit` rows. The limit
-        is read before each call, so an out-of-memory split also shrinks the calls still to come."""
+        """Advance same-shape images by one step, in calls of at most `unet_rows` rows. The limit is
+        read before each call, so an out-of-memory error also shrinks the calls still to come."""
         pending = list(images)
         while pending:
-            chunk = split_rows(pending, self.call_rows_limit)[0]
-            pending = pending[len(chunk) :]
-            self._call(chunk)
+            chunk = split_rows(pending, self.unet_rows.value)[0]
+            if self._call(chunk):
+                pending = pending[len(chunk) :]
 
-    def _call(self, chunk: Sequence[ActiveImage]) -> None:
+    def _call(self, chunk: Sequence[ActiveImage]) -> bool:
+        """One UNet call; False when it ran out of memory and lowered the rows per call (the caller
+        cuts the chunk again). Any other failure: the call's jobs are tried one at a time, and the
+        one that fails alone ends (isolate_failures)."""
         live = [image for image in chunk if not _owner(image).finished]
         if not live:
-            return
-        rows = total_rows(live)
-        owners = list(dict.fromkeys(_owner(image) for image in live))
+            return True
         try:
-            check_unet_call(rows, self.config.test_oom_above_rows)
-            self.pipeline.step(live)
-        except torch.OutOfMemoryError as error:
+            self._unet_step(live)
+            return True
+        except torch.OutOfMemoryError:
             self._free_memory()
-            if len(live) == 1:
-                request = owners[0].params
-                self._end(
-                    owners[0],
-                    RequestFailed(
-                        f"out of memory denoising one {request.width}x{request.height} image alone: {error}",
-                        ErrorType.OUT_OF_MEMORY,
-                    ),
-                )
-                return
-            limit = max(1, min(self.call_rows_limit, rows // 2))
-            log.warning(
-                "out of memory in a UNet call of %d rows: rows per call %d -> %d, retrying the step split",
-                rows,
-                self.call_rows_limit,
-                limit,
-            )
-            self.call_rows_limit = limit
-            self._calls_since_oom = 0
-            with self._stats_lock:
-                self._stats.oom_splits += 1
-            self._step_group(live)
-            return
-        except Exception as error:
-            if len(owners) > 1:  # find the request at fault: retry each alone (the step changed nothing)
-                log.warning("a UNet call of %d requests failed (%r): stepping each alone", len(owners), error)
-                for owner in owners:
-                    self._step_group([image for image in live if _owner(image) is owner])
-                return
-            log.error("job %s: denoising step failed", owners[0].job_id, exc_info=True)
-            self._end(
-                owners[0],
-                RequestFailed(
-                    f"denoising failed at step {owners[0].step}: {error}", ErrorType.GENERATION_FAILED
-                ),
-            )
-            return
-        self._regrow_after_oom()
+            if len(live) > 1 and self.unet_rows.shrink(total_rows(live)):
+                with self._stats_lock:
+                    self._stats.oom_splits += 1
+                return False
+        except Exception:
+            pass  # found below, job by job
+        owners = list(dict.fromkeys(_owner(image) for image in live))
+        isolate_failures(
+            owners,
+            lambda jobs: self._unet_step([i for i in live if _owner(i) in jobs]),
+            self._step_failed,
+            "stepping",
+        )
+        return True
+
+    def _unet_step(self, images: Sequence[ActiveImage]) -> None:
+        rows = total_rows(images)
+        check_unet_call(rows, self.config.test_oom_above_rows)
+        self.pipeline.step(images)
+        self.unet_rows.succeeded()
+        jobs = len({id(_owner(image)) for image in images})
         with self._stats_lock:
             stats = self._stats
             stats.unet_calls += 1
             stats.unet_rows += rows
-            stats.unet_requests += len(owners)
-            stats.max_requests_per_call = max(stats.max_requests_per_call, len(owners))
+            stats.unet_requests += jobs
+            stats.max_requests_per_call = max(stats.max_requests_per_call, jobs)
             stats.last_batch_rows = rows
 
-    def _regrow_after_oom(self) -> None:
-        if self.call_rows_limit >= self.config.max_batch_rows:
+    def _step_failed(self, submission: Submission, error: Exception) -> None:
+        params = submission.params
+        if isinstance(error, torch.OutOfMemoryError):
+            self._free_memory()
+            message = f"out of memory denoising one {params.width}x{params.height} image alone: {error}"
+            self._end(submission, RequestFailed(message, ErrorType.OUT_OF_MEMORY))
             return
-        self._calls_since_oom += 1
-        if self._calls_since_oom >= self.config.oom_recover_calls:
-            limit = min(self.config.max_batch_rows, self.call_rows_limit * 2)
-            log.info(
-                "%d UNet calls without running out of memory: rows per call %d -> %d",
-                self._calls_since_oom,
-                self.call_rows_limit,
-                limit,
-            )
-            self.call_rows_limit = limit
-            self._calls_since_oom = 0
+        log.error("job %s: denoising step failed", submission.job_id, exc_info=error)
+        message = f"denoising failed at step {submission.step}: {error}"
+        self._end(submission, RequestFailed(message, ErrorType.GENERATION_FAILED))
 
-    # --- 3. progress out, cancel flags in, time limits ---------------------------------------------------
+    # --- 5. progress out, cancel flags in, time limits ---------------------------------------------------
 
     def _sync(self) -> None:
         with self._cond:
-            jobs = [*self._running, *self._waiting]
-        canceled = self._publish(
-            {s.job_id: (s.step, s.total_steps) for s in jobs}, self._previews.collect(self._running)
-        )
+            jobs = [*self._jobs, *self._inbox]
+        running = {s.job_id: Progress(s.step, s.total_steps, s.attempt) for s in jobs if s.stepped}
+        waiting = [
+            (s.job_id, s.enqueued_at if s.enqueued_at is not None else s.submitted_at)
+            for s in jobs
+            if not s.stepped and not s.finished
+        ]
+        canceled = self._publish(running, waiting, self._previews.collect(self._jobs))
         now = time.monotonic()
         for submission in jobs:
             if submission.job_id in canceled:
@@ -411,45 +430,43 @@ class Engine:
                     ),
                 )
         with self._cond:
-            if any(s.finished for s in self._waiting):
-                self._waiting = deque(s for s in self._waiting if not s.finished)
+            self._inbox = deque(s for s in self._inbox if not s.finished)
 
-    def _publish(self, progress: Mapping[str, tuple[int, int]], previews: Mapping[str, bytes]) -> set[str]:
-        """One Redis round trip; while Redis is away the batch goes on (logged once per outage)."""
+    def _publish(
+        self,
+        running: Mapping[str, Progress],
+        waiting: Sequence[tuple[str, float]],
+        previews: Mapping[str, bytes],
+    ) -> set[str]:
+        """One Redis round trip; while Redis is away the batch goes on (OUTAGE logs it once)."""
+        if not running and not waiting and not self._listed_jobs:
+            return set()  # nothing to say, and the last round trip already cleared the lists
         try:
-            # previews only when some job asked for one: a sink that knows none keeps working
-            canceled = (
-                self._progress.sync(progress, previews=previews)
-                if previews
-                else self._progress.sync(progress)
-            )
+            canceled = self._progress.sync(running, waiting, previews)
         except RedisError as error:
-            if self._redis_down_since is None:
-                self._redis_down_since = time.monotonic()
-                log.warning("Redis unreachable (%s): no progress or cancel until it is back", error)
+            OUTAGE.failed(error)
             return set()
-        if self._redis_down_since is not None:
-            log.info("Redis reachable again after %.1f s", time.monotonic() - self._redis_down_since)
-            self._redis_down_since = None
+        OUTAGE.answered()
+        self._listed_jobs = bool(running or waiting)
         return canceled
 
-    # --- 4. retire: decode, then PNG + Redis on the writer pool -----------------------------------
+    # --- 6. retire: decode, then PNG + Redis on the writer pool -----------------------------------
 
     def _retire(self) -> None:
-        denoised = [s for s in self._running if not s.finished and s.denoised]
-        self._running = [s for s in self._running if not s.finished and not s.denoised]
+        denoised = [s for s in self._jobs if not s.finished and s.denoised]
+        self._jobs = [s for s in self._jobs if not s.finished and not s.denoised]
         if denoised:
             self._decode_and_store(denoised)
 
     def _decode_and_store(self, submissions: list[Submission]) -> None:
-        """Decode finished jobs about one VAE call (`vae_batch` latents) at a time, handing each
-        call's jobs to the PNG writers at once: their encoding overlaps the next call's decode, and
-        the first jobs are done one decode sooner."""
+        """Decode finished jobs about one VAE call at a time, handing each call's jobs to the PNG
+        writers at once: their encoding overlaps the next call's decode, and the first jobs are done
+        one decode sooner."""
         batch: list[Submission] = []
         latents = 0
         for submission in submissions:
             count = len(submission.images)
-            if batch and latents + count > self.vae_batch:
+            if batch and latents + count > self.vae_batch.value:
                 self._decode_batch(batch)
                 batch, latents = [], 0
             batch.append(submission)
@@ -458,48 +475,36 @@ class Engine:
             self._decode_batch(batch)
 
     def _decode_batch(self, submissions: list[Submission]) -> None:
-        # each job's images, taken once: a slot may end a job (and drop its images) meanwhile
-        groups = [(s, list(s.images)) for s in submissions]
-        try:
+        def decode(jobs: Sequence[Submission]) -> None:
+            groups = [(s, s.image_snapshot()) for s in jobs]
             pictures = self._decode([image for _, images in groups for image in images])
-        except Exception as error:
-            if len(submissions) > 1:
-                log.warning(
-                    "decoding %d jobs together failed (%r): decoding each alone", len(submissions), error
+            offset = 0
+            for submission, images in groups:
+                pixels = pictures[offset : offset + len(images)]
+                offset += len(images)
+                self._writer.submit(
+                    self._write, submission, [Picture(p, i.seed) for p, i in zip(pixels, images, strict=True)]
                 )
-                for submission in submissions:
-                    self._decode_batch([submission])
-                return
-            log.error("job %s: decoding failed", submissions[0].job_id, exc_info=True)
-            self._end(
-                submissions[0],
-                RequestFailed(f"decoding the images failed: {error}", ErrorType.DECODING_FAILED),
-            )
-            return
-        offset = 0
-        for submission, images in groups:
-            pixels = pictures[offset : offset + len(images)]
-            self._writer.submit(
-                self._write,
-                submission,
-                [Picture(p, image.seed) for p, image in zip(pixels, images, strict=True)],
-            )
-            offset += len(images)
 
-    def _decode(self, images: Sequence[ActiveImage]) -> list[np.ndarray]:
+        def fail(submission: Submission, error: Exception) -> None:
+            log.error("job %s: decoding failed", submission.job_id, exc_info=error)
+            self._end(
+                submission, RequestFailed(f"decoding the images failed: {error}", ErrorType.DECODING_FAILED)
+            )
+
+        isolate_failures(submissions, decode, fail, "decoding")
+
+    def _decode(self, images: Sequence[ActiveImage]) -> list:
         while True:
             try:
-                return self.pipeline.decode(images, self.vae_batch)
+                pictures = self.pipeline.decode(images, self.vae_batch.value)
             except torch.OutOfMemoryError:
                 self._free_memory()
-                if self.vae_batch == 1:
+                if not self.vae_batch.shrink(min(len(images), self.vae_batch.value)):
                     raise
-                log.warning(
-                    "out of memory decoding: latents per VAE call %d -> %d",
-                    self.vae_batch,
-                    self.vae_batch // 2,
-                )
-                self.vae_batch //= 2
+                continue
+            self.vae_batch.succeeded()
+            return pictures
 
     def _write(self, submission: Submission, pictures: Sequence[Picture]) -> None:
         """Writer pool: encode and store the PNGs, then wake the job's slot."""
@@ -507,6 +512,9 @@ class Engine:
             return
         try:
             result = self._results.store(submission, pictures)
+        except JobEnded as ending:  # the sink gave up on storing (e.g. a long Redis outage)
+            self._end(submission, ending)
+            return
         except Exception as error:
             log.error("job %s: storing the images failed", submission.job_id, exc_info=True)
             self._end(submission, EngineFailure(f"could not store the images in Redis: {error}"))
@@ -528,6 +536,10 @@ class Engine:
                 self._stats.jobs_requeued += 1
             else:
                 self._stats.jobs_failed += 1
+
+    def _rows_per_image(self, submission: Submission) -> int:
+        """UNet rows per image and step: 2 with classifier-free guidance, else 1."""
+        return 2 if submission.params.guided and classifier_free(self.model) else 1
 
     def _free_memory(self) -> None:
         if self.model.device.type == "cuda":

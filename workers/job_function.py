@@ -74,6 +74,7 @@ def generate(params: dict) -> dict:
         request,
         timeout_s=job_timeout_s(job),
         enqueued_at=job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None,
+        attempt=job.worker_name or "" if job is not None else "",
     )
     outcome, detail = "succeeded", ""
     try:

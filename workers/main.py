@@ -160,8 +160,14 @@ class WorkerProcess:
                 vae_batch=runtime.vae_batch,
                 test_oom_above_rows=settings.test_oom_above_rows,
             ),
-            results=ResultWriter(client, model_name, settings.result_ttl_s),
-            progress=RedisProgress(client, settings.result_ttl_s),
+            results=ResultWriter(
+                client,
+                model_name,
+                settings.result_ttl_s,
+                wait_s=settings.redis_outage_wait_s,
+                buffer_bytes=settings.result_buffer_mb * 2**20,
+            ),
+            progress=RedisProgress(client, settings.result_ttl_s, self.name),
             pipeline_factory=lambda m: Pipeline(
                 m, runtime.text_batch, unet_runner=runner, vae_decoder=vae_decoder
             ),
@@ -174,6 +180,7 @@ class WorkerProcess:
             result_ttl_s=settings.result_ttl_s,
             maintenance=self._maintenance,
             has_room=self.engine.has_room,
+            redis_outage_wait_s=settings.redis_outage_wait_s,
         )
         width, height = model.native_size
         stamp = time.time()
@@ -185,6 +192,8 @@ class WorkerProcess:
             size_multiple=model.vae_scale_factor,
             default_steps=model.recommended.get("steps"),
             default_guidance_scale=model.recommended.get("guidance_scale"),
+            default_sampler=model.recommended.get("sampler"),
+            default_scheduler=model.recommended.get("scheduler"),
             device=str(runtime.device),
             dtype=dtype_name(runtime.dtype),
             max_batch_rows=runtime.max_batch_rows,

@@ -33,7 +33,7 @@ class PreviewMaker:
         previews: dict[str, bytes] = {}
         live: set[str] = set()
         for submission in submissions:
-            images = list(submission.images)  # a slot may end the job (and drop its images) meanwhile
+            images = submission.image_snapshot()
             if not submission.params.preview or not images or submission.finished:
                 continue
             live.add(submission.job_id)

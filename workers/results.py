@@ -1,8 +1,16 @@
 """Finished pictures to Redis: one PNG per image (A1111 `parameters` chunk inside) under its own key
-with a TTL, and the small JobResult document that RQ keeps as the job's return value."""
+with a TTL, and the small JobResult document that RQ keeps as the job's return value.
+
+While Redis is unavailable (down, or full with `noeviction`), finished results wait here, PNGs
+encoded, and are stored as soon as it answers: the pictures cost far more than the wait. The
+waiting results are bounded in bytes (`buffer_bytes`) and in time (`wait_s`); past either bound the
+job goes back to the queue (WorkerShuttingDown: another attempt, not a retry used up) instead of
+the worker running out of memory.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -12,47 +20,76 @@ from models.pipeline import Picture
 from models.png import encode_png, parameters_of
 from schemas.queue import ImageRef, JobResult
 from schemas.redis_keys import image_key
+from workers.errors import WorkerShuttingDown
+from workers.redis_outage import GaveUp, retry_while_unavailable
 from workers.submission import Submission
-
-STORE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)  # between attempts to store a job's PNGs
 
 
 class ResultWriter:
-    def __init__(self, client: redis.Redis, model_name: str, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        model_name: str,
+        ttl_s: int,
+        wait_s: float = 600.0,
+        buffer_bytes: int = 512 * 2**20,
+    ) -> None:
         self.client = client
         self.model_name = model_name
         self.ttl_s = ttl_s
+        self.wait_s = wait_s
+        self.buffer_bytes = buffer_bytes
+        self._lock = threading.Lock()
+        self._held_bytes = 0  # PNG bytes of results waiting for Redis, all writer threads together
 
     def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
         """PNGs of the job's pictures, each with the seed it was generated with, and the result."""
         refs, pngs = [], []
         for index, picture in enumerate(pictures):
-            pngs.append(
-                encode_png(picture.pixels, parameters_of(submission.params, picture.seed, self.model_name))
-            )
+            parameters = parameters_of(submission.params, picture.seed, self.model_name)
+            pngs.append(encode_png(picture.pixels, parameters))
             refs.append(ImageRef(index=index, seed=picture.seed, key=image_key(submission.job_id, index)))
-        self._set_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)})
+        self._store_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)}, submission)
         return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
 
-    def _set_all(self, values: dict[str, bytes]) -> None:
-        """SET every key with the TTL; a short Redis outage is waited out (the pictures cost far more
-        than a few seconds), a long one fails the job, which RQ then retries."""
-        for wait_s in (*STORE_RETRY_WAITS_S, None):
-            try:
-                with self.client.pipeline(transaction=False) as pipe:
-                    for key, value in values.items():
-                        pipe.set(key, value, ex=self.ttl_s)
-                    pipe.execute()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if wait_s is None:
-                    raise
-                time.sleep(wait_s)
+    def _store_all(self, values: dict[str, bytes], submission: Submission) -> None:
+        size = sum(len(value) for value in values.values())
+        held = False
+
+        def set_all() -> None:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, value in values.items():
+                    pipe.set(key, value, ex=self.ttl_s)
+                pipe.execute()
+
+        def keep_waiting() -> bool:
+            nonlocal held
+            if submission.finished:  # its slot gave up on it: nobody would read the result
+                return False
+            if not held:
+                with self._lock:
+                    if self._held_bytes + size > self.buffer_bytes:
+                        return False
+                    self._held_bytes += size
+                    held = True
+            return True
+
+        try:
+            retry_while_unavailable(set_all, self.wait_s, keep_waiting)
+        except GaveUp as error:
+            raise WorkerShuttingDown(
+                f"the pictures could not be stored ({error}; {self._held_bytes // 2**20} MB of results "
+                "already waiting); the job goes back to the queue"
+            ) from error
+        finally:
+            if held:
+                with self._lock:
+                    self._held_bytes -= size
 
 
 def timings(submission: Submission, stored_at: float) -> dict[str, float]:
-    """queue_wait_s: enqueued (or handed to the engine) -> joined the batch; run_s: joined the batch ->
-    last PNG stored; total_s: enqueued -> stored."""
+    """queue_wait_s: enqueued (or handed to the engine) -> first step; run_s: first step -> last PNG
+    stored; total_s: enqueued -> stored."""
     admitted = submission.admitted_at or submission.submitted_at
     queued = submission.enqueued_at if submission.enqueued_at is not None else submission.submitted_at
     return {

@@ -141,6 +141,15 @@ class WorkerSettings(LivenessSettings):
     # --- Redis lifetimes and liveness ------------------------------------------------------------
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="worker info + running jobs' heartbeat")
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: time given to running jobs to finish")
+    redis_outage_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="while Redis is unreachable or full: how long finished results and job bookkeeping "
+        "wait in the worker before the job goes back to the queue",
+    )
+    result_buffer_mb: int = Field(
+        512, ge=1, description="while Redis is unreachable or full: most MB of finished PNGs kept waiting"
+    )
     worker_name: str | None = Field(None, description="name in Redis (default: hostname-pid)")
 
     # TEST ONLY: every UNet call of more than this many rows raises a simulated out-of-memory error.

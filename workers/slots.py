@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -30,6 +29,7 @@ from rq.worker import SimpleWorker
 
 from schemas.queue import QUEUE_NAME
 from workers.errors import JobCanceled, JobEnded, WorkerShuttingDown
+from workers.redis_outage import retry_while_unavailable
 from workers.rq_internals import ThreadedWorker, end_canceled, enqueue_at_front
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,27 @@ RESTART_BACKOFF_S = (1.0, 5.0)  # first and longest wait before a dead slot loop
 
 
 class EngineEndings(SimpleWorker):
-    """RQ's failure bookkeeping, told apart by how the engine ended the job (workers/errors.py)."""
+    """RQ's bookkeeping of a job's end, told apart by how the engine ended it (workers/errors.py),
+    and waiting out a Redis outage instead of failing half-way (which would leave the job for the
+    janitor, spending a retry): `redis_outage_wait_s` bounds that wait."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, redis_outage_wait_s: float = 600.0, **kwargs) -> None:
         self._outcomes: dict[str, BaseException] = {}  # job id -> exception it raised, until handled
         self.running: tuple[Job, object] | None = None  # (job, RQ execution), read by the heartbeat thread
+        self.redis_outage_wait_s = redis_outage_wait_s
         super().__init__(*args, **kwargs)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        retry_while_unavailable(
+            lambda: super(EngineEndings, self).handle_execution_ended(job, queue, heartbeat_ttl),
+            self.redis_outage_wait_s,
+        )
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry) -> None:
+        retry_while_unavailable(
+            lambda: super(EngineEndings, self).handle_job_success(job, queue, started_job_registry),
+            self.redis_outage_wait_s,
+        )
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         self.running = (job, self.execution)
@@ -64,6 +79,14 @@ class EngineEndings(SimpleWorker):
         self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = ""
     ) -> None:
         error = self._outcomes.pop(job.id, None)
+        retry_while_unavailable(
+            lambda: self._record_ending(job, queue, error, started_job_registry, exc_string),
+            self.redis_outage_wait_s,
+        )
+
+    def _record_ending(
+        self, job: Job, queue: Queue, error: BaseException | None, started_job_registry, exc_string: str
+    ) -> None:
         if isinstance(error, JobCanceled):
             end_canceled(self, job)
             return
@@ -93,10 +116,7 @@ class EngineEndings(SimpleWorker):
             job.meta["error"] = {"type": error.error_type.value, "message": error.message}
         elif "error" not in job.meta:
             job.meta["error"] = {"type": type(error).__name__, "message": str(error) or type(error).__name__}
-        try:
-            job.save_meta()
-        except RedisError as redis_error:
-            log.warning("job %s: could not save its error in meta (%s)", job.id, redis_error)
+        job.save_meta()
 
 
 class SlotWorker(EngineEndings, ThreadedWorker):
@@ -120,8 +140,10 @@ class SlotPool:
         result_ttl_s: int,
         maintenance: Callable[[SlotWorker], None] | None = None,
         has_room: Callable[[], bool] | None = None,
+        redis_outage_wait_s: float = 600.0,
     ) -> None:
         self.count = count
+        self._redis_outage_wait_s = redis_outage_wait_s
         self._has_room = has_room
         self.worker_name = worker_name
         self._connect = connect
@@ -168,6 +190,7 @@ class SlotPool:
                     default_result_ttl=self._result_ttl_s,
                     worker_ttl=max(60, 2 * self._job_heartbeat_ttl_s),
                     job_heartbeat_ttl_s=self._job_heartbeat_ttl_s,
+                    redis_outage_wait_s=self._redis_outage_wait_s,
                     maintenance=self._maintenance,
                     has_room=self._has_room,
                 )

@@ -1,7 +1,12 @@
 """One job as the engine sees it: the request, its images on their way, and the ticket its slot waits on.
 
-Created by the job function (slot thread), advanced by the engine thread, completed once by whoever
-ends it first (engine, result writer): the slot then wakes with the result or the exception.
+Created by the job function (slot thread), advanced by the engine thread. Three kinds of thread may
+end it, and the first ending wins (`complete`/`fail` are atomic; later ones are no-ops):
+- the engine thread: invalid for the model, a failure of its own, canceled, timed out, drained;
+- a result-writer thread: its PNGs stored (complete), or storing them failed;
+- its slot thread: the engine died, or gave no answer in time.
+Ending a job drops its images at once (the latents are freed). Threads other than the engine's
+read them through `image_snapshot()`, never the list itself.
 """
 
 from __future__ import annotations
@@ -16,15 +21,16 @@ from schemas.queue import JobResult
 from workers.errors import JobEnded
 
 
-@dataclass(eq=False)  # identity semantics: a Submission is the sampler's key for its images
+@dataclass(eq=False)  # identity semantics: a Submission is the pipeline's key for its images
 class Submission:
     job_id: str
     params: Generation
     timeout_s: float | None = None  # None: no limit
     enqueued_at: float | None = None  # unix s the job entered the RQ queue (queue-wait timing)
+    attempt: str = ""  # the RQ worker running this attempt: progress is published under it
     submitted_at: float = field(default_factory=time.time)  # unix s the slot handed it to the engine
-    admitted_at: float | None = None  # unix s it joined the batch
-    images: list[ActiveImage] = field(default_factory=list)
+    admitted_at: float | None = None  # unix s of its first step
+    images: list[ActiveImage] = field(default_factory=list)  # engine thread; others: image_snapshot()
 
     def __post_init__(self) -> None:
         self._started_mono = time.monotonic()
@@ -33,17 +39,30 @@ class Submission:
         self._result: JobResult | None = None
         self._error: JobEnded | None = None
 
-    # --- scheduling -------------------------------------------------------------------------------
+    # --- scheduling (engine thread) -----------------------------------------------------------------
 
     @property
-    def rows(self) -> int:
-        """UNet rows per step: 2 per image with classifier-free guidance, else 1."""
-        return self.params.num_images * (2 if self.params.guided else 1)
+    def started(self) -> bool:
+        """Its prompt is encoded and its images drawn."""
+        return bool(self.images)
+
+    @property
+    def stepped(self) -> bool:
+        """It has taken its first step: from then on a client sees it running."""
+        return self.admitted_at is not None
+
+    @property
+    def images_left(self) -> int:
+        """Images not denoised yet (all of them before it started)."""
+        if not self.images:
+            return 0 if self.finished else self.params.num_images
+        return sum(not image.done for image in self.images)
 
     @property
     def step(self) -> int:
-        """Denoising steps done (all images of a request advance together)."""
-        return min((image.step_index for image in self.images), default=0)
+        """Denoising steps done, averaged over its images (they may advance apart)."""
+        images = self.image_snapshot()
+        return sum(image.step_index for image in images) // len(images) if images else 0
 
     @property
     def total_steps(self) -> int:
@@ -56,6 +75,19 @@ class Submission:
     def timed_out(self, now_mono: float) -> bool:
         """The job's time limit counts from the moment its worker started it (as RQ's job_timeout)."""
         return self.timeout_s is not None and now_mono - self._started_mono >= self.timeout_s
+
+    def attach_images(self, images: list[ActiveImage]) -> bool:
+        """Give it its images once started; False (and nothing kept) if it ended meanwhile."""
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self.images = images
+            return True
+
+    def image_snapshot(self) -> tuple[ActiveImage, ...]:
+        """Its images as they are now (empty once it ended): safe to read from any thread."""
+        with self._lock:
+            return tuple(self.images)
 
     # --- the ticket -------------------------------------------------------------------------------
 

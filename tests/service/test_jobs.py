@@ -1,5 +1,5 @@
-"""JobStore against the test's real Redis (and a real RQ worker process): what POST /v1/txt2img
-reports right after enqueue."""
+"""JobStore against the test's real Redis (and a real RQ worker process): the status and place a
+client sees, from the enqueue to the first step."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import pytest
 import redis
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
+from rq.serializers import JSONSerializer
 
 from schemas.generation import Generation
 from schemas.queue import QUEUE_NAME, JobStatus
+from schemas.redis_keys import progress_key, waiting_key
 from service.job_store import JobStore
 from service.settings import Settings
+from tests.support.api import publish_worker
 
 PARAMS = Generation(
     prompt="a cat", width=64, height=64, steps=2, guidance_scale=7.5, eta=0.0, seed=1, num_images=1
@@ -37,34 +40,51 @@ def test_submit_reports_the_place_in_the_queue(store: JobStore) -> None:
     assert second[1:] == (JobStatus.QUEUED, 1)
 
 
-@pytest.mark.parametrize(
-    ("status_written", "reported"),
-    [(None, JobStatus.RUNNING), (RqStatus.STARTED, JobStatus.RUNNING), (RqStatus.FAILED, JobStatus.FAILED)],
-)
-def test_a_job_a_worker_takes_at_once_is_not_reported_queued_without_a_place(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch, status_written: RqStatus | None, reported: JobStatus
-) -> None:
-    """What an idle worker does between our enqueue and our LPOS: RQ's BLMOVE of the id to its
-    intermediate list first, its status ("started", then perhaps "failed") written only later."""
-    enqueue = store.queue.enqueue
-
-    def enqueue_then_a_worker_takes_it(*args: object, **kwargs: object) -> Job:
-        job = enqueue(*args, **kwargs)
-        store.redis.lmove(store.queue.key, store.queue.intermediate_queue_key, "LEFT", "RIGHT")
-        if status_written is not None:
-            job.set_status(status_written)
-        return job
-
-    monkeypatch.setattr(store.queue, "enqueue", enqueue_then_a_worker_takes_it)
-    job_id, status, position = store.submit(PARAMS, owner="")
-    assert (status, position) == (reported, None)
-    assert store.redis.lrange(store.queue.intermediate_queue_key, 0, -1) == [job_id.encode()]
+def take(store: JobStore, job_id: str, worker: str) -> Job:
+    """What a worker's slot does with a job it takes: RQ's BLMOVE to its intermediate list, then
+    status "started" under the slot's name."""
+    store.redis.lrem(store.queue.key, 1, job_id)
+    store.redis.rpush(store.queue.intermediate_queue_key, job_id)
+    job = Job.fetch(job_id, connection=store.redis, serializer=JSONSerializer)
+    job.worker_name = f"{worker}.slot0"
+    job.set_status(RqStatus.STARTED)
+    job.save()
+    return Job.fetch(job_id, connection=store.redis, serializer=JSONSerializer)
 
 
-def test_with_a_real_idle_worker_no_answer_says_queued_without_a_place(redis_url: str) -> None:
+def test_a_job_a_worker_holds_before_its_first_step_is_queued_with_its_place(store: JobStore) -> None:
+    """Taken by a worker whose batch has no room for it yet: queued, counted with the jobs that
+    worker holds (its published waiting list) and those still in the queue: never "running, step
+    0" with no place (what a client saw for a minute behind big jobs)."""
+    publish_worker(store.redis, "w1")
+    first, second, third = (store.submit(PARAMS, owner="")[0] for _ in range(3))
+    taken = [take(store, job_id, "w1") for job_id in (first, second)]
+    scores = {job.id: job.enqueued_at.timestamp() for job in taken}
+    store.redis.zadd(waiting_key("w1"), scores)
+    assert [store.snapshot(job).queue_position for job in taken] == [0, 1]
+    assert all(store.snapshot(job).status is JobStatus.QUEUED for job in taken)
+    assert store.snapshot(store.find(third, "")).queue_position == 2  # behind both, first in the queue
+    fourth = store.submit(PARAMS, owner="")
+    assert fourth[1:] == (JobStatus.QUEUED, 3)
+
+
+def test_running_only_from_the_first_step_of_this_attempt(store: JobStore) -> None:
+    job_id = store.submit(PARAMS, owner="")[0]
+    job = take(store, job_id, "w2")
+    progress = progress_key(job_id)
+    store.redis.hset(progress, mapping={"step": 7, "total_steps": 9, "attempt": "w1.slot0"})  # an earlier try
+    snap = store.snapshot(job)
+    assert (snap.status, snap.step, snap.queue_position) == (JobStatus.QUEUED, 0, 0)
+    store.redis.hset(progress, mapping={"step": 1, "attempt": "w2.slot0"})
+    snap = store.snapshot(job)
+    assert (snap.status, snap.step, snap.queue_position) == (JobStatus.RUNNING, 1, None)
+
+
+def test_with_a_real_idle_worker_every_answer_says_queued_with_a_place(redis_url: str) -> None:
     """A plain RQ worker process blocks on the queue, so it often takes a job between our enqueue
-    and our LPOS (20 times in 20 here). Outside a worker process our job function fails at once
-    (after its first import), which keeps the worker idle between submits."""
+    and our LPOS. Outside a worker process our job function fails at once (after its first
+    import), which keeps the worker idle between submits. Whoever took it, a new job is queued (it
+    has taken no step) and has a place."""
     client = redis.Redis.from_url(redis_url)
     store = JobStore(client, Settings(job_retries=0))
     worker_code = (
@@ -82,13 +102,11 @@ def test_with_a_real_idle_worker_no_answer_says_queued_without_a_place(redis_url
         assert client.hget(Job.key_for(first), "status") == b"failed", "the RQ worker took no job"
         answers = []
         for _ in range(20):
-            _, status, position = store.submit(PARAMS, owner="")
-            answers.append((status, position))
+            job_id, status, position = store.submit(PARAMS, owner="")
+            answers.append((status, position, client.lpos(store.queue.key, job_id)))
             time.sleep(0.2)
     finally:
-        worker.terminate()
+        worker.kill()  # nothing to drain
         worker.wait(timeout=30)
         client.close()
-    assert all(position is not None for status, position in answers if status is JobStatus.QUEUED), answers
-    assert all(position is None for status, position in answers if status is not JobStatus.QUEUED), answers
-    assert any(status is JobStatus.RUNNING for status, _ in answers), answers  # the race did happen
+    assert all(status is JobStatus.QUEUED and position == 0 for status, position, _ in answers), answers

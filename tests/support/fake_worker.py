@@ -3,7 +3,7 @@
 This exercises the API's reading of what RQ records (statuses, results, failures, cancellation,
 timestamps) without a GPU or a model. It is not the worker: the end-to-end lifecycle test with the
 real worker lives with workers/. What it relies on is the contract the real worker follows:
-- progress: HSET progress_key(job_id) step/total_steps once per step;
+- progress: HSET progress_key(job_id) step/total_steps/attempt (the RQ worker's name) once per step;
 - PNG bytes at image_key(job_id, index) with a TTL, and the JobResult document as return value;
 - cancel: the engine checks cancel_key(job_id) between steps; on cancel the job function raises
   workers.errors.JobCanceled, and the worker's own endings (workers/slots.py: EngineEndings)
@@ -59,7 +59,8 @@ def fake_txt2img(params: dict) -> dict:
     for step in range(1, request.steps + 1):
         if conn.exists(cancel_key(job.id)):
             raise JobCanceled(f"canceled at step {step} of {request.steps}")
-        conn.hset(progress_key(job.id), mapping={"step": step, "total_steps": request.steps})
+        progress = {"step": step, "total_steps": request.steps, "attempt": job.worker_name}
+        conn.hset(progress_key(job.id), mapping=progress)
         conn.expire(progress_key(job.id), IMAGE_TTL_S)
         if on_step is not None:
             on_step(job.id, step)

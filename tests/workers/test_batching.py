@@ -1,10 +1,10 @@
-"""Admission and call splitting, as pure decisions (no model, no Redis)."""
+"""Sharing a step's rows and splitting it into calls, as pure decisions (no model, no Redis)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.batching import admit_count, group_by_shape, split_rows
+from workers.batching import Demand, group_by_shape, share_rows, split_rows
 
 
 @dataclass
@@ -14,39 +14,46 @@ class Item:
     latent_shape: tuple[int, ...] = (4, 8, 8)
 
 
-def test_admits_oldest_first_while_they_fit() -> None:
-    assert admit_count([2, 2, 2, 2, 2], running_rows=0, max_rows=8) == 4
-    assert admit_count([2, 2, 2], running_rows=6, max_rows=8) == 1
-    assert admit_count([2], running_rows=8, max_rows=8) == 0
+def share(demands: list[tuple[int, int]], max_rows: int) -> list[int]:
+    return share_rows([Demand(rows, images) for rows, images in demands], max_rows)
 
 
-def test_strict_fifo_nobody_jumps_a_waiting_request() -> None:
-    # the head (6 rows) does not fit beside 4 running rows: the small ones behind it wait too
-    assert admit_count([6, 1, 1], running_rows=4, max_rows=8) == 0
-    # and it joins as soon as there is room, before the later ones
-    assert admit_count([6, 1, 1], running_rows=2, max_rows=8) == 1
+def test_one_image_per_request_per_round_oldest_first() -> None:
+    assert share([(2, 1), (2, 1), (2, 1), (2, 1), (2, 1)], max_rows=8) == [1, 1, 1, 1, 0]
+    assert share([(2, 8), (2, 1)], max_rows=8) == [3, 1]  # the big one takes what the small one leaves
+    assert share([(2, 8)], max_rows=8) == [4]  # alone, it fills the batch
+    assert share([(1, 3), (2, 2)], max_rows=5) == [
+        3,
+        1,
+    ]  # 1 + 2, then 1 + 1: a second 2-row image does not fit
 
 
-def test_a_request_larger_than_the_budget_runs_alone() -> None:
-    assert admit_count([20, 2], running_rows=0, max_rows=8) == 1  # alone, nobody beside it
-    assert admit_count([20], running_rows=2, max_rows=8) == 0  # waits until the batch is empty
+def test_a_small_request_does_not_wait_behind_a_big_one() -> None:
+    """What a strict FIFO of whole requests did: the small one waited for the whole big run."""
+    assert share([(2, 8), (2, 1)], max_rows=4) == [1, 1]
 
 
-def test_no_starvation_under_a_stream_of_small_requests() -> None:
-    """Simulate: a big request waits behind running small ones while small ones keep arriving."""
-    max_rows, waiting, running = 8, [("big", 8)], [("s0", 2), ("s1", 2), ("s2", 2)]
-    admitted_order = []
-    for tick in range(20):
-        waiting.append((f"new{tick}", 2))  # a new small request every step
-        if running:
-            running.pop(0)  # one running request finishes per step
-        count = admit_count([rows for _, rows in waiting], sum(r for _, r in running), max_rows)
-        for _ in range(count):
-            name, rows = waiting.pop(0)
-            admitted_order.append(name)
-            running.append((name, rows))
-    assert "big" in admitted_order
-    assert admitted_order.index("big") == 0  # nobody arriving after it went first
+def test_an_image_bigger_than_the_budget_steps_alone() -> None:
+    assert share([(2, 3), (1, 1)], max_rows=1) == [1, 0]
+    assert share([(2, 0), (2, 1)], max_rows=1) == [0, 1]
+
+
+def test_no_request_starves_under_a_stream_of_small_ones() -> None:
+    """Simulate a long big request (6 images) among small ones while two new small ones arrive every
+    step and each small one is done after one step: the big one gets an image into every step, and
+    no small one waits for more than a few steps (the oldest are served first)."""
+    max_rows = 8
+    waiting: list[tuple[str, int]] = []  # (name, tick it arrived)
+    waits = []
+    for tick in range(40):
+        waiting += [(f"a{tick}", tick), (f"b{tick}", tick)]
+        shares = share([(2, 6), *[(2, 1) for _ in waiting]], max_rows)
+        assert shares[0] >= 1  # the big one always moves
+        served = [w for w, k in zip(waiting, shares[1:], strict=True) if k]
+        waits += [tick - arrived for _, arrived in served]
+        waiting = [w for w in waiting if w not in served]
+    assert max(waits) <= 1  # 3 small ones fit beside the big one each step: none waits long
+    assert waiting == sorted(waiting, key=lambda w: w[1])  # nobody jumped an older one
 
 
 def test_split_rows_keeps_order_and_limit() -> None:

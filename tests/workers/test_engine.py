@@ -13,7 +13,7 @@ from models.pipeline import Picture, Pipeline, generate
 from schemas.generation import Generation
 from schemas.queue import ImageRef, JobResult
 from tests.support.jobs import max_pixel_diff, params, wait_until
-from workers.engine import Engine, EngineConfig
+from workers.engine import Engine, EngineConfig, Progress
 from workers.errors import EngineFailure, JobCanceled, JobTimedOut, RequestFailed, WorkerShuttingDown
 from workers.submission import Submission
 
@@ -22,12 +22,16 @@ class FakeProgress:
     def __init__(self) -> None:
         self.cancel: set[str] = set()
         self.latest: dict[str, tuple[int, int]] = {}
+        self.waiting: list[str] = []
         self.lock = threading.Lock()
 
-    def sync(self, progress: Mapping[str, tuple[int, int]]) -> set[str]:
+    def sync(
+        self, running: Mapping[str, Progress], waiting: Sequence[tuple[str, float]], previews: Mapping
+    ) -> set[str]:
         with self.lock:
-            self.latest.update(progress)
-            return self.cancel & set(progress)
+            self.latest.update({job_id: (p.step, p.total_steps) for job_id, p in running.items()})
+            self.waiting = [job_id for job_id, _ in waiting]
+            return self.cancel & {*running, *self.waiting}
 
 
 class FakeResults:
@@ -131,15 +135,20 @@ def test_admission_is_fifo_and_respects_the_row_budget(make_engine) -> None:
     assert engine.stats().max_requests_per_call == 1
 
 
-def test_request_larger_than_the_budget_runs_alone_split(make_engine, tiny_model) -> None:
-    engine, results, _ = make_engine(max_batch_rows=4)
-    big = submit(engine, "big", num_images=3, steps=4)  # 6 rows > 4
+def test_a_big_request_shares_the_rows_with_a_small_one(make_engine, tiny_model) -> None:
+    """Images, not requests, take the rows: a small request arriving behind a big one (6 rows > 4)
+    is interleaved with it instead of waiting for its whole run, and both equal their alone runs."""
+    engine, results, _ = make_engine(max_batch_rows=4, start=False)
+    big = submit(engine, "big", num_images=3, steps=4)
     small = submit(engine, "small", steps=3, seed=9)
+    engine.start()
     finish([big, small])
     assert big.error is None and small.error is None
-    assert results.order == ["big", "small"]  # strict FIFO: the small one waited
+    assert results.order == ["small", "big"]  # the small one did not wait for the big one
     assert engine.stats().last_batch_rows <= 4
+    assert engine.stats().max_requests_per_call == 2
     assert_alone_equal(tiny_model, results, big)
+    assert_alone_equal(tiny_model, results, small)
 
 
 def test_invalid_request_fails_alone(make_engine, tiny_model) -> None:
@@ -261,7 +270,7 @@ def test_a_crash_of_the_loop_itself_loses_no_job(make_engine) -> None:
     running = submit(engine, "running", steps=50)
     waiting = submit(engine, "waiting", steps=5)  # no room beside the first: never starts
 
-    def broken_sync(_progress):
+    def broken_sync(*_args):
         raise RuntimeError("a bug in the loop")
 
     progress.sync = broken_sync

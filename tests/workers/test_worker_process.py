@@ -65,6 +65,7 @@ def test_concurrent_jobs_share_unet_calls_and_equal_alone_runs(client, start_wor
         assert client.hgetall(progress_key(job_id)) == {
             b"step": str(job_params["steps"]).encode(),
             b"total_steps": str(job_params["steps"]).encode(),
+            b"attempt": fetch(client, job_id).worker_name.encode(),
         }
     wait_until(lambda: worker_info(client, worker.name).stats.jobs_succeeded == 8, 10, "published counters")
     info = worker_info(client, worker.name)

@@ -122,8 +122,17 @@ CASES = [
     ({"num_images": 1}, None, ()),
     ({"num_images": MAX_IMAGES}, None, ()),
     ({"num_images": MAX_IMAGES + 1}, "num_images", (f"less than or equal to {MAX_IMAGES}",)),
+    # sampler and scheduler: our names, A1111's names, pairs the sampler supports
+    ({"sampler": "euler"}, None, ()),
+    ({"sampler": "DPM++ 2M Karras"}, None, ()),
+    ({"sampler": "Euler a", "scheduler": "normal"}, None, ()),
+    ({"sampler": "heun"}, "sampler", ("unknown sampler 'heun'; valid: ddim, euler",)),
+    ({"sampler": 3}, "sampler", ("valid string",)),
+    ({"sampler": "ddim", "scheduler": "karras"}, "scheduler", ("it supports: normal, sgm_uniform",)),
+    ({"scheduler": "fast"}, "scheduler", ("unknown scheduler 'fast'; valid: normal, karras",)),
+    ({"sampler": "DPM++ 2M Karras", "scheduler": "exponential"}, "sampler", ("means sampler dpmpp_2m",)),
     # unknown fields
-    ({"sampler": "euler"}, "sampler", ("Extra inputs are not permitted",)),
+    ({"sampler_name": "euler"}, "sampler_name", ("Extra inputs are not permitted",)),
 ]
 
 
@@ -167,6 +176,8 @@ def test_accepted_answer_and_resolved_request(client: httpx.Client) -> None:
         "steps": 20,
         "guidance_scale": 5.0,
         "eta": 0.5,
+        "sampler": "ddim",
+        "scheduler": "normal",
         "seed": 42,
         "num_images": 2,
     }
