@@ -6,8 +6,8 @@
     lighthouse-0.png	seed=1
     lighthouse-1.png	seed=2
 
-Only the options given are sent; the server fills in the rest (the model's native size, 50
-steps, ...). Exit status: 0 saved, 1 any error (the server's own message on stderr), 2 bad
+Only the options given are sent; the server fills in the rest (the model's native size and
+recommended steps, guidance and sampler, ...). Exit status: 0 saved, 1 any error (the server's own message on stderr), 2 bad
 usage, 130 interrupted (Ctrl-C cancels the job on the server first).
 """
 
@@ -50,9 +50,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--negative-prompt", help="what to steer away from")
     parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
-    parser.add_argument("--steps", type=int, help="denoising steps (server default 50)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (server default 7.5)")
-    parser.add_argument("--eta", type=float, help="DDIM eta, 0 to 1")
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps (server default: the model's recommendation)"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance (server default: the model's recommendation)",
+    )
+    parser.add_argument(
+        "--sampler",
+        help="e.g. ddim, euler, euler_ancestral, dpmpp_2m, uni_pc, lcm, or AUTOMATIC1111's names (\"DPM++ 2M "
+        'Karras", "Euler a"); GET /v1/samplers lists them (server default: the model\'s recommendation)',
+    )
+    parser.add_argument(
+        "--scheduler", help="normal, karras, exponential or sgm_uniform (server default: normal)"
+    )
+    parser.add_argument("--eta", type=float, help="DDIM eta, 0 to 1 (other samplers ignore it)")
     parser.add_argument("--seed", type=int, help="image i uses seed + i (default: random, printed)")
     parser.add_argument("-n", "--num-images", type=int, help="images to generate (default 1)")
     parser.add_argument(
@@ -80,6 +94,8 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         "height",
         "steps",
         "guidance_scale",
+        "sampler",
+        "scheduler",
         "eta",
         "seed",
         "num_images",

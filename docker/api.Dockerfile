@@ -13,7 +13,7 @@ RUN pip install -r /tmp/requirements-api.txt
 
 COPY schemas/ schemas/
 COPY service/ service/
-COPY workers/__init__.py workers/janitor.py workers/rq_internals.py workers/
+COPY workers/__init__.py workers/janitor.py workers/rq_internals.py workers/redis_outage.py workers/
 ENV PYTHONPATH=/app
 
 USER sdserve

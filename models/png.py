@@ -1,8 +1,9 @@
 """PNG encoding with the generation parameters in AUTOMATIC1111's `parameters` tEXt chunk.
 
 Tools that read A1111's "PNG info" read ours: the prompt line, an optional ``Negative prompt:`` line,
-then ``Steps: N, Sampler: DDIM, CFG scale: G, Seed: S, Size: WxH, Model: NAME`` (plus ``Eta`` when it
-is not 0, so the picture can be reproduced).
+then ``Steps: N, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: G, Seed: S, Size: WxH, Model:
+NAME`` (``Schedule type`` only when it is not the model's own; ``Eta`` when a sampler that uses it has
+one, so the picture can be reproduced).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from schemas.generation import Generation
+from schemas.samplers import SAMPLERS, a1111_name
 
 PARAMETERS_KEY = "parameters"
 
@@ -28,20 +30,25 @@ def format_parameters(
     height: int,
     model: str,
     eta: float = 0.0,
+    sampler: str = "ddim",
+    scheduler: str = "normal",
 ) -> str:
-    """The A1111 parameters text of one image."""
+    """The A1111 parameters text of one image: its sampler under A1111's name ("DPM++ 2M"), and the
+    schedule as A1111 writes it ("Schedule type: Karras") when it is not the model's own."""
+    label, schedule = a1111_name(sampler, scheduler)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    fields = [
-        f"Steps: {steps}",
-        "Sampler: DDIM",
+    fields = [f"Steps: {steps}", f"Sampler: {label}"]
+    if scheduler != "normal":
+        fields.append(f"Schedule type: {schedule}")
+    fields += [
         f"CFG scale: {guidance_scale:g}",
         f"Seed: {seed}",
         f"Size: {width}x{height}",
         f"Model: {model}",
     ]
-    if eta:
+    if eta and SAMPLERS[sampler].uses_eta:
         fields.append(f"Eta: {eta:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
@@ -59,6 +66,8 @@ def parameters_of(generation: Generation, seed: int, model: str) -> str:
         height=generation.height,
         model=model,
         eta=generation.eta,
+        sampler=generation.sampler,
+        scheduler=generation.scheduler,
     )
 
 

@@ -24,6 +24,7 @@ from models.pipeline import check_generation, generate
 from models.png import encode_png, parameters_of
 from models.single_file import CheckpointError
 from schemas.generation import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, SEED_MAX, Generation
+from schemas.samplers import SAMPLERS, SCHEDULERS
 
 logger = logging.getLogger("models.txt2img")
 
@@ -32,7 +33,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m models.txt2img", description="Stable Diffusion text-to-image (DDIM, CFG)."
+        prog="python -m models.txt2img", description="Stable Diffusion text-to-image (any sampler, CFG)."
     )
     parser.add_argument(
         "--model",
@@ -45,7 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, help="default: the model's native height")
     parser.add_argument("--steps", type=int, help="default: what the model recommends, else 50")
     parser.add_argument("--guidance-scale", type=float, help="default: what the model recommends, else 7.5")
-    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument(
+        "--sampler",
+        help=f'one of {", ".join(SAMPLERS)} or AUTOMATIC1111\'s names ("DPM++ 2M Karras", "Euler a"); '
+        "default: what the model recommends, else ddim",
+    )
+    parser.add_argument(
+        "--scheduler", help=f"one of {', '.join(SCHEDULERS)} (default: the model's, else normal)"
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (other samplers ignore it)")
     parser.add_argument("--seed", type=int, help="default: random (printed)")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument(
@@ -61,6 +70,20 @@ def output_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+
+
+def sampler_choice(args: argparse.Namespace, recommended: dict) -> dict[str, str]:
+    """sampler and scheduler: as given, else the model's recommendation (a scheduler only for the
+    sampler it was recommended with), else Generation's defaults."""
+    choice: dict[str, str] = {}
+    sampler = args.sampler or recommended.get("sampler")
+    if sampler:
+        choice["sampler"] = sampler
+    if args.scheduler:
+        choice["scheduler"] = args.scheduler
+    elif not args.sampler and recommended.get("scheduler"):
+        choice["scheduler"] = recommended["scheduler"]
+    return choice
 
 
 def _option_error(error: dict) -> str:
@@ -102,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 else float(model.recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
             ),
             eta=args.eta,
+            **sampler_choice(args, model.recommended),
             seed=args.seed if args.seed is not None else secrets.randbelow(SEED_MAX - max(num_images, 1) + 2),
             num_images=num_images,
         )

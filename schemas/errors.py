@@ -23,6 +23,7 @@ class ErrorType(StrEnum):
     WORKER_DIED = "WorkerDied"
     ABANDONED = "AbandonedJobError"
     JOB_STOPPED = "JobStopped"
+    FORBIDDEN_JOB = "ForbiddenJob"
     JOB_FAILED = "JobFailed"
     # endings that are not failures a client sees: the job is canceled, or queued again
     JOB_CANCELED = "JobCanceled"
@@ -62,6 +63,7 @@ ERROR_TRAITS: dict[ErrorType, ErrorTraits] = {
     ErrorType.WORKER_DIED: ErrorTraits(False, False, "the worker died and the job had no retries left"),
     ErrorType.ABANDONED: ErrorTraits(False, False, "the worker stopped heartbeating"),
     ErrorType.JOB_STOPPED: ErrorTraits(False, False, "an operator stopped the job"),
+    ErrorType.FORBIDDEN_JOB: ErrorTraits(False, False, "the job names a function that is not this service's"),
     ErrorType.JOB_FAILED: ErrorTraits(False, False, "the job failed for an unknown reason"),
     ErrorType.JOB_CANCELED: ErrorTraits(False, True, "canceled by its client (status canceled)"),
     ErrorType.WORKER_SHUTTING_DOWN: ErrorTraits(False, False, "handed back to the queue by a stopping worker"),

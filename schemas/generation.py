@@ -87,6 +87,12 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# A prompt a client must send: at least one non-whitespace character (the API's rule).
+NonBlank = Annotated[
+    str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)
+]
+
+
 def _last_seed_fits(seed: int | None, info: ValidationInfo) -> int | None:
     """Image i uses seed + i: the last image's seed must fit too (num_images is validated first)."""
     num_images = info.data.get("num_images") or 1
@@ -172,11 +178,9 @@ class Generation(SamplerNames):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: Annotated[str, Field(strict=True), AfterValidator(_not_blank)] = Field(
-        min_length=1,
-        max_length=PROMPT_CHARS_LIMIT,
-        json_schema_extra={"pattern": r"\S"},  # enforced by _not_blank, with a clearer message
-        description="What to draw; not only whitespace.",
+    # may be empty here (an unconditional picture); the API asks for a prompt (NonBlank below)
+    prompt: Annotated[str, Field(strict=True)] = Field(
+        max_length=PROMPT_CHARS_LIMIT, description="What to draw."
     )
     negative_prompt: Annotated[str, Field(strict=True)] = Field(
         "", max_length=PROMPT_CHARS_LIMIT, description="What to steer away from (replaces the empty prompt)."

@@ -28,7 +28,7 @@ class WorkerInfo(BaseModel):
     model: str
     native_width: int
     native_height: int
-    size_multiple: int = 8  # width and height must be multiples of this
+    size_multiple: int = 8  # width and height must be multiples of this (the API's 8 and the VAE's)
     # the model's own recommended settings (from its folder's defaults.json), used by the API for
     # requests that leave them out; None: the API's SD_DEFAULT_STEPS / SD_DEFAULT_GUIDANCE_SCALE
     default_steps: int | None = None
@@ -42,4 +42,6 @@ class WorkerInfo(BaseModel):
     started_at: float
     heartbeat_at: float
     heartbeat_interval_s: float
+    # how the UNet runs: "fast (...)", "plain", or "plain (fell back: why)" when the fast path failed
+    fast_path: str = "plain"
     stats: EngineStats = Field(default_factory=EngineStats)

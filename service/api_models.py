@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from schemas.errors import describe_error_types
-from schemas.generation import PROMPT_EXAMPLE, Generation, SamplerNames, derive_fields
+from schemas.generation import PROMPT_EXAMPLE, Generation, NonBlank, SamplerNames, derive_fields
 from schemas.queue import JobStatus
 from schemas.samplers import pair_rules
 from service.settings import Settings
@@ -47,7 +47,7 @@ def request_bounds(settings: Settings) -> dict[str, dict[str, Any]]:
     """The deployment's tighter bounds on Generation's fields (service/settings.py)."""
     size = {"ge": settings.min_size, "le": settings.max_size}
     return {
-        "prompt": {"max_length": settings.max_prompt_chars},
+        "prompt": {"max_length": settings.max_prompt_chars},  # and NonBlank
         "negative_prompt": {"max_length": settings.max_prompt_chars},
         "width": size,
         "height": size,
@@ -81,6 +81,7 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
         omittable=tuple(set(SERVER_FILLED) - set(NULLABLE)),
         bounds=request_bounds(settings),
     )
+    fields["prompt"] = (NonBlank, fields["prompt"][1])  # a client must say what to draw
     _describe(fields, settings)
     examples = [
         {"prompt": PROMPT_EXAMPLE},

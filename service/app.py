@@ -7,6 +7,7 @@ so importing this module (tests, tools) reads no environment and connects to not
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,7 @@ from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.openapi_docs import API_DESCRIPTION
 from service.redis_clients import connect
 from service.route_table import RouteTable
-from service.routes import jobs, openai_images, ops, playground, txt2img
+from service.routes import jobs, openai_images, ops, playground, samplers, txt2img
 from service.settings import ConfigurationError, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,43 @@ log = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 
 
-def configure_logging(level: str) -> None:
-    """Give the service's loggers a handler when the server (uvicorn) configured none for the root."""
+# Requests that load balancers, Prometheus and polling clients repeat every few seconds: one access
+# log line each would bury everything else (SD_LOG_POLLS=true keeps them).
+QUIET_PATHS = re.compile(r"^/(healthz|readyz|metrics|v1/jobs/[0-9a-f]{32}(/preview\.png|/events)?)(\?.*)?$")
+
+
+class QuietProbesAndPolls(logging.Filter):
+    """Drops uvicorn's access-log records of successful GETs of probes, metrics and job polls."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 5:
+            return True
+        _, method, path, _, status = args[:5]
+        return not (
+            method == "GET"
+            and isinstance(path, str)
+            and QUIET_PATHS.match(path)
+            and status in (200, 304, 503)
+        )
+
+
+def configure_logging(level: str, log_polls: bool = False) -> None:
+    """Give the service's loggers a handler when the server (uvicorn) configured none for the root,
+    and quiet the access log's probes and polls (unless asked for)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("service").setLevel(level)
+    access = logging.getLogger("uvicorn.access")
+    for existing in [f for f in access.filters if isinstance(f, QuietProbesAndPolls)]:
+        access.removeFilter(existing)
+    if not log_polls:
+        access.addFilter(QuietProbesAndPolls())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_polls)
     clients = connect(settings)
     services = Services(
         settings=settings,
@@ -72,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         txt2img.build_router(settings),
         jobs.router,
         openai_images.build_router(settings),
+        samplers.router,
         ops.router,
         playground.router,
     ]

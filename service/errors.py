@@ -15,7 +15,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,26 @@ from service.route_table import RouteTable
 log = logging.getLogger(__name__)
 
 
+def redis_full(error: RedisError) -> bool:
+    """Redis answers but refuses writes: at maxmemory with noeviction (OOM; in a transaction the
+    whole transaction is discarded, EXECABORT: nothing was half-written)."""
+    return isinstance(error, OutOfMemoryError | ExecAbortError) or (
+        isinstance(error, ResponseError) and str(error).startswith(("OOM", "EXECABORT"))
+    )
+
+
+def redis_trouble(error: RedisError, where: str) -> str:
+    """What a client is told when Redis fails (503), logged once here."""
+    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+        log.warning("Redis unreachable on %s: %s", where, error)
+        return "the job store (Redis) is unreachable; retry later"
+    if redis_full(error):
+        log.warning("Redis is full (maxmemory) on %s: %s", where, error)
+        return "the job store (Redis) is full (its maxmemory is reached); retry later"
+    log.error("Redis error on %s: %r", where, error)
+    return "the job store (Redis) failed to answer; retry later"
+
+
 def validation_error(field: str, message: str, error_type: str) -> RequestValidationError:
     """A 422 in FastAPI's shape for a check pydantic cannot do alone (it needs Redis or several fields)."""
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": error_type}])
@@ -33,6 +53,26 @@ def validation_error(field: str, message: str, error_type: str) -> RequestValida
 
 def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+def explain(error: dict, request: Request) -> str:
+    """A validation message a client can act on: where JSON failed to parse, and that a body not sent
+    as JSON must say so in its Content-Type header."""
+    kind, msg = error.get("type", ""), error.get("msg", "")
+    if kind == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error")
+        position = error.get("loc", ())[-1] if error.get("loc") else None
+        where = f" at character {position}" if isinstance(position, int) else ""
+        return f"the body is not valid JSON{where}" + (f": {reason}" if reason else "")
+    content_type = request.headers.get("content-type", "")
+    if (
+        kind == "model_attributes_type"
+        and tuple(error.get("loc", ())) == ("body",)
+        and "json" not in content_type
+    ):
+        sent = f"was {content_type!r}" if content_type else "is missing"
+        return f"send the body as JSON with the header `Content-Type: application/json` (it {sent})"
+    return msg
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int, route_table: RouteTable) -> None:
@@ -47,7 +87,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, route_table: RouteT
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only loc/msg/type: `input` would echo whole prompts, `ctx` may hold exceptions.
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            {"loc": list(e.get("loc", ())), "msg": explain(e, request), "type": e.get("type", "")}
             for e in exc.errors()
         ]
         return JSONResponse(
@@ -72,13 +112,11 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, route_table: RouteT
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-            log.warning("Redis unreachable on %s %s: %s", request.method, request.url.path, exc)
-            detail = "the job store (Redis) is unreachable; retry later"
-        else:
-            log.error("Redis error on %s %s: %r", request.method, request.url.path, exc)
-            detail = "the job store (Redis) failed to answer; retry later"
-        return _detail(503, detail, headers={"Retry-After": str(retry_after_s)})
+        return _detail(
+            503,
+            redis_trouble(exc, f"{request.method} {request.url.path}"),
+            {"Retry-After": str(retry_after_s)},
+        )
 
 
 class CatchAllMiddleware:

@@ -4,7 +4,7 @@
 - jobs submitted/rejected; finished jobs' run and queue-wait durations and images, counted once
   per job by whichever API process first sees the job finished (a Redis SET NX marker);
 - at scrape time, read from Redis: queue depth, running jobs, live workers, and each live
-  worker's published EngineStats (batch sizes) as per-worker gauges.
+  worker's published EngineStats: its totals as counters, its current state as gauges.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,21 +25,25 @@ from service.route_table import RouteTable
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 JOB_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
-# Gauges exported per live worker: (metric suffix, EngineStats field, help)
-WORKER_STATS = (
-    ("unet_calls", "unet_calls", "UNet calls since the worker started"),
-    ("unet_rows", "unet_rows", "Sum of rows over UNet calls (CFG counts 2 per image)"),
-    ("unet_requests", "unet_requests", "Sum of requests sharing each UNet call"),
-    ("max_requests_per_call", "max_requests_per_call", "Most requests that shared one UNet call"),
-    ("last_batch_rows", "last_batch_rows", "Rows in the latest UNet call"),
-    ("images_generated", "images_generated", "Images the worker generated since it started"),
-    ("jobs_succeeded", "jobs_succeeded", "Jobs the worker finished"),
-    ("jobs_failed", "jobs_failed", "Jobs the worker failed"),
-    ("jobs_canceled", "jobs_canceled", "Jobs the worker canceled"),
-    ("jobs_requeued", "jobs_requeued", "Jobs the worker handed back to the queue (shutdown)"),
-    ("jobs_in_engine", "jobs_in_engine", "Jobs in the worker's engine now (running or waiting to join)"),
-    ("oom_splits", "oom_splits", "Out-of-memory errors that split a UNet call"),
-    ("call_rows_limit", "call_rows_limit", "Rows per UNet call now (lowered by out-of-memory errors)"),
+# Per live worker, from its published EngineStats: (metric suffix, field, help). Totals since the
+# worker started are counters (a restart resets them: Prometheus' rate() handles that); the rest
+# are gauges of the worker's state now.
+WORKER_TOTALS = (
+    ("unet_calls", "UNet calls since the worker started"),
+    ("unet_rows", "Sum of rows over UNet calls (CFG counts 2 per image)"),
+    ("unet_requests", "Sum of requests sharing each UNet call"),
+    ("images_generated", "Images the worker generated since it started"),
+    ("jobs_succeeded", "Jobs the worker finished"),
+    ("jobs_failed", "Jobs the worker failed"),
+    ("jobs_canceled", "Jobs the worker canceled"),
+    ("jobs_requeued", "Jobs the worker handed back to the queue (shutdown)"),
+    ("oom_splits", "Out-of-memory errors that split a UNet call"),
+)
+WORKER_GAUGES = (
+    ("max_requests_per_call", "Most requests that shared one UNet call"),
+    ("last_batch_rows", "Rows in the latest UNet call"),
+    ("jobs_in_engine", "Jobs in the worker's engine now (running or waiting to join)"),
+    ("call_rows_limit", "Rows per UNet call now (lowered by out-of-memory errors)"),
 )
 
 
@@ -82,17 +86,27 @@ class QueueStateCollector(Collector):
             ),
             "slots": GaugeMetricFamily("sd_worker_slots", "Jobs the worker takes at once", labels=labels),
         }
-        stats = {
-            attr: GaugeMetricFamily(f"sd_worker_{suffix}", help_text, labels=labels)
-            for suffix, attr, help_text in WORKER_STATS
+        families["fast_path_fallback"] = GaugeMetricFamily(
+            "sd_worker_fast_path_fallback",
+            "1 if the worker's fast path (CUDA graphs, compile) failed and it runs the plain path",
+            labels=labels,
+        )
+        stats: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            name: CounterMetricFamily(f"sd_worker_{name}", help_text, labels=labels)
+            for name, help_text in WORKER_TOTALS
+        }
+        stats |= {
+            name: GaugeMetricFamily(f"sd_worker_{name}", help_text, labels=labels)
+            for name, help_text in WORKER_GAUGES
         }
         for info in state.workers:
             values = [info.name, info.model]
             families["heartbeat_age"].add_metric(values, max(now_s - info.heartbeat_at, 0.0))
             families["max_batch_rows"].add_metric(values, info.max_batch_rows)
             families["slots"].add_metric(values, info.slots)
-            for attr, family in stats.items():
-                family.add_metric(values, getattr(info.stats, attr))
+            families["fast_path_fallback"].add_metric(values, int("fell back" in info.fast_path))
+            for name, family in stats.items():
+                family.add_metric(values, getattr(info.stats, name))
         yield from families.values()
         yield from stats.values()
 

@@ -17,11 +17,10 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.errors import redis_trouble
 from service.job_store import JobNotFound, QueueFull
 from service.openai_models import OpenAIErrorBody, OpenAIErrorDetail
 
@@ -73,7 +72,11 @@ def from_validation_errors(errors: Sequence[Any], size_rule: str) -> OpenAIError
     kind = error.get("type", "")
     msg = error.get("msg", "invalid value")
     if kind == "json_invalid":
-        return OpenAIError(400, f"the body is not valid JSON: {msg}", code="invalid_json")
+        reason = (error.get("ctx") or {}).get("error")
+        position = error.get("loc", ())[-1] if error.get("loc") else None
+        where = f" at character {position}" if isinstance(position, int) else ""
+        detail = f": {reason}" if reason else ""
+        return OpenAIError(400, f"the body is not valid JSON{where}{detail}", code="invalid_json")
     if field is None:
         return OpenAIError(400, f"the body must be a JSON object with at least `prompt`: {msg}")
     param = TXT2IMG_TO_OPENAI.get(field, field)
@@ -100,13 +103,9 @@ def _from_exception(exc: Exception, retry_after_s: int, size_rule: str) -> OpenA
             429, str(exc), RATE_LIMIT, code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}
         )
     if isinstance(exc, RedisError):
-        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-            log.warning("Redis unreachable on an OpenAI route: %s", exc)
-        else:
-            log.error("Redis error on an OpenAI route: %r", exc)
         return OpenAIError(
             503,
-            "the job store (Redis) is unreachable; retry later",
+            redis_trouble(exc, "an OpenAI route"),
             SERVER_ERROR,
             code="service_unavailable",
             headers={"Retry-After": str(retry_after_s)},

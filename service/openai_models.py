@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model
 
+from schemas.generation import SamplerNames
+from schemas.samplers import pair_rules
 from service.api_models import PROMPT_EXAMPLE, request_model
 from service.settings import SIZE_MULTIPLE, Settings
 
@@ -21,11 +23,20 @@ SIZE_PATTERN = re.compile(r"^(?P<width>[0-9]{1,6})x(?P<height>[0-9]{1,6})$")
 USER_MAX_CHARS = 256
 
 # txt2img fields taken over unchanged, and the one renamed: OpenAI name -> txt2img name.
-SHARED_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "eta", "seed")
+SHARED_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "eta",
+    "sampler",
+    "scheduler",
+    "seed",
+)
 RENAMED_FIELDS = {"n": "num_images"}
 
 
-class ImageGenerationRequestBase(BaseModel):
+class ImageGenerationRequestBase(SamplerNames):
     """Base of the settings-specific request model that `generation_request_model()` builds."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,7 +101,8 @@ def generation_request_model(settings: Settings) -> type[ImageGenerationRequestB
     ]
 
     class WithExamples(ImageGenerationRequestBase):
-        model_config = ConfigDict(json_schema_extra={"examples": examples})
+        # "allOf": each sampler with the schedulers it can follow (schemas/samplers.py)
+        model_config = ConfigDict(json_schema_extra={"examples": examples, "allOf": pair_rules()})
 
     return create_model("ImageGenerationRequest", __base__=WithExamples, **fields)
 
@@ -129,6 +141,8 @@ MODEL_EXAMPLE = {
     "size_multiple": 8,
     "default_steps": 20,
     "default_guidance_scale": 7.5,
+    "default_sampler": "ddim",
+    "default_scheduler": "normal",
 }
 
 
@@ -146,6 +160,8 @@ class ModelObject(BaseModel):
         description="Steps a request gets when it leaves them out (not in OpenAI's API)."
     )
     default_guidance_scale: float = Field(description="Guidance a request gets when it leaves it out.")
+    default_sampler: str = Field("ddim", description="Sampler a request gets when it leaves it out.")
+    default_scheduler: str = Field("normal", description="Scheduler it gets with that sampler.")
 
 
 class ModelList(BaseModel):

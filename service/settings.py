@@ -74,6 +74,9 @@ class Settings(CommonSettings):
         le=3600,
         description="`/v1/images/generations`: longest wait for the images; then 504 and the job is canceled",
     )
+    log_polls: bool = Field(
+        False, description="log every GET of /healthz, /readyz, /metrics and job polls (off: quiet)"
+    )
     public_url: str = Field(
         "",
         description="base of absolute image URLs in OpenAI answers (behind a proxy); default: the request's",

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
 from schemas.worker_info import EngineStats, WorkerInfo
 from workers.healthcheck import touch
+from workers.redis_outage import OUTAGE
 from workers.rq_internals import KEEP_JOB_ALIVE, keep_job_alive_call
 from workers.slots import SlotPool
 
@@ -53,7 +54,6 @@ class Heartbeat:
         self._keep_alive = client.register_script(KEEP_JOB_ALIVE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failing_since: float | None = None
 
     def start(self) -> None:
         self.beat_safely()  # published before the first job is taken
@@ -88,15 +88,9 @@ class Heartbeat:
         try:
             self.beat()
         except RedisError as error:
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                log.warning(
-                    "heartbeat failed (%s); retrying every %g s", error, self.info.heartbeat_interval_s
-                )
+            OUTAGE.failed(error)  # one line per outage for the whole process
             return
-        if self._failing_since is not None:
-            log.info("heartbeat back after %.1f s", time.monotonic() - self._failing_since)
-            self._failing_since = None
+        OUTAGE.answered()
 
     def beat(self) -> None:
         stamp = time.time()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -32,7 +34,7 @@ from models.loading import load_model
 from models.pipeline import Pipeline, VAEDecode, generate
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
-from schemas.generation import Generation
+from schemas.generation import SIZE_MULTIPLE, Generation
 from schemas.settings import configure_logging, redis_client
 from schemas.worker_info import WorkerInfo
 from workers import job_function
@@ -137,6 +139,56 @@ def native_latent(model: StableDiffusion) -> tuple[int, int, int]:
     return (model.latent_channels, height // f, width // f)
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """How the UNet and the VAE run: through models/accel.py's runner and decoder (CUDA graphs,
+    torch.compile), or plainly (both None). `fallback`: why the fast path was given up, if it was."""
+
+    runner: UNetRunner | None = None
+    vae_decoder: VAEDecode | None = None
+    fallback: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.runner is None and self.vae_decoder is None
+
+    def describe(self) -> str:
+        if self.fallback is not None:
+            return f"plain (fell back: {self.fallback})"
+        return "plain" if self.plain else "fast (CUDA graphs / torch.compile, models/accel.py)"
+
+
+def prepare_fast_path(
+    model: StableDiffusion, accel: AccelConfig | None, settings: WorkerSettings, runtime: Runtime
+) -> FastPath:
+    """The fast path, prepared on the main thread (graphs captured, compiled), or, if that fails,
+    the plain path with one warning: a worker whose compile fails (no C compiler for Triton, a
+    driver or inductor bug) still serves, more slowly, instead of restarting in a loop."""
+    if accel is None:
+        return FastPath()
+    try:
+        runner = prepare(model, accel)
+        vae_decoder = prepare_vae(model, accel)
+        log.info("UNet fast path: %s", accel)
+        if settings.warmup:
+            prepare_unet(model, runner, runtime.max_batch_rows)
+            prepare_vae_decoder(model, vae_decoder)
+        return FastPath(runner, vae_decoder)
+    except Exception as error:
+        return fall_back(error, "preparing it")
+
+
+def fall_back(error: BaseException, when: str) -> FastPath:
+    reason = f"{type(error).__name__} while {when}: {error}"
+    log.warning(
+        "the fast path failed (%s); running the plain, uncompiled path instead (slower; SD_COMPILE=off "
+        "skips the attempt)",
+        reason,
+        exc_info=error,
+    )
+    return FastPath(fallback=reason)
+
+
 class WorkerProcess:
     def __init__(
         self,
@@ -144,34 +196,16 @@ class WorkerProcess:
         runtime: Runtime,
         model: StableDiffusion,
         model_name: str,
-        runner: UNetRunner | None = None,
-        warm_up: Callable[[], None] | None = None,
-        vae_decoder: VAEDecode | None = None,
+        fast: FastPath | None = None,
     ) -> None:
         self.settings = settings
-        self._warm_up = warm_up  # run on the engine's thread before the first job is taken
         self.runtime = runtime
+        self.model = model
+        self.model_name = model_name
+        self.fast = fast or FastPath()
         self.name = settings.resolved_worker_name()
-        client = worker_redis(settings)
-        self.engine = Engine(
-            model,
-            EngineConfig(
-                max_batch_rows=runtime.max_batch_rows,
-                vae_batch=runtime.vae_batch,
-                test_oom_above_rows=settings.test_oom_above_rows,
-            ),
-            results=ResultWriter(
-                client,
-                model_name,
-                settings.result_ttl_s,
-                wait_s=settings.redis_outage_wait_s,
-                buffer_bytes=settings.result_buffer_mb * 2**20,
-            ),
-            progress=RedisProgress(client, settings.result_ttl_s, self.name),
-            pipeline_factory=lambda m: Pipeline(
-                m, runtime.text_batch, unet_runner=runner, vae_decoder=vae_decoder
-            ),
-        )
+        self.client = worker_redis(settings)
+        self.engine = self._make_engine()
         self.slots = SlotPool(
             runtime.slots,
             self.name,
@@ -179,7 +213,7 @@ class WorkerProcess:
             job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
             result_ttl_s=settings.result_ttl_s,
             maintenance=self._maintenance,
-            has_room=self.engine.has_room,
+            has_room=lambda: self.engine.has_room(),
             redis_outage_wait_s=settings.redis_outage_wait_s,
         )
         width, height = model.native_size
@@ -189,7 +223,7 @@ class WorkerProcess:
             model=model_name,
             native_width=width,
             native_height=height,
-            size_multiple=model.vae_scale_factor,
+            size_multiple=math.lcm(SIZE_MULTIPLE, model.vae_scale_factor),
             default_steps=model.recommended.get("steps"),
             default_guidance_scale=model.recommended.get("guidance_scale"),
             default_sampler=model.recommended.get("sampler"),
@@ -201,11 +235,12 @@ class WorkerProcess:
             started_at=stamp,
             heartbeat_at=stamp,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            fast_path=self.fast.describe(),
         )
         self.heartbeat = Heartbeat(
-            client,
+            self.client,
             info,
-            self.engine.stats,
+            lambda: self.engine.stats(),
             self.slots,
             settings.job_heartbeat_ttl_s,
             engine_alive=lambda: self.engine.alive,
@@ -213,6 +248,57 @@ class WorkerProcess:
         )
         self._stop = threading.Event()
         self._signals = 0
+
+    def _make_engine(self) -> Engine:
+        settings, runtime, fast = self.settings, self.runtime, self.fast
+        return Engine(
+            self.model,
+            EngineConfig(
+                max_batch_rows=runtime.max_batch_rows,
+                vae_batch=runtime.vae_batch,
+                test_oom_above_rows=settings.test_oom_above_rows,
+            ),
+            results=ResultWriter(
+                self.client,
+                self.model_name,
+                settings.result_ttl_s,
+                wait_s=settings.redis_outage_wait_s,
+                buffer_bytes=settings.result_buffer_mb * 2**20,
+            ),
+            progress=RedisProgress(self.client, settings.result_ttl_s, self.name),
+            pipeline_factory=lambda m: Pipeline(
+                m, runtime.text_batch, unet_runner=fast.runner, vae_decoder=fast.vae_decoder
+            ),
+        )
+
+    def _warm_up(self) -> Callable[[], None] | None:
+        """One tiny generation (and the VAE's batch sizes) on the engine's thread, through the path
+        the engine uses; None with SD_WARMUP off."""
+        if not self.settings.warmup:
+            return None
+        return functools.partial(
+            warm_up, self.model, self.fast.runner, self.runtime.vae_batch, self.fast.vae_decoder
+        )
+
+    def _start_engine(self) -> bool:
+        """Start the engine after its warm-up; if the fast path's warm-up fails, again on the plain
+        path (one warning). False if even that fails."""
+        try:
+            self.engine.start(warm_up=self._warm_up())
+            return True
+        except RuntimeError as error:
+            if self.fast.plain:
+                log.critical("cannot start: the warm-up failed", exc_info=True)
+                return False
+            self.fast = fall_back(error.__cause__ or error, "warming up")
+            self.heartbeat.info = self.heartbeat.info.model_copy(update={"fast_path": self.fast.describe()})
+        self.engine = self._make_engine()
+        try:
+            self.engine.start(warm_up=self._warm_up())
+            return True
+        except RuntimeError:
+            log.critical("cannot start: the warm-up failed on the plain path too", exc_info=True)
+            return False
 
     def _maintenance(self, worker: SlotWorker) -> None:
         sweep(worker.connection, self.settings.job_heartbeat_ttl_s, self.settings.worker_stale_s, worker)
@@ -231,10 +317,7 @@ class WorkerProcess:
             self.engine.drain(0)
 
     def run(self) -> int:
-        try:
-            self.engine.start(warm_up=self._warm_up)
-        except RuntimeError:
-            log.critical("cannot start: the warm-up failed", exc_info=True)
+        if not self._start_engine():
             return 1
         job_function.set_engine(self.engine)
         self.heartbeat.start()
@@ -302,19 +385,8 @@ def main() -> int:
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
         return 2
-    runner, vae_decoder = None, None
-    accel = fast_path(runtime.accel, settings, model)
-    if accel is not None:
-        runner = prepare(model, accel)
-        vae_decoder = prepare_vae(model, accel)
-        log.info("UNet fast path: %s", accel)
-    warm = None
-    if settings.warmup:
-        prepare_unet(model, runner, runtime.max_batch_rows)
-        prepare_vae_decoder(model, vae_decoder)
-        warm = functools.partial(warm_up, model, runner, runtime.vae_batch, vae_decoder)
-    name = settings.model_name or model.name
-    return WorkerProcess(settings, runtime, model, name, runner, warm, vae_decoder).run()
+    fast = prepare_fast_path(model, fast_path(runtime.accel, settings, model), settings, runtime)
+    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, fast).run()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,15 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from redis.exceptions import (
+    BusyLoadingError,
+    ExecAbortError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -23,14 +30,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Replies of a Redis that is up but cannot take writes now: full (maxmemory with noeviction), a
-# replica, still loading its data set, or a primary lost by its replica.
+# replica, still loading its data set, or a primary lost by its replica (redis-py raises its own
+# classes for most, the reply text for the others).
 _UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "EXECABORT")
 RETRY_WAITS_S = (0.5, 5.0)  # first and longest wait between attempts
 
 
 def unavailable(error: BaseException) -> bool:
     """Whether `error` says Redis is away or refuses writes for now (worth waiting for)."""
-    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | OutOfMemoryError | ReadOnlyError):
+        return True
+    if isinstance(error, BusyLoadingError | ExecAbortError):
         return True
     return isinstance(error, ResponseError) and str(error).startswith(_UNAVAILABLE_REPLIES)
 

@@ -32,12 +32,13 @@ from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from schemas.queue import JOB_FUNCTIONS
+from workers.redis_outage import OUTAGE
 
 log = logging.getLogger(__name__)
 
 RQ_CHECKED_VERSIONS = ">=2.12,<2.13"  # what this module was read against; the test says when it moved
 
-POLL_S = 1  # BLMOVE timeout and command-channel poll: how soon an idle slot notices a stop request
+POLL_S = 0.5  # BLMOVE timeout and command-channel poll (s): how soon an idle slot notices a stop
 ROOM_POLL_S = 0.02  # how often a slot looks again whether its owner has room for another job
 PUBSUB_JOIN_S = 1.0  # longest wait for the command channel's thread on exit
 
@@ -54,11 +55,19 @@ class AllowlistedJob(Job):
     @property
     def func(self):  # type: ignore[override]
         if self.func_name not in JOB_FUNCTIONS or self.instance is not None:
-            raise ForbiddenJob(
+            message = (
                 f"job {self.id} names {self.func_name!r}, which is not a job function of this service "
-                f"(allowed: {', '.join(sorted(JOB_FUNCTIONS))})"
+                f"(allowed: {', '.join(sorted(JOB_FUNCTIONS))}); refused without importing it"
             )
+            # loud: only someone writing to Redis directly can enqueue such a job
+            log.error("REFUSED %s: whoever can write to this Redis tried to run code on the workers", message)
+            raise ForbiddenJob(message)
         return super().func
+
+    def send_webhooks(self, status, *, exc_string=None) -> None:  # type: ignore[override]
+        """RQ's own webhooks would make the worker POST wherever a job's hash says: none are sent."""
+        if self.webhooks:
+            log.error("REFUSED job %s's RQ webhooks: this service sends none from its workers", self.id)
 
     def _refuse_callback(self, name: str | None) -> None:
         if name:
@@ -126,7 +135,7 @@ class ThreadedWorker(SimpleWorker):
         self._stop_requested = True
 
     @property
-    def dequeue_timeout(self) -> int:
+    def dequeue_timeout(self) -> float:
         return POLL_S  # RQ also sizes the socket timeout from it: POLL_S + 10 s
 
     def subscribe(self) -> None:
@@ -191,14 +200,12 @@ class ThreadedWorker(SimpleWorker):
             except DequeueTimeout:
                 continue
             except (redis.ConnectionError, redis.TimeoutError) as error:
-                if wait_s == 1.0:
-                    log.warning("worker %s: Redis unreachable (%s); retrying", self.name, error)
+                OUTAGE.failed(error)  # one line per outage for the whole process
                 time.sleep(wait_s)
                 wait_s = min(wait_s * 2, self.max_connection_wait_time)
                 continue
-            if wait_s > 1.0:
-                log.info("worker %s: Redis reachable again", self.name)
-                wait_s = 1.0
+            OUTAGE.answered()
+            wait_s = 1.0
             if result is not None:
                 job, _ = result
                 job.redis_server_version = self.get_redis_server_version()

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas.errors import ErrorType, is_client_fault
 from schemas.queue import JobStatus
+from schemas.samplers import DEFAULT_SAMPLER
 from service.api_models import PROMPT_EXAMPLE, Txt2ImgRequestBase, request_model
 from service.deps import Owner, Services, ServicesDep, get_owner
 from service.job_store import JobConflict, JobSnapshot
@@ -49,7 +50,7 @@ from service.openai_models import (
     OpenAIErrorBody,
     generation_request_model,
 )
-from service.resolve import sampling_defaults
+from service.resolve import recommended_scheduler, sampling_defaults
 from service.routes.jobs import count_if_first_seen_finished, image_url
 from service.settings import SIZE_MULTIPLE, Settings
 from service.submit import submit_job
@@ -194,8 +195,8 @@ def build_router(settings: Settings) -> APIRouter:
         response_model_exclude_none=True,
         summary="Generate images (OpenAI Images API): queue a job and answer once it ended",
         description=(
-            "OpenAI's request and answer shapes, plus `negative_prompt`, `steps`, `guidance_scale`, "
-            "`eta` and `seed` (with OpenAI's Python client: `extra_body={...}`). Same validation, limits "
+            "OpenAI's request and answer shapes, plus `negative_prompt`, `steps`, `guidance_scale`, `sampler`, "
+            "`scheduler`, `eta` and `seed` (with OpenAI's Python client: `extra_body={...}`). Same validation, limits "
             "and API keys as `POST /v1/txt2img`. Waits at most `SD_OPENAI_WAIT_S` seconds; then answers "
             '504 and cancels the job. Errors are `{"error": {message, type, param, code}}`.'
         ),
@@ -296,5 +297,7 @@ async def served_models(services: Services) -> list[ModelObject]:
                 size_multiple=info.size_multiple,
                 default_steps=default_steps,
                 default_guidance_scale=default_guidance_scale,
+                default_sampler=info.default_sampler or DEFAULT_SAMPLER,
+                default_scheduler=recommended_scheduler(info.default_sampler or DEFAULT_SAMPLER, info),
             )
     return sorted(models.values(), key=lambda m: m.id)

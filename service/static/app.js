@@ -4,7 +4,7 @@
 
 const KEY_STORAGE = "sdserve.apiKey";
 const POLL_MS = 300;
-const FIELDS = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images"];
+const FIELDS = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "scheduler", "seed", "num_images"];
 const NUMBER_FIELDS = new Set(["width", "height", "steps", "guidance_scale", "seed", "num_images"]);
 
 const $ = (id) => document.getElementById(id);
@@ -165,6 +165,36 @@ async function loadModels() {
   $("height").placeholder = `${model.native_height} (default)`;
   $("steps").placeholder = `${model.default_steps} (default)`;
   $("guidance_scale").placeholder = `${model.default_guidance_scale} (default)`;
+  state.defaultSampler = model.default_sampler;
+  if (model.default_sampler) $("sampler").options[0].textContent = `${model.default_sampler} (model default)`;
+  restrictSchedulers();
+}
+
+// The samplers (GET /v1/samplers) in a select; the schedule select offers what the chosen one follows.
+async function loadSamplers() {
+  const { status, data } = await api("GET", "/v1/samplers");
+  if (status !== 200) return;
+  state.samplers = Object.fromEntries(data.samplers.map((s) => [s.name, s]));
+  for (const sampler of data.samplers) {
+    const option = new Option(`${sampler.label} (${sampler.name})`, sampler.name);
+    option.title = sampler.description;
+    $("sampler").add(option);
+  }
+  for (const scheduler of data.schedulers) {
+    const option = new Option(scheduler.label, scheduler.name);
+    option.title = scheduler.description;
+    $("scheduler").add(option);
+  }
+  restrictSchedulers();
+}
+
+function restrictSchedulers() {
+  const chosen = (state.samplers || {})[$("sampler").value || state.defaultSampler || "ddim"];
+  for (const option of $("scheduler").options) {
+    if (!option.value) continue;
+    option.disabled = Boolean(chosen) && !chosen.schedulers.includes(option.value);
+    if (option.disabled && option.selected) $("scheduler").value = "";
+  }
 }
 
 // --- submit, follow, show -----------------------------------------------------------------------
@@ -341,6 +371,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate-form").requestSubmit();
   });
+  $("sampler").addEventListener("change", restrictSchedulers);
   loadHints();
-  loadModels();
+  loadSamplers().then(loadModels);
 });

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.png import encode_png, format_parameters, read_parameters
+from models.png import encode_png, format_parameters, parameters_of, read_parameters
 
 
 def test_parameters_in_a1111_format() -> None:
@@ -52,3 +52,15 @@ def test_png_round_trip(prompt: str) -> None:
 def test_rejects_wrong_array() -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode_png(np.zeros((4, 4, 3), dtype=np.float32))
+
+
+def test_the_sampler_and_schedule_as_automatic1111_writes_them() -> None:
+    from schemas.generation import Generation
+
+    text = parameters_of(Generation(prompt="p", sampler="DPM++ 2M Karras", steps=20, seed=3, eta=0.5), 3, "m")
+    assert (
+        text
+        == "p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 512x512, Model: m"
+    )
+    text = parameters_of(Generation(prompt="p", sampler="euler_ancestral", steps=8, seed=1), 1, "m")
+    assert "Sampler: Euler a, CFG scale" in text  # the model's own schedule: no "Schedule type"

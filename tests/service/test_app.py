@@ -56,3 +56,39 @@ def test_the_api_never_imports_torch_models_or_workers() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_probes_and_polls_stay_out_of_the_access_log() -> None:
+    import logging
+
+    from service.app import QuietProbesAndPolls
+
+    def record(method: str, path: str, status: int) -> logging.LogRecord:
+        args = ("127.0.0.1:5000", method, path, "1.1", status)
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    quiet = QuietProbesAndPolls()
+    job = "/v1/jobs/" + "a" * 32
+    for method, path, status in [("GET", "/readyz", 503), ("GET", "/healthz", 200), ("GET", "/metrics", 200),
+                                 ("GET", job, 200), ("GET", job + "/preview.png", 200)]:  # fmt: skip
+        assert not quiet.filter(record(method, path, status)), path
+    for method, path, status in [("POST", "/v1/txt2img", 202), ("DELETE", job, 200), ("GET", job, 404),
+                                 ("GET", job + "/images/0.png", 200), ("GET", "/", 200)]:  # fmt: skip
+        assert quiet.filter(record(method, path, status)), (method, path, status)
+
+
+def test_bodies_that_are_not_json_say_why(redis_url: str) -> None:
+    app = create_app(load_settings(redis_url=redis_url))
+    with TestClient(app) as client:
+        broken = client.post(
+            "/v1/txt2img", content=b'{"prompt": "x",}', headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 422
+        assert broken.json()["detail"][0]["msg"].startswith(
+            "the body is not valid JSON at character 15: Expecting"
+        )
+        plain = client.post("/v1/txt2img", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+        assert plain.status_code == 422
+        assert "`Content-Type: application/json` (it was 'text/plain')" in plain.json()["detail"][0]["msg"]
+        unsent = client.post("/v1/txt2img", content=b'{"prompt": "x"}')
+        assert "(it is missing)" in unsent.json()["detail"][0]["msg"]

@@ -1,12 +1,15 @@
-"""Queue limit (429), body limit (413) and Redis outages (503, then recovery) on a real API process."""
+"""Queue limit (429, exact under concurrency), body limit (413) and Redis outages or a full Redis
+(503, then recovery) on a real API process."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
 
+from schemas.queue import QUEUE_NAME
 from tests.support.redis_server import RedisServer
 
 BODY_LIMIT = 4096
@@ -100,4 +103,52 @@ def test_redis_down_is_503_and_the_api_recovers(start_api, redis_server: RedisSe
         assert client.post("/v1/txt2img", json={"prompt": "a cat"}).status_code == 202
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
         assert "sd_redis_up 1.0" in client.get("/metrics").text
+    assert "Traceback" not in api.logs()
+
+
+def test_the_queue_limit_holds_exactly_under_concurrent_posts(start_api, rdb) -> None:
+    """20 clients post at once: the depth check and the enqueue are one step, so exactly the limit
+    is accepted (before, check-then-enqueue let 102-110 jobs in under a limit of 100)."""
+    limit, clients, posts_each = 30, 20, 4
+    api = start_api(SD_MAX_QUEUE_DEPTH=str(limit))
+    barrier = threading.Barrier(clients)
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def post_many() -> None:
+        with httpx.Client(base_url=api.url, timeout=30) as client:
+            barrier.wait()
+            for _ in range(posts_each):
+                code = client.post("/v1/txt2img", json={"prompt": "a cat"}).status_code
+                with lock:
+                    codes.append(code)
+
+    threads = [threading.Thread(target=post_many) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(set(codes)) == [202, 429], codes
+    assert codes.count(202) == limit
+    assert rdb.llen(f"rq:queue:{QUEUE_NAME}") == limit
+
+
+def test_a_full_redis_is_503_and_loses_nothing_accepted(start_api, rdb) -> None:
+    """Redis at maxmemory with noeviction refuses writes: a POST answers 503 (nothing half-queued),
+    reads still work, and jobs accepted before are all still there once it has room again."""
+    api = start_api()
+    with httpx.Client(base_url=api.url, timeout=15) as client:
+        accepted = [client.post("/v1/txt2img", json={"prompt": "a cat"}).json()["id"] for _ in range(3)]
+        rdb.config_set("maxmemory", 1)  # any write now exceeds it
+        try:
+            refused = client.post("/v1/txt2img", json={"prompt": "a cat"})
+            assert refused.status_code == 503, refused.text
+            assert "full" in refused.json()["detail"] and "retry-after" in refused.headers
+            assert client.get(f"/v1/jobs/{accepted[0]}").json()["status"] == "queued"
+        finally:
+            rdb.config_set("maxmemory", 0)
+        assert rdb.llen(f"rq:queue:{QUEUE_NAME}") == 3
+        positions = [client.get(f"/v1/jobs/{job_id}").json()["queue_position"] for job_id in accepted]
+        assert positions == [0, 1, 2]
+        assert client.post("/v1/txt2img", json={"prompt": "a cat"}).status_code == 202
     assert "Traceback" not in api.logs()

@@ -1,8 +1,10 @@
 """Faults with real processes: SIGKILL mid-batch (janitor + a new worker), SIGTERM drain, Redis
-restarting under a running worker, and several workers on one queue."""
+restarting or pausing under a running worker, and several workers on one queue."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from rq import Queue
@@ -20,6 +22,7 @@ from tests.support.jobs import (
     wait_until,
     worker_info,
 )
+from tests.support.pictures import assert_pngs_equal_alone_runs
 
 # The whole recovery after a SIGKILL (job heartbeat TTL 4 s + janitor sweep + rerun on the new
 # worker) must end within this bound; it only guards against jobs lost or stuck forever.
@@ -142,3 +145,28 @@ def test_two_workers_share_the_queue_and_no_job_runs_twice(client, start_worker)
         assert logs.count(f"job {job_id} succeeded") == 1  # taken once, by one worker
     ran_by = {fetch(client, job_id).worker_name.rsplit(".slot", 1)[0] for job_id in jobs}
     assert ran_by <= {worker.name for worker in workers}
+
+
+def test_a_redis_outage_costs_time_not_retries(client, redis_server, start_worker, tiny_model) -> None:
+    """Redis stops answering (paused: its data survives, as with a network cut) while jobs finish:
+    their results wait in the worker and are stored once it answers, RQ's bookkeeping waits too,
+    no retry is spent, and the whole outage is one warning and one recovery line, no traceback."""
+    worker = start_worker(SD_SLOTS="2", SD_REDIS_SOCKET_TIMEOUT_S="1")
+    jobs = [
+        (enqueue(client, p, retries=1).id, p) for p in (params(steps=12, seed=3), params(steps=14, seed=4))
+    ]
+    wait_until(lambda: int(client.hget(progress_key(jobs[0][0]), "step") or 0) >= 1, 60, "the batch to step")
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)  # both jobs finish denoising meanwhile (a few tenths of a second each)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    outcomes = wait_terminal(client, [job_id for job_id, _ in jobs], JOBS_BOUND_S)
+    assert set(outcomes.values()) == {"finished"}, outcomes
+    for job_id, job_params in jobs:
+        assert fetch(client, job_id).retries_left == 1  # the outage spent no retry
+        assert_pngs_equal_alone_runs(client, tiny_model, job_id, job_params)
+    logs = worker.logs()
+    assert logs.count("Redis unreachable or refusing writes") == 1, logs[-3000:]
+    assert logs.count("Redis answers again") == 1
+    assert "Traceback" not in logs

@@ -5,41 +5,21 @@ from __future__ import annotations
 
 from rq.registry import CanceledJobRegistry
 
-from models.pipeline import generate
-from models.png import read_parameters
-from schemas.generation import Generation
 from schemas.queue import QUEUE_NAME
-from schemas.redis_keys import cancel_key, image_key, progress_key
+from schemas.redis_keys import cancel_key, progress_key
 from tests.support.jobs import (
     enqueue,
     fetch,
-    max_pixel_diff,
     params,
-    png_pixels,
     result_of,
     status,
     wait_terminal,
     wait_until,
     worker_info,
 )
+from tests.support.pictures import assert_pngs_equal_alone_runs
 
 JOBS_BOUND_S = 240  # hang guard only, never a speed requirement
-
-
-def assert_pngs_equal_alone_runs(client, tiny_model, job_id: str, job_params: dict) -> None:
-    request = Generation.model_validate(job_params)
-    result = result_of(client, job_id)
-    alone = generate(tiny_model, request)
-    assert [ref.index for ref in result.images] == list(range(request.num_images))
-    assert [ref.seed for ref in result.images] == request.image_seeds()
-    for ref, reference in zip(result.images, alone, strict=True):
-        assert ref.key == image_key(job_id, ref.index)
-        png = client.get(ref.key)
-        assert png is not None, f"no PNG at {ref.key}"
-        assert 0 < client.ttl(ref.key) <= 3600
-        assert max_pixel_diff(png_pixels(png), reference) <= 1
-        text = read_parameters(png)
-        assert text is not None and request.prompt in text and f"Seed: {ref.seed}" in text
 
 
 def test_concurrent_jobs_share_unet_calls_and_equal_alone_runs(client, start_worker, tiny_model) -> None:

@@ -68,11 +68,12 @@ def test_metrics_queue_and_worker_gauges(client: httpx.Client, rdb) -> None:
     assert values[("sd_jobs_running", ())] == 0
     assert values[("sd_workers_alive", ())] == 2
     gpu0 = (("model", "test-model"), ("worker", "gpu-0"))
-    assert values[("sd_worker_unet_calls", gpu0)] == 10
-    assert values[("sd_worker_unet_rows", gpu0)] == 60
+    assert values[("sd_worker_unet_calls_total", gpu0)] == 10  # totals are counters
+    assert values[("sd_worker_unet_rows_total", gpu0)] == 60
     assert values[("sd_worker_last_batch_rows", gpu0)] == 4
     assert values[("sd_worker_max_batch_rows", gpu0)] == 8
-    assert values[("sd_worker_unet_calls", (("model", "other"), ("worker", "gpu-1")))] == 0
+    assert values[("sd_worker_unet_calls_total", (("model", "other"), ("worker", "gpu-1")))] == 0
+    assert values[("sd_worker_fast_path_fallback", gpu0)] == 0
 
 
 def test_metrics_requests_by_route_template_and_status(client: httpx.Client) -> None:
