@@ -50,5 +50,7 @@ def test_a_request_gets_the_models_recommended_sampler_unless_it_names_one(redis
         assert resolved(sampler="euler")["scheduler"] == "karras"  # the recommendation, which it can follow
         model = client.get("/v1/models").json()["data"][0]
         assert (model["default_sampler"], model["default_scheduler"]) == ("dpmpp_2m", "karras")
-        refused = client.post("/v1/txt2img", json={"prompt": "a cat", "sampler": "ddim", "scheduler": "karras"})
+        refused = client.post(
+            "/v1/txt2img", json={"prompt": "a cat", "sampler": "ddim", "scheduler": "karras"}
+        )
         assert refused.status_code == 422 and "it supports: normal, sgm_uniform" in refused.text
