@@ -83,7 +83,6 @@ class ActiveImage:
     """
 
     key: Hashable  # the caller's id of the request this image belongs to
-    index: int  # the image's index in its request
     seed: int
     request: Generation
     latent: torch.Tensor  # (1, C, h, w) float32 on the model's device, in its sampler's scale
@@ -156,14 +155,12 @@ class Pipeline:
             sampler = get_sampler(request.sampler)
             plan = sampler.plan(model.schedule, request)
             images = []
-            for index, seed in enumerate(request.image_seeds()):
+            for seed in request.image_seeds():
                 generator = torch.Generator("cpu").manual_seed(seed)
                 noise = torch.randn(shape, generator=generator)
                 latent = to_device(noise * plan.init_noise_sigma, model.device)
                 images.append(
-                    ActiveImage(
-                        key, index, seed, request, latent, generator, cond, uncond, sampler, RowState(plan)
-                    )
+                    ActiveImage(key, seed, request, latent, generator, cond, uncond, sampler, RowState(plan))
                 )
             result.append(images)
         return result

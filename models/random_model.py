@@ -117,19 +117,6 @@ def write_tokenizer(out_dir: Path, pad_token: str) -> None:
         _write_json(out_dir / file_name, data)
 
 
-def write_config_folder(out_dir: Path, configs: dict[str, dict[str, Any]], pad_token: str) -> Path:
-    """A config-only diffusers folder: what a single file needs beside it to be loaded."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "model_index.json", {"_class_name": "StableDiffusionPipeline"})
-    for name in ("unet", "vae", "text_encoder"):
-        (out_dir / name).mkdir(exist_ok=True)
-        _write_json(out_dir / name / "config.json", configs[name])
-    (out_dir / "scheduler").mkdir(exist_ok=True)
-    _write_json(out_dir / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    write_tokenizer(out_dir / "tokenizer", pad_token)
-    return out_dir
-
-
 def build_random_model(variant: str, out_dir: Path, seed: int = 0, single_file: Path | None = None) -> Path:
     """Write a tiny random `variant` model as a diffusers folder at `out_dir`, and, when asked,
     the same weights as an original single-file checkpoint at `single_file`."""

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from models.configs import UNetConfig, VAEConfig
+
 Shape = tuple[int, ...]
 
 
@@ -89,41 +91,8 @@ def _require(config: Mapping[str, Any], name: str, component: str) -> Any:
     return config[name]
 
 
-def _check_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any], component: str) -> None:
-    """Options that change the weights' layout: only their SD 1.x / 2.x values are supported."""
-    for name, default in defaults.items():
-        if config.get(name, default) != default:
-            raise ValueError(
-                f"{component} config option {name}={config[name]!r} is not supported for single-file "
-                f"checkpoints (only {default!r}, as in SD 1.x / 2.x)"
-            )
-
-
-def _per_block(value: Any, count: int, name: str) -> list[int]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
-    if len(values) != count:
-        raise ValueError(f"unet config {name} has {len(values)} entries, expected one per block ({count})")
-    return values
-
-
 # ---------------------------------------------------------------------------------------------- UNet
 
-_UNET_FIXED_OPTIONS: dict[str, Any] = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "num_class_embeds": None,
-    "encoder_hid_dim": None,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_cond_proj_dim": None,
-    "resnet_time_scale_shift": "default",
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "only_cross_attention": False,
-    "dual_cross_attention": False,
-    "attention_type": "default",
-}
 _UNET_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has attention
 _UNET_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
@@ -177,30 +146,28 @@ def unet_tensor_maps(config: Mapping[str, Any], prefix: str = "model.diffusion_m
     `middle_block.0/1/2` = resnet, attention, resnet; `output_blocks` run over the up blocks with
     `layers_per_block + 1` entries each (`.0` resnet, `.1` attention, then the upsampler `.conv`).
     """
-    _check_defaults(config, _UNET_FIXED_OPTIONS, "unet")
-    channels = list(_require(config, "block_out_channels", "unet"))
-    layers = _require(config, "layers_per_block", "unet")
-    if not isinstance(layers, int):
-        raise ValueError(f"unet config layers_per_block must be one integer, got {layers!r}")
-    down_types = list(_require(config, "down_block_types", "unet"))
-    up_types = list(_require(config, "up_block_types", "unet"))
-    cross_dim = _require(config, "cross_attention_dim", "unet")
-    if not isinstance(cross_dim, int):
-        raise ValueError(f"unet config cross_attention_dim must be one integer, got {cross_dim!r}")
-    for types, known in ((down_types, _UNET_DOWN_TYPES), (up_types, _UNET_UP_TYPES)):
-        unknown = [t for t in types if t not in known]
-        if unknown or len(types) != len(channels):
-            raise ValueError(
-                f"unet block types {types} not supported: expected {len(channels)} of {sorted(known)}"
-            )
+    parsed = UNetConfig.from_dict(dict(config))  # what the architecture allows: one set of checks
+    channels = list(parsed.block_out_channels)
+    if len(set(parsed.layers_per_block)) != 1:
+        raise ValueError(
+            f"unet config layers_per_block must be one integer, got {config.get('layers_per_block')!r}"
+        )
+    if len(set(parsed.cross_attention_dim)) != 1:
+        raise ValueError(
+            f"unet config cross_attention_dim must be one integer, got {config.get('cross_attention_dim')!r}"
+        )
+    if parsed.time_cond_proj_dim is not None:
+        raise ValueError(
+            "unet config time_cond_proj_dim (an LCM-distilled UNet) is not supported in single files"
+        )
+    layers, cross_dim = parsed.layers_per_block[0], parsed.cross_attention_dim[0]
+    down_types, up_types = list(parsed.down_block_types), list(parsed.up_block_types)
     n = len(channels)
-    # diffusers' historical naming: attention_head_dim is the number of heads unless num_attention_heads is set
-    heads = _per_block(config.get("num_attention_heads") or config.get("attention_head_dim", 8), n, "heads")
-    depths = _per_block(config.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    linear_proj = bool(config.get("use_linear_projection", False))
+    heads, depths = list(parsed.num_attention_heads), list(parsed.transformer_layers_per_block)
+    linear_proj = parsed.use_linear_projection
     temb = channels[0] * 4
 
-    in_ch, out_ch = _require(config, "in_channels", "unet"), _require(config, "out_channels", "unet")
+    in_ch, out_ch = parsed.in_channels, parsed.out_channels
     maps = [
         *_conv("conv_in", "input_blocks.0.0", channels[0], in_ch, 3),
         *_linear("time_embedding.linear_1", "time_embed.0", temb, channels[0]),
@@ -253,12 +220,6 @@ def unet_tensor_maps(config: Mapping[str, Any], prefix: str = "model.diffusion_m
 
 # ----------------------------------------------------------------------------------------------- VAE
 
-_VAE_FIXED_OPTIONS: dict[str, Any] = {
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
-
 
 def _vae_resnet(d: str, ldm: str, c_in: int, c_out: int) -> list[TensorMap]:
     maps = [
@@ -285,17 +246,17 @@ def _vae_mid_block(d: str, ldm: str, c: int) -> list[TensorMap]:
 
 def vae_tensor_maps(config: Mapping[str, Any], prefix: str = "first_stage_model.") -> list[TensorMap]:
     """Every tensor of an `AutoencoderKL` and its ldm key (ldm numbers decoder `up` blocks in reverse)."""
-    _check_defaults(config, _VAE_FIXED_OPTIONS, "vae")
-    channels = list(_require(config, "block_out_channels", "vae"))
-    layers = _require(config, "layers_per_block", "vae")
-    latent = _require(config, "latent_channels", "vae")
+    parsed = VAEConfig.from_dict(dict(config))  # what the architecture allows: one set of checks
+    if not (parsed.use_quant_conv and parsed.use_post_quant_conv and parsed.mid_block_add_attention):
+        raise ValueError(
+            "vae config without quant convs or mid-block attention is not supported in single files "
+            "(SD 1.x / 2.x have them)"
+        )
+    channels = list(parsed.block_out_channels)
+    layers, latent = parsed.layers_per_block, parsed.latent_channels
     n = len(channels)
-    for name in ("down_block_types", "up_block_types"):
-        types = config.get(name)
-        if types is not None and len(types) != n:
-            raise ValueError(f"vae config {name} has {len(types)} entries, block_out_channels {n}")
 
-    maps = _conv("encoder.conv_in", "encoder.conv_in", channels[0], _require(config, "in_channels", "vae"), 3)
+    maps = _conv("encoder.conv_in", "encoder.conv_in", channels[0], parsed.in_channels, 3)
     c_prev = channels[0]
     for i, c in enumerate(channels):
         for j in range(layers):
@@ -327,9 +288,7 @@ def vae_tensor_maps(config: Mapping[str, Any], prefix: str = "first_stage_model.
             )
         c_prev = c
     maps += _norm("decoder.conv_norm_out", "decoder.norm_out", channels[0])
-    maps += _conv(
-        "decoder.conv_out", "decoder.conv_out", _require(config, "out_channels", "vae"), channels[0], 3
-    )
+    maps += _conv("decoder.conv_out", "decoder.conv_out", parsed.out_channels, channels[0], 3)
     return _prefixed(maps, prefix)
 
 

@@ -185,10 +185,6 @@ class AutoencoderKL(nn.Module):
             nn.Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
         )
 
-    @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
-
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Image (B, C, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/f, W/f).
 

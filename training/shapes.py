@@ -109,11 +109,6 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     )
 
 
-def canonical_caption(colour: str, shape: str, position: str, background: str) -> str:
-    """The first template's caption: the prompt form the evaluation uses by default."""
-    return TEMPLATES[0].format(c=colour, s=shape, p=position, b=background)
-
-
 _WORD = re.compile(r"[a-z]+")
 
 

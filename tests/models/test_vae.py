@@ -134,9 +134,10 @@ def test_channels_last_matches_contiguous(models):
 
 
 def test_scaling_factor_from_config():
-    assert AutoencoderKL(VAEConfig.from_dict(tiny_config("sd1")["vae"])).scaling_factor == 0.18215
+    assert AutoencoderKL(VAEConfig.from_dict(tiny_config("sd1")["vae"])).config.scaling_factor == 0.18215
     assert (
-        AutoencoderKL(VAEConfig(block_out_channels=(32,), scaling_factor=0.13025)).scaling_factor == 0.13025
+        AutoencoderKL(VAEConfig(block_out_channels=(32,), scaling_factor=0.13025)).config.scaling_factor
+        == 0.13025
     )
 
 
