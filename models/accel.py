@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -232,7 +232,8 @@ class BucketKey:
     masked: bool
     dtype: torch.dtype  # the UNet's: sample and context buffers
     timestep_dtype: torch.dtype
-    cond_dim: int | None = None  # width of the timestep condition (LCM-distilled UNets), None: none
+    # the UNet's per-row inputs beyond the text (models/unet.py: ROW_INPUTS): (name, shape per row, dtype)
+    row_inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = ()
 
 
 class _Bucket:
@@ -251,11 +252,12 @@ class _Bucket:
         self.timesteps = torch.zeros((key.rows,), dtype=key.timestep_dtype, device=device)
         self.context = torch.zeros((key.rows, length, width), dtype=key.dtype, device=device)
         self.mask = torch.ones((key.rows, length), dtype=torch.bool, device=device) if key.masked else None
-        self.timestep_cond = (
-            torch.zeros((key.rows, key.cond_dim), dtype=key.dtype, device=device) if key.cond_dim else None
-        )
+        self.row_inputs = {
+            name: torch.zeros((key.rows, *shape), dtype=dtype, device=device)
+            for name, shape, dtype in key.row_inputs
+        }
         if dynamic_batch:  # torch.compile: one graph for every bucket of this shape (rows symbolic)
-            for tensor in self.inputs():
+            for tensor in (self.sample, self.timesteps, self.context, self.mask, *self.row_inputs.values()):
                 if tensor is not None:
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -267,7 +269,7 @@ class _Bucket:
         timesteps: Tensor,
         context: Tensor,
         mask: Tensor | None,
-        timestep_cond: Tensor | None = None,
+        row_inputs: Mapping[str, Tensor] | None = None,
     ) -> None:
         n = sample.shape[0]  # stream-ordered copies: a replay still running reads the old values
         self.sample[:n].copy_(sample)
@@ -275,13 +277,12 @@ class _Bucket:
         self.context[:n].copy_(context)
         if self.mask is not None:
             self.mask[:n].copy_(mask)
-        if self.timestep_cond is not None:
-            self.timestep_cond[:n].copy_(timestep_cond)
+        for name, buffer in self.row_inputs.items():
+            buffer[:n].copy_(row_inputs[name])  # type: ignore[index]
 
     def inputs(self) -> tuple[Tensor | None, ...]:
-        """The UNet's arguments: sample, timesteps, context, mask (and timestep_cond, if any)."""
-        inputs = (self.sample, self.timesteps, self.context, self.mask)
-        return inputs if self.timestep_cond is None else (*inputs, self.timestep_cond)
+        """The UNet's arguments: sample, timesteps, context, mask, and the per-row inputs (or None)."""
+        return (self.sample, self.timesteps, self.context, self.mask, self.row_inputs or None)
 
 
 @dataclass
@@ -367,10 +368,10 @@ class UNetRunner:
         timesteps: Tensor,
         context: Tensor,
         mask: Tensor | None = None,
-        timestep_cond: Tensor | None = None,
+        row_inputs: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         # sample (B, C, h, w); timesteps (B,) or one for all; context (B, L, D); mask (B, L) bool;
-        # timestep_cond (B, time_cond_proj_dim) for LCM-distilled UNets
+        # row_inputs: the UNet's per-row inputs beyond the text, by name, each (B, ...)
         rows = sample.shape[0]
         device = self.device
         timesteps = to_device(timesteps.reshape(-1), device).expand(rows)
@@ -382,12 +383,11 @@ class UNetRunner:
         if bucket is None:
             if self.config.channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
-            extra = () if timestep_cond is None else (timestep_cond,)
             with attention_backend(self.config.sdpa_backend):
-                output = self.forward_for(None)(sample, timesteps, context, mask, *extra)
+                output = self.forward_for(None)(sample, timesteps, context, mask, row_inputs or None)
         else:
             self._stats.padded_rows += bucket - rows
-            output = self._run_bucket(bucket, sample, timesteps, context, mask, timestep_cond)
+            output = self._run_bucket(bucket, sample, timesteps, context, mask, row_inputs)
         if device.type == "cuda":
             self._last_call = torch.cuda.Event()
             self._last_call.record()
@@ -407,7 +407,7 @@ class UNetRunner:
         timesteps: Tensor,
         context: Tensor,
         mask: Tensor | None,
-        timestep_cond: Tensor | None = None,
+        row_inputs: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         n = sample.shape[0]
         key = BucketKey(
@@ -417,10 +417,13 @@ class UNetRunner:
             masked=mask is not None,
             dtype=self.dtype,
             timestep_dtype=timesteps.dtype,
-            cond_dim=None if timestep_cond is None else timestep_cond.shape[1],
+            row_inputs=tuple(
+                (name, tuple(value.shape[1:]), self.dtype if value.is_floating_point() else value.dtype)
+                for name, value in sorted((row_inputs or {}).items())
+            ),
         )
         bucket = self._bucket(key)
-        bucket.load(sample, timesteps, context, mask, timestep_cond)
+        bucket.load(sample, timesteps, context, mask, row_inputs)
         if (
             self.config.cuda_graphs
             and bucket.sample.is_cuda
@@ -516,15 +519,15 @@ class UNetRunner:
         wanted += [last] if last is not None else []
         wanted = wanted[-self.config.max_graphs :]  # more would evict the first ones again
         device, dtype = self.device, self.dtype
-        cond_dim = getattr(getattr(self.unet, "config", None), "time_cond_proj_dim", None)
+        example = getattr(self.unet, "row_inputs_example", None)
         for rows in wanted:
             sample = torch.randn((rows, *latent_shape), device=device, dtype=dtype)
             # float32, as Pipeline.step passes them (the dtype is part of a bucket's key)
             timesteps = torch.full((rows,), 500, dtype=torch.float32, device=device)
             context = torch.randn((rows, *context_shape), device=device, dtype=dtype)
-            # an LCM-distilled UNet is always called with its guidance embedding: warm that bucket
-            cond = None if cond_dim is None else torch.zeros((rows, cond_dim), device=device, dtype=dtype)
-            self(sample, timesteps, context, None, cond)
+            # the per-row inputs the UNet always takes (e.g. an LCM-distilled one's guidance embedding)
+            row_inputs = example(rows, device, dtype) if example is not None else None
+            self(sample, timesteps, context, None, row_inputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return len(wanted)
@@ -540,8 +543,8 @@ class UNetRunner:
 def _describe(key: BucketKey) -> str:
     c, h, w = key.latent
     mask = ", masked" if key.masked else ""
-    cond = f", timestep_cond {key.cond_dim}" if key.cond_dim else ""
-    return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}{cond}"
+    extra = "".join(f", {name} {'x'.join(map(str, shape))}" for name, shape, _ in key.row_inputs)
+    return f"{key.rows} rows x {c}x{h}x{w}, context {key.context[0]}x{key.context[1]}{mask}{extra}"
 
 
 def _compile_mode(config: AccelConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,10 +26,9 @@ from schemas.generation import Generation
 
 log = logging.getLogger(__name__)
 
-# (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None) -> (B, C', h, w):
-# the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in;
-# an LCM-distilled UNet (time_cond_proj_dim) is called with a fifth argument, each row's guidance
-# embedding (B, time_cond_proj_dim)
+# (sample (B, C, h, w), timesteps (B,), context (B, L, D), mask (B, L) bool or None, per-row inputs by
+# name (each (B, ...)) or None) -> (B, C', h, w):
+# the UNet's call signature, so a faster runner of the same function (models/accel.py) can stand in
 UNetCall = Callable[..., torch.Tensor]
 # unscaled latents (B, C, h, w) in the VAE's dtype -> images (B, 3, H, W): `vae.decode`'s signature
 VAEDecode = Callable[[torch.Tensor], torch.Tensor]
@@ -91,6 +90,10 @@ class ActiveImage:
     uncond: torch.Tensor | None  # (L, D) negative-prompt embedding; None without guidance
     sampler: Sampler
     state: RowState  # plan, step index and history; replaced (never changed) by each step
+    # the UNet's per-row inputs beyond the text (models/unet.py: ROW_INPUTS), (1, ...) each: for the
+    # prompt's row, and for the negative prompt's row (guided images)
+    row_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    uncond_row_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # (1, C, h, w): the last step's estimate of the clean latent
 
     @property
@@ -142,7 +145,7 @@ class Pipeline:
         """
         for _, request in items:
             check_generation(self.model, request)
-        # LCM-distilled UNets (time_cond_proj_dim): no unconditional pass, see guidance_condition
+        # LCM-distilled UNets (time_cond_proj_dim): no unconditional pass, see request_row_inputs
         unconditional = classifier_free(self.model)
         pairs = self.prompts.encode_pairs(
             [r.prompt for _, r in items],
@@ -155,13 +158,17 @@ class Pipeline:
             sampler = get_sampler(request.sampler)
             plan = sampler.plan(model.schedule, request)
             images = []
+            row_inputs = request_row_inputs(model, request)
             for seed in request.image_seeds():
                 generator = torch.Generator("cpu").manual_seed(seed)
                 noise = torch.randn(shape, generator=generator)
                 latent = to_device(noise * plan.init_noise_sigma, model.device)
-                images.append(
-                    ActiveImage(key, seed, request, latent, generator, cond, uncond, sampler, RowState(plan))
+                image = ActiveImage(
+                    key, seed, request, latent, generator, cond, uncond, sampler, RowState(plan)
                 )
+                image.row_inputs = row_inputs
+                image.uncond_row_inputs = row_inputs  # the same for the negative prompt's row
+                images.append(image)
             result.append(images)
         return result
 
@@ -202,10 +209,8 @@ class Pipeline:
         index = to_device(guided_rows, sample.device)
         unet_input = torch.cat([model_input, model_input[index]]).to(model.dtype)
         unet_t = to_device(torch.cat([timesteps, timesteps[guided_rows]]), model.device)
-        # LCM-distilled UNets (time_cond_proj_dim): each row's guidance embedding, no guided rows
-        condition = guidance_condition(model, images)
-        extra = () if condition is None else (condition,)
-        output = self.unet(unet_input, unet_t, context, mask, *extra).float()
+        row_inputs = _stack_row_inputs(images, model.device)
+        output = self.unet(unet_input, unet_t, context, mask, row_inputs).float()
 
         count = len(images)
         noise_pred = output[:count]
@@ -334,16 +339,33 @@ def _noise_source(images: Sequence[ActiveImage], device: torch.device) -> NoiseS
     return draw
 
 
-def guidance_condition(model: StableDiffusion, images: Sequence[ActiveImage]) -> torch.Tensor | None:
-    """LCM-distilled UNets (time_cond_proj_dim) take the guidance scale as an input instead of an
-    unconditional pass: each image's embedding of w = guidance_scale - 1, (R, time_cond_proj_dim) in
-    the UNet's dtype on its device, as diffusers' StableDiffusionPipeline computes it (there
-    `do_classifier_free_guidance` is then False whatever the scale). None for other UNets."""
+def request_row_inputs(model: StableDiffusion, request: Generation) -> dict[str, torch.Tensor]:
+    """The UNet's per-row inputs a request's prompt rows carry, (1, ...) each on the model's device.
+
+    LCM-distilled UNets (time_cond_proj_dim) take the guidance scale as an input instead of an
+    unconditional pass: the embedding of w = guidance_scale - 1 in the UNet's dtype, as diffusers'
+    StableDiffusionPipeline computes it (there `do_classifier_free_guidance` is then False)."""
+    inputs: dict[str, torch.Tensor] = {}
     dim = model.unet.config.time_cond_proj_dim
-    if dim is None:
+    if dim is not None:
+        w = torch.tensor([request.guidance_scale - 1], dtype=torch.float32)
+        inputs["timestep_cond"] = to_device(guidance_embedding(w, dim).to(model.dtype), model.device)
+    return inputs
+
+
+def _stack_row_inputs(images: Sequence[ActiveImage], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The call's per-row inputs, in its row order: every image's prompt row, then the guided
+    images' negative-prompt rows."""
+    names = images[0].row_inputs.keys()
+    if not names:
         return None
-    w = torch.tensor([i.request.guidance_scale - 1 for i in images], dtype=torch.float32)
-    return to_device(guidance_embedding(w, dim).to(model.dtype), model.device)
+    guided = [i for i in images if i.uncond is not None]
+    return {
+        name: torch.cat(
+            [i.row_inputs[name] for i in images] + [i.uncond_row_inputs[name] for i in guided]
+        ).to(device)
+        for name in names
+    }
 
 
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ lets rows with text contexts of different lengths share one call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -167,6 +169,12 @@ class UpBlock2D(nn.Module):
         return h
 
 
+# Per-row inputs a UNet may take beside the text context, by name (each (B, ...)):
+#   timestep_cond  (B, time_cond_proj_dim) an LCM-distilled UNet's guidance embedding
+#                  (`models.blocks.guidance_embedding`), added to its timestep embedding
+ROW_INPUTS = ("timestep_cond",)
+
+
 class UNet2DConditionModel(nn.Module):
     """Predicts the noise (or v) in a noisy latent, given per-row timesteps and text embeddings."""
 
@@ -186,13 +194,23 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
+    def row_inputs_example(self, rows: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Zeros of every per-row input this UNet takes (what a warm-up must pass to prepare the
+        same call shapes as real calls)."""
+        example = {}
+        if self.config.time_cond_proj_dim is not None:
+            example["timestep_cond"] = torch.zeros(
+                (rows, self.config.time_cond_proj_dim), device=device, dtype=dtype
+            )
+        return example
+
     def forward(
         self,
         sample: Tensor,
         timesteps: Tensor,
         encoder_hidden_states: Tensor,
         encoder_attention_mask: Tensor | None = None,
-        timestep_cond: Tensor | None = None,
+        conditioning: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Denoiser output (B, out_channels, h, w) for `sample` (B, in_channels, h, w).
 
@@ -202,10 +220,14 @@ class UNet2DConditionModel(nn.Module):
         cross-attention only, so rows whose prompts were padded to a common L give the same output
         as unpadded. A row with no True attends to every token, as diffusers' -10000 bias does.
         Any h, w work: where a size is odd, upsampling targets the skip connection's size.
-        `timestep_cond`: (B, time_cond_proj_dim), only for a UNet whose config has one (LCM-distilled:
-        each row's guidance embedding, `models.blocks.guidance_embedding`), added to its timestep
-        embedding; None leaves it out, as diffusers does.
+        `conditioning`: per-row inputs beyond the text, by name (`ROW_INPUTS`), each (B, ...): what
+        this UNet's config asks for (`row_inputs_example` says which), nothing else.
         """
+        conditioning = dict(conditioning or {})
+        unknown = sorted(set(conditioning) - set(ROW_INPUTS))
+        if unknown:
+            raise ValueError(f"unknown UNet row inputs {unknown}; known: {sorted(ROW_INPUTS)}")
+        timestep_cond = conditioning.get("timestep_cond")
         batch = sample.shape[0]
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0

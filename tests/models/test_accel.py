@@ -199,7 +199,7 @@ def test_timestep_cond_goes_through_the_buckets() -> None:
     runner = UNetRunner(unet, AccelConfig(cuda_graphs=True, buckets=BUCKETS))
     for rows, seed in ((4, 1), (3, 2), (9, 3)):  # a full bucket, a stale padding row, beyond the largest
         args = unet_inputs(rows, seed=seed)
-        cond = torch.randn((rows, 8), generator=torch.Generator().manual_seed(seed))
+        cond = {"timestep_cond": torch.randn((rows, 8), generator=torch.Generator().manual_seed(seed))}
         expected = unet(*args, cond)
         assert max_diff(runner(*args, cond), expected) <= 1e-5
         assert max_diff(unet(*args), expected) > 1e-3  # the condition is not ignored

@@ -218,7 +218,7 @@ def test_timestep_cond_matches_diffusers(lcm_models):
     cond = guidance_embedding(torch.tensor([0.0, 1.0, 7.0]), 16)
     with torch.no_grad():
         expected = reference(sample, timesteps, context, timestep_cond=cond).sample
-        got = ours(sample, timesteps, context, timestep_cond=cond)
+        got = ours(sample, timesteps, context, conditioning={"timestep_cond": cond})
         unconditioned = ours(sample, timesteps, context)
         torch.testing.assert_close(
             unconditioned, reference(sample, timesteps, context).sample, rtol=0, atol=ATOL
@@ -232,10 +232,10 @@ def test_timestep_cond_is_checked(models, lcm_models):
     _, ours, _ = lcm_models
     sample, timesteps, context = inputs(config, (2, 4, 8, 8))
     with pytest.raises(ValueError, match="no time_cond_proj_dim"):
-        plain(sample, timesteps, context, timestep_cond=torch.zeros(2, 16))
+        plain(sample, timesteps, context, conditioning={"timestep_cond": torch.zeros(2, 16)})
     sample, timesteps, context = inputs(lcm_models[2], (2, 4, 8, 8))
     with pytest.raises(ValueError, match=r"timestep_cond has shape \(2, 8\), expected .* \(2, 16\)"):
-        ours(sample, timesteps, context, timestep_cond=torch.zeros(2, 8))
+        ours(sample, timesteps, context, conditioning={"timestep_cond": torch.zeros(2, 8)})
 
 
 def test_upcast_attention_runs_float16_in_float32():
