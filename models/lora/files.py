@@ -1,0 +1,326 @@
+"""LoRA files (`.safetensors`) in kohya/AUTOMATIC1111's or diffusers/PEFT's names, read into one form.
+
+kohya (sd-scripts, AUTOMATIC1111, LyCORIS' LoCon):
+    lora_unet_<module path with "_" for ".">.lora_down.weight  (r, in) or (r, in, kh, kw)
+    lora_unet_<...>.lora_up.weight                              (out, r) or (out, r, 1, 1)
+    lora_unet_<...>.alpha                                       () ; scale = alpha / r (no alpha: 1)
+    lora_te_ (SD 1/2's text encoder), lora_te1_ / lora_te2_ (SDXL's two)
+diffusers/PEFT (`save_lora_weights`):
+    unet.<module path>.lora_A.weight / .lora_B.weight, text_encoder.<...>, text_encoder_2.<...>;
+    scale = lora_alpha / r from the file's `lora_adapter_metadata` (PEFT's LoraConfig per part, with
+    its rank_pattern / alpha_pattern), else 1, as diffusers loads it.
+
+Both become `LoraWeights`: per part, a key stem -> `Adapter` (down, up, scale) in float32. A kohya stem
+is the module path with "_" for "."; which module it means is decided against the model's own module
+names (`resolve`), as kohya and AUTOMATIC1111 do. Other LyCORIS types (LoHa, LoKr, ...) and DoRA are
+refused with a message naming the type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_KOHYA_ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_PEFT_ROLES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+# key patterns of the network types we do not apply, and their names (LyCORIS' and PEFT's)
+_REFUSED_TYPES = {
+    r"\.hada_w[12]_[ab]$": "LoHa (LyCORIS)",
+    r"\.lokr_w[12](_[ab])?$": "LoKr (LyCORIS)",
+    r"\.oft_(blocks|diag)$": "OFT (LyCORIS)",
+    r"\.boft_": "BOFT",
+    r"\.a1\.weight$": "GLoRA (LyCORIS)",
+    r"\.diff(_b)?$": "full-weight difference (LyCORIS 'full')",
+    r"\.on_input$": "(IA)^3 (LyCORIS)",
+    r"\.[wb]_norm$": "norm layers (LyCORIS)",
+    r"\.lora_mid\.weight$": "LoCon with a Tucker/CP middle weight (lora_mid)",
+    r"\.dora_scale$": "DoRA",
+    r"lora_magnitude_vector": "DoRA",
+}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+class LoraFileError(ValueError):
+    """A file that is not a LoRA we can apply; the message says what it is and why."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapted layer: delta(x) = scale * up(down(x)), float32."""
+
+    down: torch.Tensor  # (r, in) for a Linear; (r, in, kh, kw) for a Conv2d
+    up: torch.Tensor  # (out, r)
+    scale: float  # alpha / r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """() for a Linear's, (kh, kw) for a convolution's."""
+        return tuple(self.down.shape[2:])
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * up @ down, the layer's weight difference: (out, in) or (out, in, kh, kw)."""
+        flat = self.up @ self.down.reshape(self.rank, -1)
+        return (flat * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    format: str  # "kohya" or "peft"
+    parts: dict[str, dict[str, Adapter]]  # part -> key stem -> adapter
+
+    @property
+    def rank(self) -> int:
+        return max((a.rank for adapters in self.parts.values() for a in adapters.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.down.nbytes + a.up.nbytes for adapters in self.parts.values() for a in adapters.values())
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a file's key names say, before any tensor is read."""
+
+    format: str
+    # part -> stem -> role ("down", "up", "alpha") -> key in the file
+    keys: dict[str, dict[str, dict[str, str]]]
+
+
+def _refused_type(key: str) -> str | None:
+    for pattern, name in _REFUSED_TYPES.items():
+        if re.search(pattern, key):
+            return name
+    return None
+
+
+def _layout(keys: Iterable[str], where: str) -> _Layout:
+    keys = list(keys)
+    for key in keys:
+        refused = _refused_type(key)
+        if refused is not None:
+            raise LoraFileError(
+                f"{where} is a {refused} network (key {key!r}); only LoRA and LoCon are applied"
+            )
+    kohya = [k for k in keys if k.startswith(tuple(_KOHYA_PREFIXES))]
+    peft = [k for k in keys if k.endswith(tuple(_PEFT_ROLES))]
+    layout: dict[str, dict[str, dict[str, str]]] = {}
+    if kohya and not peft:
+        fmt, roles, found = "kohya", _KOHYA_ROLES, kohya
+    elif peft and not kohya:
+        fmt, roles, found = "peft", _PEFT_ROLES, peft
+    else:
+        raise LoraFileError(
+            f"{where} holds no LoRA weights in kohya's (lora_unet_..., .lora_down/.lora_up) or "
+            "diffusers/PEFT's "
+            f"(unet./text_encoder. ... .lora_A/.lora_B) names"
+            + (" (it mixes both)" if kohya and peft else f" (keys such as {keys[:2]})")
+        )
+    for key in found:
+        role = next((r for suffix, r in roles.items() if key.endswith(suffix)), None)
+        if role is None:
+            continue  # e.g. kohya's per-key extras we do not read
+        stem = key[: -len(next(s for s in roles if key.endswith(s)))]
+        part, stem = _split_part(stem, fmt)
+        if part is None:
+            raise LoraFileError(f"{where}: key {key!r} names no part we know (unet, text encoders)")
+        layout.setdefault(part, {}).setdefault(stem, {})[role] = key
+    for part, stems in layout.items():
+        for stem, found_roles in stems.items():
+            if "down" not in found_roles or "up" not in found_roles:
+                missing = "down" if "down" not in found_roles else "up"
+                raise LoraFileError(f"{where}: layer {part}.{stem} has no {missing} weight")
+    return _Layout(fmt, layout)
+
+
+def _split_part(stem: str, fmt: str) -> tuple[str | None, str]:
+    if fmt == "kohya":
+        for prefix, part in sorted(_KOHYA_PREFIXES.items(), key=lambda item: -len(item[0])):
+            if stem.startswith(prefix):
+                return part, stem[len(prefix) :]
+        return None, stem
+    stem = stem.removeprefix("base_model.model.")
+    for part in sorted(PARTS, key=len, reverse=True):
+        if stem.startswith(part + "."):
+            return part, stem[len(part) + 1 :]
+    if stem.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding")):
+        return "unet", stem  # a UNet's own PEFT state dict, without the part prefix
+    return None, stem
+
+
+def _peft_scales(metadata: Mapping[str, str], part: str, stem: str, rank: int) -> float:
+    """lora_alpha / r for one layer from diffusers' metadata (PEFT's LoraConfig keys prefixed by the part:
+    "unet.lora_alpha", "unet.alpha_pattern", ...), else 1 (diffusers' lora_alpha defaults to r)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return 1.0
+    config = json.loads(raw)
+    alpha = config.get(f"{part}.lora_alpha", rank)
+    for pattern, value in (config.get(f"{part}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", stem):
+            alpha = value
+    return float(alpha) / rank
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoraFileError(f"{path.name} is not a readable .safetensors file: {error}") from None
+
+
+def read_lora(path: Path) -> LoraWeights:
+    """The file's adapters in float32, checked for consistent shapes; LoraFileError if it is not a LoRA
+    we can apply."""
+    where = path.name
+    with _open(path) as handle:
+        layout = _layout(handle.keys(), where)
+        metadata = handle.metadata() or {}
+        parts: dict[str, dict[str, Adapter]] = {}
+        try:
+            for part, stems in layout.keys.items():
+                for stem, roles in stems.items():
+                    down = handle.get_tensor(roles["down"]).float()
+                    up = handle.get_tensor(roles["up"]).float()
+                    parts.setdefault(part, {})[stem] = _adapter(
+                        where,
+                        part,
+                        stem,
+                        down,
+                        up,
+                        handle.get_tensor(roles["alpha"]) if "alpha" in roles else None,
+                        metadata if layout.format == "peft" else {},
+                    )
+        except SafetensorError as error:
+            raise LoraFileError(f"{where}: reading its tensors failed: {error}") from None
+    return LoraWeights(layout.format, parts)
+
+
+def _adapter(
+    where: str,
+    part: str,
+    stem: str,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    alpha: torch.Tensor | None,
+    metadata: Mapping[str, str],
+) -> Adapter:
+    rank = down.shape[0] if down.dim() else 0
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != rank or rank == 0:
+        raise LoraFileError(
+            f"{where}: layer {part}.{stem} has down {tuple(down.shape)} and up {tuple(up.shape)}, which "
+            "are not "
+            "a LoRA pair (down (r, in[, kh, kw]), up (out, r[, 1, 1]))"
+        )
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise LoraFileError(
+            f"{where}: layer {part}.{stem}'s up weight is a {tuple(up.shape[2:])} convolution, not 1x1"
+        )
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        raise LoraFileError(f"{where}: layer {part}.{stem} holds inf or NaN")
+    if alpha is not None:
+        scale = float(alpha.float().reshape(-1)[0]) / rank
+    else:
+        scale = _peft_scales(metadata, part, stem, rank)
+    return Adapter(down, up.reshape(up.shape[0], rank), scale)
+
+
+@dataclass(frozen=True)
+class LoraHeader:
+    """What a file's header says (no weights read): for listings."""
+
+    format: str
+    family: str  # "sd" or "sdxl"
+    context_dim: int | None  # in-features of its cross-attention k/v downs, when it has any
+    rank: int
+    layers: dict[str, int]  # part -> adapted layers
+
+
+def read_header(path: Path) -> LoraHeader:
+    """The file's format, base family, rank and layers, from its header alone."""
+    with _open(path) as handle:
+        layout = _layout(handle.keys(), path.name)
+        rank, context_dim = 0, None
+        for stems in layout.keys.values():
+            for stem, roles in stems.items():
+                shape = handle.get_slice(roles["down"]).get_shape()
+                rank = max(rank, shape[0])
+                if re.search(r"attn2[._]to_[kv]$", stem):
+                    context_dim = shape[1]
+    sdxl = "text_encoder_2" in layout.keys or context_dim == 2048
+    return LoraHeader(
+        layout.format,
+        "sdxl" if sdxl else "sd",
+        context_dim,
+        rank,
+        {part: len(stems) for part, stems in layout.keys.items()},
+    )
+
+
+def short_hash(path: Path) -> str:
+    """AUTOMATIC1111's short hash of a LoRA (`Lora hashes` in PNG parameters): the first 12 hex digits
+    of the SHA-256 of the file after its header (kohya's "addnet" hash)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        header_bytes = struct.unpack("<Q", file.read(8))[0]
+        file.seek(8 + header_bytes)
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def kohya_stem(module_name: str) -> str:
+    """kohya's name of a module: its path with "_" for "." (`down_blocks.0.attentions.0` ->
+    `down_blocks_0_attentions_0`)."""
+    return module_name.replace(".", "_")
+
+
+def _text_variants(name: str) -> tuple[str, ...]:
+    # transformers 5's CLIPTextModel has no `text_model.` level; files written with older ones do
+    bare = name.removeprefix("text_model.")
+    return (bare, "text_model." + bare)
+
+
+def resolve(
+    weights: LoraWeights, module_names: Mapping[str, Iterable[str]], where: str
+) -> dict[str, dict[str, Adapter]]:
+    """The adapters keyed by the model's module names, per part; LoraFileError naming the layers the
+    model does not have (a LoRA for another base model) or a part it lacks."""
+    resolved: dict[str, dict[str, Adapter]] = {}
+    for part, adapters in weights.parts.items():
+        if part not in module_names:
+            raise LoraFileError(
+                f"{where} adapts {part}, which this model does not have (a LoRA for another base model)"
+            )
+        names = list(module_names[part])
+        lookup: dict[str, str] = {}
+        for name in names:
+            variants = _text_variants(name) if part.startswith("text_encoder") else (name,)
+            for variant in variants:
+                lookup[variant if weights.format == "peft" else kohya_stem(variant)] = name
+        unknown = [stem for stem in adapters if stem not in lookup]
+        if unknown:
+            raise LoraFileError(
+                f"{where} adapts {len(unknown)} layers of the {part} this model does not have (e.g. "
+                f"{unknown[0]!r}): a LoRA for another base model"
+            )
+        resolved[part] = {lookup[stem]: adapter for stem, adapter in adapters.items()}
+    return resolved
