@@ -28,6 +28,11 @@ skipped once --budget-s would be exceeded; `--skip NAME` leaves one out):
              redis-server, redis, rq)
   ablations  at --ablation-batch: each optimisation switched off (or changed) alone (after the
              worker, which runs on its defaults; before it with --worker-compile)
+  lora       (--lora) one UNet call with rows across different LoRAs against the same call without,
+             on the default fast path (bench/lora_bench.py; issue 18's goal: <= 1.15x)
+  sdxl       SDXL base's architecture (bench/gpu_sdxl.py): 1024x1024, 30 Euler steps, CFG, float16,
+             random weights built on the device, --sdxl-batches: images/s and peak memory, ours
+             against diffusers' StableDiffusionXLPipeline in the same run
 Figures: images/s (batch / wall time from prompts to uint8 pixels), ms per denoising step (steady
 state), MFU = FLOPs / time / the card's dense fp16 peak (SD 1.5 at 512: 1.61 TFLOP per CFG step,
 2.5 TFLOP per decode, 82.9 TFLOP per 50-step image). Tables on stdout; gpu_bench.json and
@@ -59,6 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import gpu_runs as runs  # noqa: E402
+import gpu_sdxl  # noqa: E402
+import lora_bench  # noqa: E402
 import torch  # noqa: E402
 from gpu_report import markdown  # noqa: E402
 
@@ -278,6 +285,15 @@ class Bench:
         if name in self.args.skip or name.split(":")[0] + "s" in self.args.skip:
             stages[name] = {"status": "skipped (--skip)"}
             self.log(f"{name}: skipped (--skip)")
+            return
+        kind = name.split(":")[0]
+        if (
+            self.args.only
+            and name != "build"
+            and name not in self.args.only
+            and kind + "s" not in self.args.only
+        ):
+            stages[name] = {"status": "skipped (--only)"}
             return
         if needs_s and self.left() < needs_s:
             stages[name] = {"status": f"skipped: {self.left():.0f} s of budget left"}
@@ -888,8 +904,11 @@ def plan(bench: Bench) -> list[tuple[str, Stage, float]]:
         later.append(
             ("engine: compiled", engine_compiled, args.est_engine_s + 20 * len(args.engine_requests))
         )
-    # Stages of features still to come (samplers at equal quality, SDXL, LoRA batches: issue 24) go
-    # here, each one function over Bench with its --skip name and rough cost.
+    later.append(("sdxl", gpu_sdxl.stage, args.est_sdxl_s))
+    if args.lora:  # last: it installs a LoRA pool on the bench's model
+        later.append(("lora", lora_bench.stage, args.est_lora_s))
+    # Stages of features still to come (samplers at equal quality) go here, each one function over
+    # Bench with its --skip name and rough cost.
     # The worker runs on its defaults before the ablations (their compiles take minutes), unless it
     # is to take the fastest compiled ablation (--worker-compile).
     return first + (later + on_worker if args.worker_compile else on_worker + later)
@@ -993,7 +1012,10 @@ def argument_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        help="stages to skip: precision vae ours kernels buckets diffusers engine worker ablations",
+        help="stages to skip: precision vae ours kernels buckets diffusers engine worker ablations sdxl",
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run only these stages (the build always runs), e.g. sdxl"
     )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_bench.json/.md")
     add_stage_arguments(parser)
@@ -1051,9 +1073,31 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run the engine loads with torch.compile in the graphs (~1 minute of compile per load)",
     )
     parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="stage lora (bench/lora_bench.py): one UNet call with --lora-rows rows across --lora-count "
+        "LoRAs of rank --lora-rank against the same call without (goal <= 1.15x), on the default fast path",
+    )
+    parser.add_argument("--lora-rows", type=int, default=None, help="default 16 (8 --quick)")
+    parser.add_argument("--lora-count", type=int, default=None, help="default 8 (4 --quick)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="default 32 (16 --quick)")
+    parser.add_argument(
+        "--lora-repeats", type=int, default=None, help="timed calls per case (default 50; 5 --quick)"
+    )
+    parser.add_argument(
         "--worker-compile",
         action="store_true",
         help="run the worker with the fastest torch.compile variant of the ablations (SD_COMPILE...)",
+    )
+    parser.add_argument("--sdxl-config", choices=["sdxl", "tiny"], help="default sdxl (tiny with --quick)")
+    parser.add_argument("--sdxl-size", type=int, help="pixels per side (default 1024; 64 with --quick)")
+    parser.add_argument("--sdxl-steps", type=int, help="Euler steps (default 30; 3 with --quick)")
+    parser.add_argument("--sdxl-batches", type=int, nargs="+", help="default 1 4 8 (1 2 with --quick)")
+    parser.add_argument(
+        "--sdxl-accel",
+        choices=["default", "graphs"],
+        default="default",
+        help="ours: the worker's default fast path (compiled in CUDA graphs) or CUDA graphs alone",
     )
 
 
@@ -1077,6 +1121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fine_buckets": sorted({*FINE_BUCKETS, 6}) if quick else list(FINE_BUCKETS),
         "budget_s": 600 if quick else 420,
         "slow_ablations": not quick,
+        "sdxl_config": "tiny" if quick else "sdxl",
+        "sdxl_size": 64 if quick else 1024,
+        "sdxl_steps": 3 if quick else 30,
+        "sdxl_batches": [1, 2] if quick else [1, 4, 8],
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1091,6 +1139,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.est_ablation_s = 2 if quick else 15
     args.est_kernels_s = 2 if quick else 15
     args.est_buckets_s = 2 if quick else 25
+    # SDXL: build, a compile of its UNet, 3 batches x (warm-up + repeats) both sides
+    args.est_sdxl_s = 10 if quick else (240 if args.sdxl_accel == "default" else 150)
+    # LoRA: the default fast path compiled again with the pool's layers, four cases captured
+    args.est_lora_s = 5 if quick else 150
+    args.lora_rows = args.lora_rows or (8 if quick else 16)
+    args.lora_count = args.lora_count or (4 if quick else 8)
+    args.lora_rank = args.lora_rank or (16 if quick else 32)
+    args.lora_repeats = args.lora_repeats or (5 if quick else 50)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: use --quick (or --device cpu --config tiny) for the CPU check")
     return args
@@ -1104,7 +1160,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     results = run(args)
     failed = [k for k, v in results["stages"].items() if v["status"].startswith("error")]
-    return 1 if failed or "ours" not in results else 0
+    measured = "ours" in results or "sdxl" in results  # none: the build failed, or --only ran nothing
+    return 1 if failed or not measured else 0
 
 
 if __name__ == "__main__":

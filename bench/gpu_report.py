@@ -25,9 +25,14 @@ def markdown(results: dict[str, Any]) -> str:
         buckets,
         profile,
         ablations,
+        sdxl,
     ):
         lines += section(results)
-    bad = {k: v["status"] for k, v in results["stages"].items() if v["status"] != "ok"}
+    bad = {
+        k: v["status"]
+        for k, v in results["stages"].items()
+        if v["status"] != "ok" and v["status"] != "skipped (--only)"
+    }
     if bad:
         lines += ["Stages not run or failed:", ""] + [f"- {k}: {v}" for k, v in bad.items()] + [""]
     if "elapsed_s" in results:
@@ -282,4 +287,35 @@ def ablations(results: dict[str, Any]) -> list[str]:
             f"| {row['images_per_s'] / base:.2f}x | {speedup} "
             f"| {_f(row.get('vs_default_relative_error'), 1, 'e')} |"
         )
+    return [*lines, ""]
+
+
+def sdxl(results: dict[str, Any]) -> list[str]:
+    x = results.get("sdxl")
+    if not x or not (x["ours"] or x["diffusers"]):
+        return []
+    ours = {r["batch"]: r for r in x["ours"]}
+    theirs = {r["batch"]: r for r in x["diffusers"]}
+    lines = [
+        f"SDXL ({x['config']} architecture, {x['unet_parameters'] / 1e6:,.0f} M UNet parameters, random weights), "
+        f"{x['size']}x{x['size']}, {x['steps']} {x['sampler']} steps, CFG, {x['dtype']}; ours: {x['accel']} "
+        "fast path; diffusers' StableDiffusionXLPipeline, same weights, prompts and seeds:",
+        "",
+        "| batch | ours img/s | diffusers img/s | speed-up | ours ms/step | diffusers ms/step | ours GPU GB "
+        "| diffusers GPU GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(batch), theirs.get(batch)
+        speedup = f"{a['images_per_s'] / b['images_per_s']:.2f}x" if a and b else "n/a"
+        lines.append(
+            f"| {batch} | {_f(a and a['images_per_s'], 3)} | {_f(b and b['images_per_s'], 3)} | {speedup} "
+            f"| {_f(a and a['ms_per_step'], 1)} | {_f(b and b['ms_per_step'], 1)} "
+            f"| {_f(a and a.get('peak_gb'), 2)} | {_f(b and b.get('peak_gb'), 2)} |"
+        )
+    if x.get("latents_relative_error") is not None:
+        lines += [
+            "",
+            f"Final latents of ours and diffusers at batch 1: {x['latents_relative_error']:.2e} apart.",
+        ]
     return [*lines, ""]

@@ -157,7 +157,7 @@ def _timing(marks: dict[str, float], steps: int) -> Timing:
     return Timing(marks["end"], marks["text"], step_s, marks["end"] - last)
 
 
-def batch_requests(batch: int, size: int, steps: int) -> list[tuple[int, Generation]]:
+def batch_requests(batch: int, size: int, steps: int, sampler: str = "ddim") -> list[tuple[int, Generation]]:
     """`batch` one-image requests, as `batch` users would send them (CFG, own seeds and prompts)."""
     return [
         (
@@ -169,6 +169,7 @@ def batch_requests(batch: int, size: int, steps: int) -> list[tuple[int, Generat
                 height=size,
                 steps=steps,
                 guidance_scale=GUIDANCE,
+                sampler=sampler,
                 seed=1000 + i,
             ),
         )
@@ -185,13 +186,15 @@ def run_ours(
     max_rows: int = 64,
     vae_batch: int = 8,
     vae_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sampler_name: str = "ddim",
 ) -> tuple[Timing, torch.Tensor]:
     """One batch through the Pipeline as the engine drives it (one call per <= max_rows rows per step,
     decode in chunks); returns the timing and the final latents (batch, C, h, w)."""
     sampler = Pipeline(model, unet_runner=runner, vae_decoder=vae_decoder)
     clock = Clock(model.device)
     clock.mark("start")
-    images = [image for group in sampler.start(batch_requests(batch, size, steps)) for image in group]
+    requests = batch_requests(batch, size, steps, sampler_name)
+    images = [image for group in sampler.start(requests) for image in group]
     clock.mark("text")
     for step in range(steps):
         for chunk in split_rows(images, max_rows):
@@ -445,7 +448,7 @@ class MemoryResults:
         self.lock = threading.Lock()
 
     def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
-        from models.png import encode_png
+        from models.image_files import encode_png
         from schemas.queue import ImageRef, JobResult
 
         started = time.perf_counter()

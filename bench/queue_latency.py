@@ -33,7 +33,7 @@ from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME  # noqa: E402
+from schemas.queue import JOB_FUNCTION  # noqa: E402
 from schemas.redis_keys import worker_info_key  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -120,13 +120,19 @@ def run(args: argparse.Namespace) -> None:
     log = Path(tempfile.mkdtemp(prefix="latency-bench-")) / "worker.log"
     worker = start_worker(args.repo.resolve(), server.url, args.batch_rows, log)
     client = redis.Redis.from_url(server.url)
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
     try:
         deadline = time.monotonic() + 180
-        while client.get(worker_info_key("latency-bench")) is None:
+        while (
+            not (slots := client.keys("rq:workers:txt2img*"))
+            or client.get(worker_info_key("latency-bench")) is None
+        ):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
+        # the queue its slots listen on: its model's (a checkout from before per-model queues: "txt2img")
+        queue = Queue(
+            slots[0].decode().removeprefix("rq:workers:"), connection=client, serializer=JSONSerializer
+        )
         big: list[Job] = []
         small: list[Job] = []
         started = time.monotonic()

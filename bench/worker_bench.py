@@ -36,7 +36,7 @@ from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
 from schemas.generation import Generation  # noqa: E402
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME  # noqa: E402
+from schemas.queue import JOB_FUNCTION, queue_name  # noqa: E402
 from schemas.redis_keys import worker_info_key  # noqa: E402
 from schemas.worker_info import EngineStats, WorkerInfo  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -99,12 +99,12 @@ def run_mode(
         env["SD_TORCH_THREADS"] = str(args.torch_threads)
     if args.vae_batch:
         env["SD_VAE_BATCH"] = str(args.vae_batch)
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
     env.update(getattr(args, "worker_env", None) or {})
     launched = time.monotonic()
     worker_process = WorkerProcess(env, log_path=getattr(args, "worker_log", None))
     with worker_process.start(timeout_s=getattr(args, "start_timeout_s", 120.0)) as worker:
         start_s = time.monotonic() - launched  # process start to ready: model load and warm-up
+        queue = Queue(queue_name(worker.model), connection=client, serializer=JSONSerializer)
         submit_and_wait(queue, client, args, seeds=[10_000 + i for i in range(2)])  # warm-up at this size
         before = published_stats(client, worker.name, expect_jobs=2)
         started = time.time()

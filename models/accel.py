@@ -252,14 +252,20 @@ class _Bucket:
         self.timesteps = torch.zeros((key.rows,), dtype=key.timestep_dtype, device=device)
         self.context = torch.zeros((key.rows, length, width), dtype=key.dtype, device=device)
         self.mask = torch.ones((key.rows, length), dtype=torch.bool, device=device) if key.masked else None
+        # image-shaped inputs (an inpainting UNet's image_cond) in the sample's layout: concatenated to it
         self.row_inputs = {
-            name: torch.zeros((key.rows, *shape), dtype=dtype, device=device)
+            name: torch.zeros((key.rows, *shape), dtype=dtype, device=device).contiguous(
+                memory_format=fmt if len(shape) == 3 else torch.contiguous_format
+            )
             for name, shape, dtype in key.row_inputs
         }
         if dynamic_batch:  # torch.compile: one graph for every bucket of this shape (rows symbolic)
             for tensor in (self.sample, self.timesteps, self.context, self.mask, *self.row_inputs.values()):
                 if tensor is not None:
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            for name, tensor in self.row_inputs.items():
+                if name.startswith("lora_"):  # K, the most LoRAs on a row of the call: symbolic too
+                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Tensor | None = None  # (rows, C', h, w), written by each replay
 
@@ -507,11 +513,16 @@ class UNetRunner:
 
     @torch.no_grad()
     def warm_up(
-        self, latent_shape: tuple[int, int, int], context_shape: tuple[int, int], max_rows: int
+        self,
+        latent_shape: tuple[int, int, int],
+        context_shape: tuple[int, int],
+        max_rows: int,
+        extra_row_inputs: Callable[[int], Mapping[str, Tensor]] | None = None,
     ) -> int:
         """Run (and so capture or compile) every bucket up to the one holding `max_rows`, for one
         latent shape and an unmasked context, so that the first requests pay no capture. Returns the
-        number of buckets run."""
+        number of buckets run. `extra_row_inputs(rows)`: per-row inputs some calls add (e.g. LoRA
+        rows, models/lora/layers.py), warmed as their own variant of each bucket."""
         if not self.config.bucketed:
             return 0
         wanted = [b for b in self.config.buckets if b < max_rows]
@@ -525,8 +536,11 @@ class UNetRunner:
             # float32, as Pipeline.step passes them (the dtype is part of a bucket's key)
             timesteps = torch.full((rows,), 500, dtype=torch.float32, device=device)
             context = torch.randn((rows, *context_shape), device=device, dtype=dtype)
-            # the per-row inputs the UNet always takes (e.g. an LCM-distilled one's guidance embedding)
-            row_inputs = example(rows, device, dtype) if example is not None else None
+            # the per-row inputs the UNet always takes (e.g. an LCM-distilled one's guidance embedding,
+            # an inpainting one's image conditioning)
+            row_inputs = example(rows, device, dtype, latent_shape[1:]) if example is not None else None
+            if extra_row_inputs is not None:
+                row_inputs = {**(row_inputs or {}), **extra_row_inputs(rows)}
             self(sample, timesteps, context, None, row_inputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -360,7 +360,11 @@ class Transformer2DModel(nn.Module):
     @staticmethod
     def _project(layer: nn.Linear | nn.Conv2d, tokens: Tensor) -> Tensor:
         # a 1x1 conv is a linear map of each pixel's channels: apply it to the (B, H*W, C) tokens
-        # as one matmul (faster on CPU than PyTorch's 1x1-conv path; no NCHW round trip)
+        # as one matmul (faster on CPU than PyTorch's 1x1-conv path; no NCHW round trip); a layer with
+        # LoRA adapters (models/lora/layers.py: LoraConv2d) adds its rows' adapters the same way
+        project_tokens = getattr(layer, "project_tokens", None)
+        if project_tokens is not None:
+            return project_tokens(tokens)
         return F.linear(tokens, layer.weight.view(layer.weight.shape[0], -1), layer.bias)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:

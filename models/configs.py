@@ -1,7 +1,7 @@
 """Architecture configs of the UNet and the KL autoencoder, read from diffusers' `config.json` dicts.
 
 `from_dict` accepts exactly the subset of diffusers' `UNet2DConditionModel` / `AutoencoderKL`
-options that Stable Diffusion 1.x/2.x use. A key whose value would change the architecture in a
+options that Stable Diffusion 1.x/2.x and SDXL use. A key whose value would change the architecture in a
 way we do not implement raises `ValueError` naming the key, its value and what is supported, so
 an unsupported checkpoint fails at load time instead of producing wrong pictures. Keys starting
 with `_` (`_class_name`, `_diffusers_version`, ...) and keys that do not change inference
@@ -24,6 +24,10 @@ SUPPORTED_ACT_FN = "silu"
 
 _MISSING = object()
 
+# size/crop numbers of SDXL's added conditioning: original (height, width), crop (top, left),
+# target (height, width)
+TIME_IDS = 6
+
 # UNet keys that must keep diffusers' default value (or one of the listed equivalent values):
 # any other value selects a layer or embedding this implementation does not have.
 _UNET_FIXED: dict[str, tuple[Any, ...]] = {
@@ -37,8 +41,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -49,7 +51,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "timestep_post_act": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -57,6 +58,8 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
 }
 # keys with no effect on inference of the supported architecture
 _UNET_IGNORED = frozenset({"dropout", "addition_embed_type_num_heads"})
+# the one added conditioning we implement: SDXL's pooled text embedding and size/crop numbers
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 _VAE_FIXED: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
@@ -132,7 +135,7 @@ def _block_types(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, .
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of a Stable Diffusion 1.x/2.x `UNet2DConditionModel`.
+    """Architecture of a Stable Diffusion 1.x/2.x or SDXL `UNet2DConditionModel`.
 
     Field defaults are SD 1.5's; `from_dict` fills keys missing from a config.json with diffusers'
     defaults instead, as diffusers does. Per-block values are tuples with one entry per down block (up blocks use them reversed, the
@@ -171,6 +174,13 @@ class UNetConfig:
     # LCM-distilled UNets: width of the guidance-scale embedding added to the timestep embedding
     # (None: no such input, the guidance is classifier-free)
     time_cond_proj_dim: int | None = None
+    # SDXL's added conditioning ("text_time"; None: none): the pooled text embedding and the size/crop
+    # numbers, each number through a sinusoidal embedding `addition_time_embed_dim` wide, all
+    # concatenated (`projection_class_embeddings_input_dim` wide) through an MLP (diffusers'
+    # `add_embedding`) added to the timestep embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -191,6 +201,7 @@ class UNetConfig:
                 )
         _block_types("down_block_types", self.down_block_types, UNET_DOWN_BLOCK_TYPES)
         _block_types("up_block_types", self.up_block_types, UNET_UP_BLOCK_TYPES)
+        self._check_addition_embedding()
         for i, (channels, heads) in enumerate(
             zip(self.block_out_channels, self.num_attention_heads, strict=True)
         ):
@@ -203,6 +214,42 @@ class UNetConfig:
                     f"block {i}: {channels} channels cannot be split into {heads} attention heads "
                     "(attention_head_dim / num_attention_heads must divide block_out_channels)"
                 )
+
+    def _check_addition_embedding(self) -> None:
+        dims = {
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
+        }
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise _fail("addition_embed_type", self.addition_embed_type, 'null or "text_time" (SDXL)')
+        if self.addition_embed_type is None:
+            for key, value in dims.items():
+                if value is not None:
+                    raise _fail(key, value, 'null unless addition_embed_type is "text_time" (SDXL)')
+            return
+        if any(value is None for value in dims.values()):
+            raise _fail(
+                "addition_embed_type",
+                self.addition_embed_type,
+                '"text_time" with addition_time_embed_dim and projection_class_embeddings_input_dim set',
+            )
+        if self.text_embeds_dim <= 0:
+            raise _fail(
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+                f"more than {TIME_IDS} x addition_time_embed_dim ({self.addition_time_embed_dim}): the "
+                "pooled text embedding comes on top of the size numbers",
+            )
+
+    @property
+    def text_embeds_dim(self) -> int:
+        """Width of the pooled text embedding a "text_time" UNet takes (1280 for SDXL): what the added
+        embedding's input holds beside the TIME_IDS size/crop numbers' embeddings; 0 without one."""
+        if self.addition_embed_type is None:
+            return 0
+        assert self.projection_class_embeddings_input_dim is not None
+        assert self.addition_time_embed_dim is not None
+        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
 
     @property
     def num_downsamples(self) -> int:
@@ -260,13 +307,19 @@ class UNetConfig:
             out_channels=_positive_int(d, "out_channels", 4),
             sample_size=_sample_size(d.get("sample_size")),
             use_linear_projection=_bool(d, "use_linear_projection", False),
-            upcast_attention=_bool(d, "upcast_attention", False),
+            # null in SDXL's config.json: diffusers takes it as false
+            upcast_attention=_bool(d, "upcast_attention", False, null_is_default=True),
             norm_num_groups=groups,
             norm_eps=_float(d, "norm_eps", 1e-5),
             flip_sin_to_cos=_bool(d, "flip_sin_to_cos", True),
             freq_shift=_float(d, "freq_shift", 0),
             center_input_sample=_bool(d, "center_input_sample", False),
             time_cond_proj_dim=_optional_positive_int(d, "time_cond_proj_dim"),
+            addition_embed_type=d.get("addition_embed_type"),
+            addition_time_embed_dim=_optional_positive_int(d, "addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=_optional_positive_int(
+                d, "projection_class_embeddings_input_dim"
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,6 +353,15 @@ class UNetConfig:
             "upcast_attention": self.upcast_attention,
             # only when set, as diffusers' SD 1.x/2.x configs leave it out
             **({} if self.time_cond_proj_dim is None else {"time_cond_proj_dim": self.time_cond_proj_dim}),
+            **(
+                {}
+                if self.addition_embed_type is None
+                else {
+                    "addition_embed_type": self.addition_embed_type,
+                    "addition_time_embed_dim": self.addition_time_embed_dim,
+                    "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
+                }
+            ),
         }
 
 
@@ -414,8 +476,10 @@ def _optional_positive_int(d: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _bool(d: dict[str, Any], key: str, default: bool) -> bool:
+def _bool(d: dict[str, Any], key: str, default: bool, null_is_default: bool = False) -> bool:
     value = d.get(key, default)
+    if value is None and null_is_default:
+        return default
     if not isinstance(value, bool):
         raise _fail(key, value, "true or false")
     return value

@@ -1,14 +1,17 @@
-"""Batched, step-wise text-to-image generation: the API the worker's engine drives.
+"""Batched, step-wise generation (text-to-image, img2img, inpainting): the API the worker's engine drives.
 
 Several requests advance together. Requests whose latents have the same shape share every UNet
 call even when they are at different steps (one timestep, eta and guidance scale per row), and a
 request can join or leave between steps. A picture never depends on what else is in the batch:
 image i of a request with seed s draws its initial latent and its per-step eta noise from its own
-CPU generator seeded s + i, exactly as diffusers does when called with a list of CPU generators.
+CPU generator seeded s + i, exactly as diffusers does when called with a list of CPU generators. An img2img or inpainting image
+is one that starts later in its schedule, from its init image's latent (models/img2img.py), so it
+shares UNet calls with text-to-image images; the VAE encodes input images in batches, as it decodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +20,15 @@ import numpy as np
 import torch
 
 from models.blocks import guidance_embedding
+from models.families import Conditioning, family_of
+from models.image_inputs import ImageInputs
+from models.img2img import Blend, EncodedInputs, InputEncoder, blended, start_image
+from models.lora.library import LoraLibrary, RowLoras
+from models.lora.text import TextLora, text_adapters_applied
 from models.samplers import RowState, Sampler, get_sampler
 from models.samplers.base import NoiseSource
 from models.stable_diffusion import StableDiffusion
-from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS, PromptEncoder
+from models.text import CHUNK_TOKENS, MAX_CHUNKS, MAX_PROMPT_TOKENS
 from models.transfer import to_device
 from schemas.generation import Generation
 
@@ -56,6 +64,8 @@ def check_generation(model: StableDiffusion, generation: Generation) -> None:
             )
     # the sampler's plan: what its schedule refuses on this model (e.g. lcm's longest run)
     get_sampler(generation.sampler).plan(model.schedule, generation)
+    # what the model's family refuses (SDXL's size fields on an SD 1.x/2.x model)
+    family_of(model).check_generation(model, generation)
 
 
 def classifier_free(model: StableDiffusion) -> bool:
@@ -95,6 +105,9 @@ class ActiveImage:
     row_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     uncond_row_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # (1, C, h, w): the last step's estimate of the clean latent
+    blend: Blend | None = None  # inpainting with a 4-channel UNet: the init image blended in after steps
+    # its request's UNet LoRAs (pool slots and weights; the leases keep the slots while it lives)
+    loras: RowLoras | None = None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -107,11 +120,17 @@ class ActiveImage:
 
     @property
     def step_index(self) -> int:
+        """Its place in the whole schedule (an img2img image starts at its plan's `start`)."""
         return self.state.step_index
 
     @property
+    def steps_done(self) -> int:
+        return self.state.step_index - self.state.plan.start
+
+    @property
     def total_steps(self) -> int:
-        return self.state.plan.steps
+        """The steps it runs (img2img: the end of the schedule only)."""
+        return self.state.plan.steps_to_run
 
     @property
     def done(self) -> bool:
@@ -119,8 +138,9 @@ class ActiveImage:
 
 
 class Pipeline:
-    """Guided sampling over batches of images, one step at a time, on one loaded model: prompt
-    encoding, initial noise, steps (each image with its own sampler), VAE decode."""
+    """Guided sampling over batches of images, one step at a time, on one loaded model: input images
+    encoded (img2img, inpainting), prompt encoding, initial latents, steps (each image with its own
+    sampler), VAE decode."""
 
     def __init__(
         self,
@@ -128,49 +148,124 @@ class Pipeline:
         max_text_batch: int = 64,
         unet_runner: UNetCall | None = None,
         vae_decoder: VAEDecode | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         """`max_text_batch`: prompt chunks per text-encoder call. `unet_runner`: called instead of
         `model.unet` for every denoising step (e.g. models.accel.UNetRunner: CUDA graphs).
-        `vae_decoder`: called instead of `model.vae.decode` (e.g. models.accel.VAEDecoder)."""
+        `vae_decoder`: called instead of `model.vae.decode` (e.g. models.accel.VAEDecoder). `loras`:
+        the LoRAs requests may name (None: a request naming one is refused)."""
         self.model = model
-        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, max_text_batch)
+        self.loras = loras
+        # how prompts become the UNet's conditioning: the model family's business (models/families)
+        self.prompts = family_of(model).prompt_encoder(model, max_text_batch)
         self.unet: UNetCall = unet_runner if unet_runner is not None else model.unet
         self.vae_decode: VAEDecode = vae_decoder if vae_decoder is not None else model.vae.decode
+        self.input_encoder = InputEncoder(model)
+
+    def encode_inputs(
+        self, requests: Sequence[tuple[Generation, ImageInputs | None]], max_batch: int = 8
+    ) -> list[EncodedInputs | None]:
+        """Each request's input images through the VAE encoder, at most `max_batch` per VAE call (None:
+        a request that needs none); see models/img2img.py: InputEncoder."""
+        return self.input_encoder.encode(requests, max_batch)
 
     @torch.no_grad()
-    def start(self, items: Sequence[tuple[Hashable, Generation]]) -> list[list[ActiveImage]]:
-        """Validate and admit requests: encode all their prompts in one batch, draw initial noise.
+    def start(
+        self,
+        items: Sequence[tuple[Hashable, Generation]],
+        inputs: Sequence[EncodedInputs | None] | None = None,
+    ) -> list[list[ActiveImage]]:
+        """Validate and admit requests: place their LoRAs (pool slots; LoraSlotsBusy when they cannot be
+        now), encode all their prompts in one batch (one per set of text-encoder LoRAs), draw their
+        first latents
+        (from `inputs`, each request's encoded input images, `encode_inputs`; None: encoded here, which
+        only requests without input images can be).
 
         Returns the images of each request, in order.
         """
         for _, request in items:
             check_generation(self.model, request)
-        # LCM-distilled UNets (time_cond_proj_dim): no unconditional pass, see request_row_inputs
-        unconditional = classifier_free(self.model)
-        pairs = self.prompts.encode_pairs(
-            [r.prompt for _, r in items],
-            [r.negative_prompt if r.guided and unconditional else None for _, r in items],
-        )
+        if inputs is None:
+            inputs = self.input_encoder.encode([(request, None) for _, request in items])
+        if len(inputs) != len(items):
+            raise ValueError(f"{len(items)} requests but {len(inputs)} encoded inputs")
+        # every request's LoRAs placed first: one that cannot be (slots busy, a bad file) changes nothing
+        loras = [self._lease_loras(request) for _, request in items]
+        pairs = self._encode_prompts([request for _, request in items], [text for _, text in loras])
         model, f = self.model, self.model.vae_scale_factor
         result = []
-        for (key, request), (cond, uncond) in zip(items, pairs, strict=True):
+        for (key, request), (cond, uncond), encoded, (row_loras, _) in zip(
+            items, pairs, inputs, loras, strict=True
+        ):
             shape = (1, model.latent_channels, request.height // f, request.width // f)
             sampler = get_sampler(request.sampler)
             plan = sampler.plan(model.schedule, request)
             images = []
+            # the request's own inputs are the same for its prompt's and negative prompt's rows
             row_inputs = request_row_inputs(model, request)
+            prompt_row_inputs = {**row_inputs, **cond.row_inputs}
+            negative_row_inputs = {**row_inputs, **(uncond.row_inputs if uncond is not None else {})}
             for seed in request.image_seeds():
                 generator = torch.Generator("cpu").manual_seed(seed)
-                noise = torch.randn(shape, generator=generator)
-                latent = to_device(noise * plan.init_noise_sigma, model.device)
+                # the first latent: noise, or the init image noised (its draws in diffusers' order)
+                begun = start_image(model, sampler, plan, request, encoded, generator, shape)
                 image = ActiveImage(
-                    key, seed, request, latent, generator, cond, uncond, sampler, RowState(plan)
+                    key,
+                    seed,
+                    request,
+                    begun.latent,
+                    generator,
+                    cond.context,
+                    None if uncond is None else uncond.context,
+                    sampler,
+                    RowState.first(plan),
+                    blend=begun.blend,
+                    loras=row_loras,
                 )
-                image.row_inputs = row_inputs
-                image.uncond_row_inputs = row_inputs  # the same for the negative prompt's row
+                image.row_inputs = prompt_row_inputs
+                image.uncond_row_inputs = negative_row_inputs
+                if begun.image_cond is not None:  # an inpainting UNet's, the same for both rows
+                    image.row_inputs = {**prompt_row_inputs, "image_cond": begun.image_cond}
+                    image.uncond_row_inputs = {**negative_row_inputs, "image_cond": begun.image_cond}
                 images.append(image)
             result.append(images)
         return result
+
+    def _lease_loras(self, request: Generation) -> tuple[RowLoras | None, list[TextLora]]:
+        if not request.loras:
+            return None, []
+        if self.loras is None:
+            raise ValueError("this worker serves no LoRAs (SD_LORA_DIR is not set)")
+        return self.loras.lease(request.loras)
+
+    def _encode_prompts(
+        self, requests: Sequence[Generation], texts: Sequence[list[TextLora]]
+    ) -> list[tuple[Conditioning, Conditioning | None]]:
+        """Every request's (cond, uncond), in one batch per set of text-encoder LoRAs (most requests:
+        one batch), each set's adapters applied while its prompts are encoded."""
+        # LCM-distilled UNets (time_cond_proj_dim): no unconditional pass, see request_row_inputs
+        unconditional = classifier_free(self.model)
+        groups: dict[tuple, list[int]] = {}
+        for position, (request, text) in enumerate(zip(requests, texts, strict=True)):
+            key = tuple((ref.name, ref.weight) for ref in request.loras) if text else ()
+            groups.setdefault(key, []).append(position)
+        pairs: list = [None] * len(requests)
+        for positions in groups.values():
+            text = texts[positions[0]]
+            chosen = [requests[p] for p in positions]
+            applied = (
+                text_adapters_applied(self.loras.text_encoders, text)
+                if text and self.loras is not None
+                else contextlib.nullcontext()
+            )
+            with applied:
+                encoded = self.prompts.encode_pairs(
+                    [r.prompt for r in chosen],
+                    [r.negative_prompt if r.guided and unconditional else None for r in chosen],
+                )
+            for p, pair in zip(positions, encoded, strict=True):
+                pairs[p] = pair
+        return pairs
 
     @torch.no_grad()
     def step(self, images: Sequence[ActiveImage]) -> None:
@@ -210,6 +305,9 @@ class Pipeline:
         unet_input = torch.cat([model_input, model_input[index]]).to(model.dtype)
         unet_t = to_device(torch.cat([timesteps, timesteps[guided_rows]]), model.device)
         row_inputs = _stack_row_inputs(images, model.device)
+        lora_inputs = _lora_row_inputs(images, model.device, model.dtype)
+        if lora_inputs:
+            row_inputs = {**(row_inputs or {}), **lora_inputs}
         output = self.unet(unet_input, unet_t, context, mask, row_inputs).float()
 
         count = len(images)
@@ -224,7 +322,7 @@ class Pipeline:
         states = [i.generator.get_state() for i in images]
         try:
             results = [
-                (rows, sampler.step(
+                (rows, sampler, sampler.step(
                     model.schedule,
                     noise_pred[rows.device_index],
                     sample[rows.device_index],
@@ -233,14 +331,19 @@ class Pipeline:
                 ))
                 for sampler, rows in groups
             ]  # fmt: skip
+            # inpainting with a 4-channel UNet: the init image blended back in where the mask keeps it
+            latents = [
+                blended(sampler, model, result.samples, result.states, [images[r].blend for r in rows.rows])
+                for rows, sampler, result in results
+            ]
         except BaseException:
             for image, state in zip(images, states, strict=True):
                 image.generator.set_state(state)
             raise
-        for rows, result in results:
+        for (rows, _, result), samples in zip(results, latents, strict=True):
             for position, r in enumerate(rows.rows):
                 image = images[r]
-                image.latent = result.samples[position : position + 1]
+                image.latent = samples[position : position + 1]
                 image.state = result.states[position]
                 if result.denoised is not None:
                     image.denoised = result.denoised[position : position + 1]
@@ -340,16 +443,19 @@ def _noise_source(images: Sequence[ActiveImage], device: torch.device) -> NoiseS
 
 
 def request_row_inputs(model: StableDiffusion, request: Generation) -> dict[str, torch.Tensor]:
-    """The UNet's per-row inputs a request's prompt rows carry, (1, ...) each on the model's device.
+    """The UNet's per-row inputs a request's rows carry beyond its prompts' (the same for its prompt
+    and negative-prompt rows), (1, ...) each on the model's device.
 
     LCM-distilled UNets (time_cond_proj_dim) take the guidance scale as an input instead of an
     unconditional pass: the embedding of w = guidance_scale - 1 in the UNet's dtype, as diffusers'
-    StableDiffusionPipeline computes it (there `do_classifier_free_guidance` is then False)."""
+    StableDiffusionPipeline computes it (there `do_classifier_free_guidance` is then False). The
+    model's family adds its own (SDXL: the size/crop numbers `time_ids`)."""
     inputs: dict[str, torch.Tensor] = {}
     dim = model.unet.config.time_cond_proj_dim
     if dim is not None:
         w = torch.tensor([request.guidance_scale - 1], dtype=torch.float32)
         inputs["timestep_cond"] = to_device(guidance_embedding(w, dim).to(model.dtype), model.device)
+    inputs.update(family_of(model).request_row_inputs(model, request))
     return inputs
 
 
@@ -366,6 +472,28 @@ def _stack_row_inputs(images: Sequence[ActiveImage], device: torch.device) -> di
         ).to(device)
         for name in names
     }
+
+
+def _lora_row_inputs(
+    images: Sequence[ActiveImage], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The call's LoRA row inputs (models/unet.py: lora_slots, lora_scales, lora_conv_scales) in its
+    row order; none when no row has a LoRA. A negative-prompt row carries its image's LoRAs, as
+    diffusers applies them to the whole call."""
+    rows = [i.loras for i in images] + [i.loras for i in images if i.uncond is not None]
+    if all(r is None for r in rows):
+        return {}
+    width = max(len(r.slots) for r in rows if r is not None)  # K: the most LoRAs on one row
+    slots = torch.zeros((len(rows), width), dtype=torch.long)
+    scales = torch.zeros((len(rows), width), dtype=torch.float32)
+    for position, r in enumerate(rows):
+        if r is not None:
+            slots[position, : len(r.slots)] = torch.tensor(r.slots)
+            scales[position, : len(r.weights)] = torch.tensor(r.weights)
+    inputs = {"lora_slots": to_device(slots, device), "lora_scales": to_device(scales.to(dtype), device)}
+    if any(r is not None and r.adapts_resnets for r in rows):
+        inputs["lora_conv_scales"] = inputs["lora_scales"]
+    return inputs
 
 
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
@@ -394,10 +522,14 @@ def generate(
     request: Generation,
     unet_runner: UNetCall | None = None,
     vae_decoder: VAEDecode | None = None,
+    inputs: ImageInputs | None = None,
+    loras: LoraLibrary | None = None,
 ) -> list[np.ndarray]:
-    """Run one request alone to the end: its images as (H, W, 3) uint8 arrays."""
-    pipeline = Pipeline(model, unet_runner=unet_runner, vae_decoder=vae_decoder)
-    (images,) = pipeline.start([(0, request)])
+    """Run one request alone to the end: its images as (H, W, 3) uint8 arrays. `inputs`: its input
+    images (img2img, inpainting), fitted to its size (models/image_inputs.py); `loras`: the LoRAs it
+    may name."""
+    pipeline = Pipeline(model, unet_runner=unet_runner, vae_decoder=vae_decoder, loras=loras)
+    (images,) = pipeline.start([(0, request)], pipeline.encode_inputs([(request, inputs)]))
     while not images[0].done:
         pipeline.step(images)
     return pipeline.decode(images)

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from models.configs import UNetConfig, VAEConfig
 from models.loading import TOKENIZER_ASSETS
 from models.single_file import diffusers_to_ldm, write_checkpoint
-from models.tiny_configs import TOKENIZER_PAD_TOKEN, tiny_config
+from models.tiny_configs import SINGLE_FILE_VARIANT, TOKENIZER_2_PAD_TOKEN, TOKENIZER_PAD_TOKEN, tiny_config
 from models.unet import UNet2DConditionModel
 from models.vae import AutoencoderKL
 
@@ -29,6 +29,7 @@ _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",  # SDXL only
 }
 
 
@@ -48,29 +49,45 @@ def randomize_(module: nn.Module, generator: torch.Generator) -> None:
 def random_weights(
     configs: dict[str, dict[str, Any]], seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Seeded random weights, in diffusers naming, for the networks `configs` describes."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+    """Seeded random weights, in diffusers naming, for the networks `configs` describes (with a
+    "text_encoder_2" config: SDXL's second text encoder too)."""
     modules: dict[str, nn.Module] = {
         "unet": UNet2DConditionModel(UNetConfig.from_dict(configs["unet"])),
         "vae": AutoencoderKL(VAEConfig.from_dict(configs["vae"])),
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
     }
+    if "text_encoder_2" in configs:
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_dict(configs["text_encoder_2"])
+        )
+    return randomized_weights(modules, seed, dtype)
+
+
+def randomized_weights(
+    modules: dict[str, nn.Module], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`modules` (ours, or diffusers' and transformers' own) randomized in turn from one seeded
+    generator, as state dicts in diffusers naming."""
+    generator = torch.Generator("cpu").manual_seed(seed)
     weights = {}
     for name, module in modules.items():
         randomize_(module, generator)
         weights[name] = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
-    # real checkpoints name the text tower's keys with the "text_model." prefix
-    weights["text_encoder"] = {
-        (k if k.startswith("text_model.") else "text_model." + k): v
-        for k, v in weights["text_encoder"].items()
-    }
+    # real checkpoints name the text tower's keys with the "text_model." prefix (a buffer is no weight)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in weights:
+            weights[name] = {
+                (k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k): v
+                for k, v in weights[name].items()
+                if not k.endswith("embeddings.position_ids")
+            }
     return weights
 
 
 def random_components(
     variant: str, seed: int = 0
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
-    """(configs, state dicts in diffusers naming) of a tiny random model of `variant` ("sd1"/"sd2")."""
+    """(configs, state dicts in diffusers naming) of a tiny random model of `variant` ("sd1"/"sd2"/"sdxl")."""
     configs = tiny_config(variant)
     return configs, random_weights(configs, seed)
 
@@ -81,28 +98,44 @@ def write_diffusers_folder(
     weights: dict[str, dict[str, torch.Tensor]],
     pad_token: str,
 ) -> Path:
-    """Write a diffusers-format folder (diffusers' own from_pretrained reads it too)."""
+    """Write a diffusers-format folder (diffusers' own from_pretrained reads it too); with a
+    "text_encoder_2" config, SDXL's (StableDiffusionXLPipeline: text_encoder_2/, tokenizer_2/)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+    sdxl = "text_encoder_2" in configs
+    scheduler = configs["scheduler"].get("_class_name", "DDIMScheduler")
+    index: dict[str, Any] = {"_diffusers_version": "0.42.1", "scheduler": ["diffusers", scheduler]}
+    if sdxl:
+        index |= {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    else:
+        index |= {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+        }
+    index |= {
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    _write_json(out_dir / "model_index.json", index)
+    _write_json(out_dir / "model_index.json", dict(sorted(index.items())))
     for name, file_name in _WEIGHT_FILES.items():
+        if name not in configs:
+            continue
         (out_dir / name).mkdir(exist_ok=True)
         _write_json(out_dir / name / "config.json", configs[name])
         save_file(weights[name], str(out_dir / name / file_name))
     (out_dir / "scheduler").mkdir(exist_ok=True)
     _write_json(out_dir / "scheduler" / "scheduler_config.json", configs["scheduler"])
     write_tokenizer(out_dir / "tokenizer", pad_token)
+    if sdxl:
+        write_tokenizer(out_dir / "tokenizer_2", TOKENIZER_2_PAD_TOKEN)
     return out_dir
 
 
@@ -123,7 +156,7 @@ def build_random_model(variant: str, out_dir: Path, seed: int = 0, single_file: 
     configs, weights = random_components(variant, seed)
     write_diffusers_folder(out_dir, configs, weights, TOKENIZER_PAD_TOKEN[variant])
     if single_file is not None:
-        write_checkpoint(diffusers_to_ldm(weights, configs, variant), single_file)
+        write_checkpoint(diffusers_to_ldm(weights, configs, SINGLE_FILE_VARIANT[variant]), single_file)
     return out_dir
 
 
@@ -137,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="Write a tiny random SD model (diffusers folder, optional single file)."
     )
-    parser.add_argument("--variant", choices=["sd1", "sd2"], default="sd1")
+    parser.add_argument("--variant", choices=["sd1", "sd2", "sdxl", "sd1_inpainting"], default="sd1")
     parser.add_argument("--out", type=Path, required=True, help="diffusers-format folder to write")
     parser.add_argument(
         "--single-file", type=Path, help="also write an original-format .safetensors/.ckpt here"

@@ -1,17 +1,20 @@
-"""Original single-file Stable Diffusion checkpoints (CompVis / Stability "ldm" layout), SD 1.x and 2.x.
+"""Original single-file Stable Diffusion checkpoints (CompVis / Stability "ldm" layout): SD 1.x, 2.x, SDXL.
 
 A single file holds the whole model under three prefixes: `model.diffusion_model.` (UNet),
 `first_stage_model.` (VAE) and `cond_stage_model.` (text encoder: HF CLIP for SD 1.x, OpenCLIP for
-SD 2.x). This module reads and writes such files and converts their state dicts to and from the
-diffusers key layout, which is also the layout of our own modules:
+SD 2.x); SDXL's two text encoders are `conditioner.embedders.0.transformer.` (HF CLIP ViT-L) and
+`conditioner.embedders.1.model.` (OpenCLIP bigG, fused q/k/v `in_proj`, with its `text_projection`).
+This module reads and writes such files and converts their state dicts to and from the diffusers key
+layout, which is also the layout of our own modules:
 
     state_dict = read_checkpoint("v1-5-pruned-emaonly.safetensors")
-    variant = detect_variant(state_dict)              # "sd1" or "sd2"
+    variant = detect_variant(state_dict)              # "sd1", "sd2" or "sdxl"
     weights = ldm_to_diffusers(state_dict, configs)   # {"unet": ..., "vae": ..., "text_encoder": ...}
 
 Conversion is strict: every key a config requires must be in the file with a shape that fits, and
 every key of the file must map somewhere or be one of the known unused keys (noise-schedule
-buffers, EMA copies, OpenCLIP's projection and the text layers a config leaves out).
+buffers, EMA copies, OpenCLIP's projection and the text layers a config leaves out). A checkpoint of
+another family (SDXL refiner or inpainting, SD3, Flux) is refused naming what was found.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from safetensors import SafetensorError
 from models.single_file_keys import (
     CLIP_PREFIX,
     OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
     TEXT_PREFIX,
     TensorMap,
     clip_tensor_maps,
@@ -42,8 +47,9 @@ from models.single_file_keys import (
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("sd1", "sd2")
+VARIANTS = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = (*COMPONENTS, "text_encoder_2")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -64,14 +70,22 @@ _SCHEDULE_KEYS = {
     "sqrt_one_minus_alphas_cumprod",
     "sqrt_recip_alphas_cumprod",
     "sqrt_recipm1_alphas_cumprod",
+    "denoiser.sigmas",  # Stability's sgm (SDXL) keeps its sigmas as buffers
+    "denoiser.log_sigmas",
 }
 _EMA_PREFIX = "model_ema."  # EMA copy of the UNet; like diffusers' default, we load the non-EMA weights
 # Per variant: text-tower keys that exist in real files and have no counterpart in CLIPTextModel.
 _UNUSED_TEXT_KEYS = {
     "sd1": {CLIP_PREFIX + TEXT_PREFIX + "embeddings.position_ids"},  # a buffer older transformers saved
     "sd2": {OPEN_CLIP_PREFIX + name for name in ("text_projection", "logit_scale", "attn_mask")},
+    "sdxl": {
+        SDXL_CLIP_PREFIX + TEXT_PREFIX + "embeddings.position_ids",
+        SDXL_OPEN_CLIP_PREFIX + "logit_scale",
+        SDXL_OPEN_CLIP_PREFIX + "attn_mask",
+    },
 }
-# Text layers at or beyond the config's num_hidden_layers (SD 2.x files hold 24, its config uses 23).
+# Text layers at or beyond the config's num_hidden_layers (SD 2.x files hold 24, its config uses 23;
+# SDXL's configs use every layer of both towers).
 _TEXT_LAYER_PATTERN = {
     "sd1": re.compile(re.escape(CLIP_PREFIX + TEXT_PREFIX) + r"encoder\.layers\.(\d+)\."),
     "sd2": re.compile(re.escape(OPEN_CLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\."),
@@ -192,9 +206,11 @@ def _only_tensors(data: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_variant(state_dict: Mapping[str, Any]) -> str:
-    """The variant of an ldm state dict, from its keys: "sd1" (HF CLIP text tower) or "sd2" (OpenCLIP)."""
+    """The variant of an ldm state dict, from its keys: "sd1" (HF CLIP text tower), "sd2" (OpenCLIP)
+    or "sdxl" (both, as `conditioner.embedders.0/1`). Other families are refused, naming what was found."""
+    _refuse_other_families(state_dict)
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise CheckpointError("SDXL checkpoints are not supported (only SD 1.x and SD 2.x)")
+        return _detect_sdxl(state_dict)
     if not any(k.startswith(UNET_PREFIX) for k in state_dict):
         raise CheckpointError(
             f"not a Stable Diffusion single-file checkpoint: no '{UNET_PREFIX}' keys "
@@ -210,19 +226,74 @@ def detect_variant(state_dict: Mapping[str, Any]) -> str:
     )
 
 
+def _refuse_other_families(state_dict: Mapping[str, Any]) -> None:
+    """SD3 and Flux are transformers, not UNets: say so rather than 'no UNet keys'."""
+    for marker, family in (("joint_blocks.", "SD3 (MMDiT)"), ("double_blocks.", "Flux")):
+        found = next((k for k in state_dict if k.startswith((marker, UNET_PREFIX + marker))), None)
+        if found is not None:
+            raise CheckpointError(
+                f"this is a {family} checkpoint (found {found!r}): not supported; supported are SD 1.x, "
+                "SD 2.x and SDXL base"
+            )
+
+
+def _detect_sdxl(state_dict: Mapping[str, Any]) -> str:
+    """An SDXL base checkpoint, or a clear refusal of the SDXL variants we do not run."""
+    embedders = sorted(
+        {".".join(k.split(".")[:4]) for k in state_dict if k.startswith("conditioner.embedders.")}
+    )
+    if any(k.startswith("conditioner.embedders.0.model.") for k in state_dict):
+        raise CheckpointError(
+            "this is an SDXL refiner checkpoint (conditioner.embedders.0 is OpenCLIP bigG alone, and its UNet "
+            "takes an aesthetic score: 5 size/score numbers): not supported, only SDXL base models are"
+        )
+    has_clip = any(k.startswith(SDXL_CLIP_PREFIX) for k in state_dict)
+    has_open_clip = any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in state_dict)
+    if not (has_clip and has_open_clip):
+        raise CheckpointError(
+            f"SDXL-style checkpoint with unknown text encoders ({', '.join(embedders)}): not supported; SDXL base holds "
+            f"{SDXL_CLIP_PREFIX}* (CLIP ViT-L) and {SDXL_OPEN_CLIP_PREFIX}* (OpenCLIP bigG)"
+        )
+    if not any(k.startswith(UNET_PREFIX) for k in state_dict):
+        raise CheckpointError(f"SDXL checkpoint without a UNet: no '{UNET_PREFIX}' keys")
+    conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.dim() == 4 and conv_in.shape[1] != 4:
+        kind = "an SDXL inpainting" if conv_in.shape[1] == 9 else "an SDXL"
+        raise CheckpointError(
+            f"this is {kind} checkpoint whose UNet takes {conv_in.shape[1]} input channels "
+            f"({UNET_PREFIX}input_blocks.0.0.weight {tuple(conv_in.shape)}): not supported, only "
+            "text-to-image SDXL (4 latent channels) is"
+        )
+    return "sdxl"
+
+
+def components_of(variant: str) -> tuple[str, ...]:
+    """The diffusers components a variant's single file holds."""
+    return SDXL_COMPONENTS if variant == "sdxl" else COMPONENTS
+
+
 def tensor_maps(configs: Mapping[str, Mapping[str, Any]], variant: str) -> dict[str, list[TensorMap]]:
-    """The key tables of the three components for diffusers-format `configs` ("unet", "vae", "text_encoder")."""
+    """The key tables of each component for diffusers-format `configs` ("unet", "vae", "text_encoder";
+    SDXL: also "text_encoder_2")."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    missing = [name for name in COMPONENTS if name not in configs]
+    components = components_of(variant)
+    missing = [name for name in components if name not in configs]
     if missing:
-        raise ValueError(f"configs lack {missing} (need {list(COMPONENTS)})")
-    text_maps = clip_tensor_maps if variant == "sd1" else open_clip_tensor_maps
-    return {
+        raise ValueError(f"configs lack {missing} (need {list(components)})")
+    maps = {
         "unet": unet_tensor_maps(configs["unet"], UNET_PREFIX),
         "vae": vae_tensor_maps(configs["vae"], VAE_PREFIX),
-        "text_encoder": text_maps(configs["text_encoder"]),
     }
+    if variant == "sdxl":
+        maps["text_encoder"] = clip_tensor_maps(configs["text_encoder"], SDXL_CLIP_PREFIX)
+        maps["text_encoder_2"] = open_clip_tensor_maps(
+            configs["text_encoder_2"], SDXL_OPEN_CLIP_PREFIX, projection=True
+        )
+    else:
+        text_maps = clip_tensor_maps if variant == "sd1" else open_clip_tensor_maps
+        maps["text_encoder"] = text_maps(configs["text_encoder"])
+    return maps
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -231,7 +302,8 @@ def tensor_maps(configs: Mapping[str, Mapping[str, Any]], variant: str) -> dict[
 def ldm_to_diffusers(
     state_dict: Mapping[str, torch.Tensor], configs: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Split an ldm state dict into diffusers-named state dicts {"unet", "vae", "text_encoder"}.
+    """Split an ldm state dict into diffusers-named state dicts {"unet", "vae", "text_encoder"} (and
+    "text_encoder_2" for SDXL).
 
     Text encoder keys carry the `text_model.` prefix, as real HF checkpoints do. Raises
     CheckpointError naming the missing keys, the keys that map nowhere, or the tensors whose shape
@@ -269,9 +341,11 @@ def diffusers_to_ldm(
     configs: Mapping[str, Mapping[str, Any]],
     variant: str,
 ) -> dict[str, torch.Tensor]:
-    """One ldm state dict from diffusers-named state dicts {"unet", "vae", "text_encoder"}: the inverse.
+    """One ldm state dict from diffusers-named state dicts {"unet", "vae", "text_encoder"} (SDXL: and
+    "text_encoder_2"): the inverse.
 
-    `variant` picks the text-tower layout: "sd1" (HF CLIP keys) or "sd2" (OpenCLIP keys). Text
+    `variant` picks the text-tower layout: "sd1" (HF CLIP keys), "sd2" (OpenCLIP keys) or "sdxl"
+    (both, with bigG's projection). Text
     encoder keys may come with or without `text_model.` (transformers 5 drops it). An SD 2.x file
     written here holds the config's `num_hidden_layers` resblocks and no `text_projection` (the
     weights do not have them): diffusers' `convert_open_clip_checkpoint` needs neither.
@@ -283,8 +357,11 @@ def diffusers_to_ldm(
     bad_shapes: list[str] = []
     for component, component_maps in maps.items():
         given = dict(components[component]) if component in components else {}
-        if component == "text_encoder":
-            given = {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in given.items()}
+        if component in ("text_encoder", "text_encoder_2"):
+            given = {
+                k if k.startswith(TEXT_PREFIX) or k == "text_projection.weight" else TEXT_PREFIX + k: v
+                for k, v in given.items()
+            }
             given.pop(TEXT_PREFIX + "embeddings.position_ids", None)
         for m in component_maps:
             tensors = [given.pop(key, None) for key in m.diffusers_keys]
@@ -306,7 +383,8 @@ def diffusers_to_ldm(
 def _known_unused(key: str, variant: str, num_text_layers: int) -> bool:
     if key in _SCHEDULE_KEYS or key.startswith(_EMA_PREFIX) or key in _UNUSED_TEXT_KEYS[variant]:
         return True
-    match = _TEXT_LAYER_PATTERN[variant].match(key)
+    pattern = _TEXT_LAYER_PATTERN.get(variant)
+    match = pattern.match(key) if pattern is not None else None
     return match is not None and int(match.group(1)) >= num_text_layers
 
 

@@ -5,9 +5,10 @@ the diffusers key(s) it holds and its shape on both sides. Reading and writing s
 (`models/single_file.py`) both walk these tables, so the two directions cannot drift apart, and
 a key the config requires but a file lacks, or a tensor whose shape does not fit, is found by name.
 
-The ldm names follow CompVis `ldm/modules/diffusionmodules/openaimodel.py` (UNet), `model.py`
-(VAE), HF `CLIPTextModel` (SD 1.x text tower) and OpenCLIP's text transformer (SD 2.x); diffusers'
-own `loaders/single_file_utils.py` reads the same names (the tests check this).
+The ldm names follow CompVis `ldm/modules/diffusionmodules/openaimodel.py` (UNet; SDXL's Stability
+`sgm` copy adds `label_emb`), `model.py` (VAE), HF `CLIPTextModel` (SD 1.x text tower, SDXL's first)
+and OpenCLIP's text transformer (SD 2.x, SDXL's second); diffusers' own
+`loaders/single_file_utils.py` reads the same names (the tests check this).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class TensorMap:
 
     kind "copy": same tensor; "conv1x1": the ldm file holds a linear weight (out, in) as a 1x1 conv
     (out, in, 1, 1); "concat": the ldm tensor is the diffusers tensors concatenated along dim 0
-    (OpenCLIP's fused q/k/v `in_proj`).
+    (OpenCLIP's fused q/k/v `in_proj`); "transpose": the ldm tensor is the diffusers weight (out, in)
+    transposed (OpenCLIP's `text_projection`, applied as `x @ text_projection`).
     """
 
     ldm_key: str
@@ -43,6 +45,8 @@ class TensorMap:
             return (*self.shape, 1, 1)
         if self.kind == "concat":
             return (self.shape[0] * len(self.diffusers_keys), *self.shape[1:])
+        if self.kind == "transpose":
+            return self.shape[::-1]
         return self.shape
 
     def accepts_ldm_shape(self, shape: Sequence[int]) -> bool:
@@ -56,6 +60,8 @@ class TensorMap:
             parts = tensor.chunk(len(self.diffusers_keys), dim=0)
             # clone: views of one storage could not be saved with safetensors
             return {key: part.clone() for key, part in zip(self.diffusers_keys, parts, strict=True)}
+        if self.kind == "transpose":
+            return {self.diffusers_keys[0]: tensor.T.contiguous()}
         return {self.diffusers_keys[0]: tensor}
 
     def to_ldm(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -63,6 +69,8 @@ class TensorMap:
             return tensors[0].reshape(self.ldm_shape)
         if self.kind == "concat":
             return torch.cat(list(tensors), dim=0)
+        if self.kind == "transpose":
+            return tensors[0].T.contiguous()
         return tensors[0]
 
 
@@ -139,12 +147,14 @@ def _unet_transformer(
 
 
 def unet_tensor_maps(config: Mapping[str, Any], prefix: str = "model.diffusion_model.") -> list[TensorMap]:
-    """Every tensor of a `UNet2DConditionModel` (SD 1.x / 2.x layout) and its ldm key.
+    """Every tensor of a `UNet2DConditionModel` (SD 1.x / 2.x / SDXL layout) and its ldm key.
 
     ldm numbering: `input_blocks.0` is conv_in; then per down block `layers_per_block` entries
     (`.0` resnet, `.1` attention) and, except after the last block, one downsampler (`.0.op`);
     `middle_block.0/1/2` = resnet, attention, resnet; `output_blocks` run over the up blocks with
     `layers_per_block + 1` entries each (`.0` resnet, `.1` attention, then the upsampler `.conv`).
+    SDXL's added embedding (diffusers' `add_embedding`) is `label_emb.0.0` / `label_emb.0.2`
+    (Linear, SiLU, Linear), and its transformers are `transformer_layers_per_block` deep per level.
     """
     parsed = UNetConfig.from_dict(dict(config))  # what the architecture allows: one set of checks
     channels = list(parsed.block_out_channels)
@@ -173,6 +183,12 @@ def unet_tensor_maps(config: Mapping[str, Any], prefix: str = "model.diffusion_m
         *_linear("time_embedding.linear_1", "time_embed.0", temb, channels[0]),
         *_linear("time_embedding.linear_2", "time_embed.2", temb, temb),
     ]
+    if parsed.addition_embed_type == "text_time":
+        assert parsed.projection_class_embeddings_input_dim is not None
+        maps += _linear(
+            "add_embedding.linear_1", "label_emb.0.0", temb, parsed.projection_class_embeddings_input_dim
+        )
+        maps += _linear("add_embedding.linear_2", "label_emb.0.2", temb, temb)
     ldm_index, c_prev = 1, channels[0]
     for i, (c, block_type) in enumerate(zip(channels, down_types, strict=True)):
         for j in range(layers):
@@ -297,6 +313,8 @@ def vae_tensor_maps(config: Mapping[str, Any], prefix: str = "first_stage_model.
 TEXT_PREFIX = "text_model."  # diffusers-side text encoder keys carry it, as real HF checkpoints do
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: HF CLIPTextModel keys under this prefix
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP text tower
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L, HF keys
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG with its projection
 
 
 def _text_sizes(config: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
@@ -304,8 +322,9 @@ def _text_sizes(config: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
     return tuple(_require(config, name, "text_encoder") for name in names)  # type: ignore[return-value]
 
 
-def clip_tensor_maps(config: Mapping[str, Any]) -> list[TensorMap]:
-    """SD 1.x: the file holds HF `CLIPTextModel` keys (with `text_model.`) under `cond_stage_model.transformer.`."""
+def clip_tensor_maps(config: Mapping[str, Any], prefix: str = CLIP_PREFIX) -> list[TensorMap]:
+    """SD 1.x (SDXL's first encoder): the file holds HF `CLIPTextModel` keys (with `text_model.`)
+    under `cond_stage_model.transformer.` (`conditioner.embedders.0.transformer.`)."""
     vocab, positions, hidden, inner, num_layers = _text_sizes(config)
     t = TEXT_PREFIX
     maps = [
@@ -329,11 +348,14 @@ def clip_tensor_maps(config: Mapping[str, Any]) -> list[TensorMap]:
         maps += _linear(f"{layer}.mlp.fc2", f"{layer}.mlp.fc2", hidden, inner)
         maps += _norm(f"{layer}.layer_norm2", f"{layer}.layer_norm2", hidden)
     maps += _norm(f"{t}final_layer_norm", f"{t}final_layer_norm", hidden)
-    return _prefixed(maps, CLIP_PREFIX)
+    return _prefixed(maps, prefix)
 
 
-def open_clip_tensor_maps(config: Mapping[str, Any]) -> list[TensorMap]:
-    """SD 2.x: OpenCLIP's text tower; the first `num_hidden_layers` resblocks are the HF layers."""
+def open_clip_tensor_maps(
+    config: Mapping[str, Any], prefix: str = OPEN_CLIP_PREFIX, projection: bool = False
+) -> list[TensorMap]:
+    """SD 2.x: OpenCLIP's text tower; the first `num_hidden_layers` resblocks are the HF layers. With
+    `projection` (SDXL's bigG, a `CLIPTextModelWithProjection`), its `text_projection` too."""
     vocab, positions, hidden, inner, num_layers = _text_sizes(config)
     t = TEXT_PREFIX
     maps = [
@@ -355,7 +377,12 @@ def open_clip_tensor_maps(config: Mapping[str, Any]) -> list[TensorMap]:
             *_norm(f"{d}.layer_norm2", f"{ldm}.ln_2", hidden),
         ]
     maps += _norm(f"{t}final_layer_norm", "ln_final", hidden)
-    return _prefixed(maps, OPEN_CLIP_PREFIX)
+    if projection:
+        projection_dim = _require(config, "projection_dim", "text_encoder_2")
+        maps.append(
+            TensorMap("text_projection", ("text_projection.weight",), (projection_dim, hidden), "transpose")
+        )
+    return _prefixed(maps, prefix)
 
 
 def _prefixed(maps: list[TensorMap], prefix: str) -> list[TensorMap]:

@@ -1,4 +1,4 @@
-"""The loaded model: the three networks, the tokenizer and the noise schedule, held together."""
+"""The loaded model: its networks, tokenizers and noise schedule, held together."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from models.noise_schedule import NoiseSchedule
 from models.unet import UNet2DConditionModel
@@ -16,7 +16,11 @@ from models.vae import AutoencoderKL
 
 @dataclass
 class StableDiffusion:
-    """UNet, KL autoencoder, CLIP text encoder + tokenizer and noise schedule of one checkpoint.
+    """UNet, KL autoencoder, CLIP text encoder(s) + tokenizer(s) and noise schedule of one checkpoint.
+
+    SDXL has a second text encoder (OpenCLIP bigG, with its projection) and tokenizer; which family
+    the model is of, and so how its prompts become the UNet's conditioning, is `models.families`'s
+    business (`family_of`).
 
     The VAE may run in another dtype than the UNet (e.g. float32 decode beside a float16 UNet). A
     float16 VAE may keep a float32 copy of its decoding side (`vae_fallback`, see
@@ -32,8 +36,20 @@ class StableDiffusion:
     # settings the model's authors recommend (a folder's optional defaults.json): steps,
     # guidance_scale, sampler, scheduler
     recommended: dict[str, Any] = field(default_factory=dict)
+    # the words its training captions used (a folder's optional vocabulary.json, schemas/vocabulary.py):
+    # prompts' other words are named in the job's warnings; None (real checkpoints): any word is known
+    vocabulary: frozenset[str] | None = None
+    # (C + 1, 3) latent channels and a bias -> RGB in [-1, 1] for live previews, fitted against this
+    # model's own VAE once it is needed (models/preview.py: rgb_map)
+    preview_rgb_map: torch.Tensor | None = None
     # float32 copy of the VAE without its encoder: decodes again what overflows in float16
     vae_fallback: AutoencoderKL | None = None
+    # SDXL: the second text encoder (its penultimate hidden states and projected pooled output) and
+    # its tokenizer (which pads with "!")
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL pipelines' option (model_index.json): an empty negative prompt is zeros, context and pooled
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +71,19 @@ class StableDiffusion:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        """Channels of the latents the UNet denoises (an inpainting UNet takes more input channels)."""
+        return self.vae.config.latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting checkpoint (SD 1.5/2 inpainting): its UNet takes the latent, a mask and the
+        masked image's latent (in_channels 9 = 4 + 1 + 4, models/img2img.py)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text context the UNet attends to (768 for SD 1.x, 2048 for SDXL)."""
+        return self.unet.config.cross_attention_dim[0]
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -73,7 +101,9 @@ class StableDiffusion:
         """Move every network (in place); the VAE takes `vae_dtype` when given, else `dtype`. The
         float32 fallback decoder, if kept, only moves: it stays float32."""
         self.unet.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        for text_encoder in (self.text_encoder, self.text_encoder_2):
+            if text_encoder is not None:
+                text_encoder.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=vae_dtype or dtype)
         if self.vae_fallback is not None:
             self.vae_fallback.to(device=device)
@@ -92,7 +122,7 @@ class StableDiffusion:
         self.vae_fallback = fallback.eval().requires_grad_(False)
 
     def eval(self) -> StableDiffusion:
-        for module in (self.unet, self.vae, self.text_encoder, self.vae_fallback):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.vae_fallback):
             if module is not None:
                 module.eval().requires_grad_(False)
         return self

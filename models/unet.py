@@ -21,7 +21,8 @@ from models.blocks import (
     Upsample2D,
     timestep_embedding,
 )
-from models.configs import UNetConfig
+from models.configs import TIME_IDS, UNetConfig
+from models.lora.layers import LoraRows
 
 
 def _time_embed_dim(config: UNetConfig) -> int:
@@ -172,7 +173,25 @@ class UpBlock2D(nn.Module):
 # Per-row inputs a UNet may take beside the text context, by name (each (B, ...)):
 #   timestep_cond  (B, time_cond_proj_dim) an LCM-distilled UNet's guidance embedding
 #                  (`models.blocks.guidance_embedding`), added to its timestep embedding
-ROW_INPUTS = ("timestep_cond",)
+#   text_embeds    (B, text_embeds_dim) SDXL's pooled text embedding (1280 wide)
+#   time_ids       (B, 6) SDXL's size/crop numbers: original (height, width), crop (top, left),
+#                  target (height, width), in pixels; with text_embeds through `add_embedding`
+#   image_cond     (B, in_channels - out_channels, h, w) an inpainting UNet's image conditioning (SD
+#                  1.5/2 inpainting: 9 = 4 + 5 input channels: the mask (1) and the masked image's
+#                  latent (4), models/img2img.py), concatenated after the sample's channels
+#   lora_slots     (B, K) int64 the LoRA pool slots each row uses (models/lora/layers.py), K the most
+#                  LoRAs on one row of the call; a row with fewer pads with slot 0 at weight 0
+#   lora_scales    (B, K) their weights in the transformer layers (attention, feed-forward, proj_in/out)
+#   lora_conv_scales (B, K) their weights in the resnets and down/upsamplers (LoCon); absent: skipped
+ROW_INPUTS = (
+    "timestep_cond",
+    "text_embeds",
+    "time_ids",
+    "image_cond",
+    "lora_slots",
+    "lora_scales",
+    "lora_conv_scales",
+)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -187,22 +206,75 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(
             channels[0], _time_embed_dim(config), config.time_cond_proj_dim
         )
+        # SDXL ("text_time"): [pooled text, embedded size/crop numbers] -> added to the time embedding
+        self.add_embedding = (
+            TimestepEmbedding(config.projection_class_embeddings_input_dim, _time_embed_dim(config))
+            if config.addition_embed_type == "text_time"
+            else None
+        )
         # registration order as diffusers' (down, up, mid): the same state-dict key order
         self.down_blocks = nn.ModuleList([DownBlock2D(config, i) for i in range(n)])
         self.up_blocks = nn.ModuleList([UpBlock2D(config, i) for i in range(n)])
         self.mid_block = UNetMidBlock2DCrossAttn(config)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+        # set by models/lora/pool.py: the rows every adapted layer reads, set at the start of each call
+        self.lora_rows: LoraRows | None = None
 
-    def row_inputs_example(self, rows: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    @property
+    def image_cond_channels(self) -> int:
+        """Input channels beyond the latent's: an inpainting UNet's image conditioning (0: none)."""
+        return self.config.in_channels - self.config.out_channels
+
+    def row_inputs_example(
+        self, rows: int, device: torch.device, dtype: torch.dtype, latent_size: tuple[int, int] | None = None
+    ) -> dict[str, Tensor]:
         """Zeros of every per-row input this UNet takes (what a warm-up must pass to prepare the
-        same call shapes as real calls)."""
+        same call shapes as real calls); an inpainting UNet's `image_cond` needs the latent's (h, w)."""
         example = {}
+        if self.image_cond_channels > 0:
+            if latent_size is None:
+                raise ValueError("an inpainting UNet's example inputs need the latent size (h, w)")
+            example["image_cond"] = torch.zeros(
+                (rows, self.image_cond_channels, *latent_size), device=device, dtype=dtype
+            )
         if self.config.time_cond_proj_dim is not None:
             example["timestep_cond"] = torch.zeros(
                 (rows, self.config.time_cond_proj_dim), device=device, dtype=dtype
             )
+        if self.add_embedding is not None:
+            example["text_embeds"] = torch.zeros(
+                (rows, self.config.text_embeds_dim), device=device, dtype=dtype
+            )
+            example["time_ids"] = torch.zeros((rows, TIME_IDS), device=device, dtype=dtype)
         return example
+
+    def added_embedding(self, conditioning: Mapping[str, Tensor], batch: int, dtype: torch.dtype) -> Tensor:
+        """SDXL's added conditioning (B, 4 * C0), as diffusers' `get_aug_embed` for "text_time": each
+        of the six size/crop numbers through the sinusoidal embedding (float32), concatenated after
+        the pooled text embedding, through `add_embedding`."""
+        text_embeds, time_ids = conditioning.get("text_embeds"), conditioning.get("time_ids")
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                "this UNet (addition_embed_type text_time, SDXL) needs the row inputs text_embeds and "
+                "time_ids"
+            )
+        for name, value, width in (
+            ("text_embeds", text_embeds, self.config.text_embeds_dim),
+            ("time_ids", time_ids, TIME_IDS),
+        ):
+            if tuple(value.shape) != (batch, width):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}, expected (B, {width}) = {(batch, width)}"
+                )
+        dim = self.config.addition_time_embed_dim
+        assert dim is not None and self.add_embedding is not None
+        device = self.add_embedding.linear_1.weight.device
+        time_embeds = timestep_embedding(
+            time_ids.to(device).reshape(-1), dim, self.config.flip_sin_to_cos, self.config.freq_shift
+        ).reshape(batch, TIME_IDS * dim)  # (B, 6 * dim) float32
+        add_embeds = torch.cat([text_embeds.to(device=device, dtype=torch.float32), time_embeds], dim=-1)
+        return self.add_embedding(add_embeds.to(dtype))  # (B, 4 * C0)
 
     def forward(
         self,
@@ -227,8 +299,27 @@ class UNet2DConditionModel(nn.Module):
         unknown = sorted(set(conditioning) - set(ROW_INPUTS))
         if unknown:
             raise ValueError(f"unknown UNet row inputs {unknown}; known: {sorted(ROW_INPUTS)}")
+        if self.add_embedding is None and ({"text_embeds", "time_ids"} & set(conditioning)):
+            raise ValueError(
+                "this UNet takes no text_embeds or time_ids: its config has no addition_embed_type"
+            )
+        if self.lora_rows is not None:
+            self.lora_rows.set(conditioning)  # every call: a call without LoRAs clears the last one's
+        elif any(name.startswith("lora_") for name in conditioning):
+            raise ValueError(
+                "this UNet has no LoRA pool (models/lora/pool.py) and takes no lora_* row inputs"
+            )
         timestep_cond = conditioning.get("timestep_cond")
         batch = sample.shape[0]
+        image_cond = conditioning.get("image_cond")
+        if image_cond is not None:
+            # diffusers' inpainting pipeline: [latent, mask, masked-image latent] on channels
+            sample = torch.cat([sample, image_cond.to(device=sample.device, dtype=sample.dtype)], dim=1)
+        if sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"this UNet takes {self.config.in_channels} input channels, got {sample.shape[1]}"
+                + (" (an inpainting UNet: the latent and its image_cond)" if self.image_cond_channels else "")
+            )
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         t_emb = timestep_embedding(
@@ -247,8 +338,11 @@ class UNet2DConditionModel(nn.Module):
                     f"(B, time_cond_proj_dim) = {expected}"
                 )
             timestep_cond = timestep_cond.to(device=sample.device, dtype=sample.dtype)
+        emb = self.time_embedding(t_emb, timestep_cond)  # (B, 4 * C0)
+        if self.add_embedding is not None:
+            emb = emb + self.added_embedding(conditioning, batch, emb.dtype)
         # every resnet applies SiLU to the embedding before its own projection: do it once here
-        temb = F.silu(self.time_embedding(t_emb, timestep_cond))  # (B, 4 * C0)
+        temb = F.silu(emb)
 
         mask = None
         if encoder_attention_mask is not None:

@@ -18,6 +18,7 @@ class ErrorType(StrEnum):
     OUT_OF_MEMORY = "OutOfMemory"
     GENERATION_FAILED = "GenerationFailed"
     DECODING_FAILED = "DecodingFailed"
+    IMAGE_ENCODING_FAILED = "ImageEncodingFailed"
     JOB_TIMED_OUT = "JobTimedOut"
     WORKER_ERROR = "WorkerError"
     WORKER_DIED = "WorkerDied"
@@ -58,6 +59,7 @@ ERROR_TRAITS: dict[ErrorType, ErrorTraits] = {
     ErrorType.OUT_OF_MEMORY: ErrorTraits(False, False, "one image alone does not fit in the device's memory"),
     ErrorType.GENERATION_FAILED: ErrorTraits(False, False, "a denoising step failed for this request"),
     ErrorType.DECODING_FAILED: ErrorTraits(False, False, "the VAE could not decode the pictures"),
+    ErrorType.IMAGE_ENCODING_FAILED: ErrorTraits(False, False, "the VAE could not encode the input images"),
     ErrorType.JOB_TIMED_OUT: ErrorTraits(False, False, "the job ran longer than its time limit"),
     ErrorType.WORKER_ERROR: ErrorTraits(True, False, "the worker failed (engine crash, results not stored)"),
     ErrorType.WORKER_DIED: ErrorTraits(False, False, "the worker died and the job had no retries left"),

@@ -18,6 +18,8 @@ import redis
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.loras import DEFAULT_MAX_LORAS_PER_REQUEST, LORAS_LIMIT
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -44,6 +46,12 @@ class CommonSettings(BaseSettings):
     result_ttl_s: int = Field(3600, ge=1, description="how long results, errors and PNGs stay in Redis")
     worker_stale_s: float = Field(30.0, gt=0, description="a worker whose heartbeat is older is not alive")
     log_level: str = Field("INFO", description="level of the service's own loggers")
+    max_loras_per_request: int = Field(
+        DEFAULT_MAX_LORAS_PER_REQUEST,
+        ge=1,
+        le=LORAS_LIMIT,
+        description="LoRAs one request may apply, its <lora:...> prompt tags included (the API's 422 beyond)",
+    )
 
     @field_validator("redis_url")
     @classmethod

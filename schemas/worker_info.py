@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from schemas.loras import LoraInfo
+
 
 class EngineStats(BaseModel):
     """Counters since the worker started; the API exports them to Prometheus."""
@@ -28,6 +30,8 @@ class WorkerInfo(BaseModel):
     model: str
     native_width: int
     native_height: int
+    # the model's family (models/families): "sd" (SD 1.x/2.x) or "sdxl"; one worker serves one
+    family: str = "sd"
     size_multiple: int = 8  # width and height must be multiples of this (the API's 8 and the VAE's)
     # the model's own recommended settings (from its folder's defaults.json), used by the API for
     # requests that leave them out; None: the API's SD_DEFAULT_STEPS / SD_DEFAULT_GUIDANCE_SCALE
@@ -35,6 +39,8 @@ class WorkerInfo(BaseModel):
     default_guidance_scale: float | None = None
     default_sampler: str | None = None
     default_scheduler: str | None = None
+    # the samplers it runs (schemas/samplers.py names); empty: every one (a worker predating the list)
+    samplers: list[str] = Field(default_factory=list)
     device: str
     dtype: str
     max_batch_rows: int
@@ -45,3 +51,7 @@ class WorkerInfo(BaseModel):
     # how the UNet runs: "fast (...)", "plain", or "plain (fell back: why)" when the fast path failed
     fast_path: str = "plain"
     stats: EngineStats = Field(default_factory=EngineStats)
+    # the LoRA files of its SD_LORA_DIR (re-read every 30 s), and how many one request may apply (0: it
+    # serves no LoRAs)
+    loras: list[LoraInfo] = Field(default_factory=list)
+    max_loras_per_request: int = 0

@@ -25,6 +25,31 @@ EXTRA = [
     ("HOST", "127.0.0.1", "interface the API listens on under `make run`", "make run"),
     ("SD_RUN_READY_TIMEOUT_S", "300", "`make run`: how long to wait for `/readyz`", "make run"),
     (
+        "SD_MODELS",
+        "(empty)",
+        "`make run`: comma-separated models (folders, checkpoint files, hub ids), one worker launcher "
+        "each, all behind one API; empty: SD_MODEL alone",
+        "make run",
+    ),
+    (
+        "HF_TOKEN",
+        "(empty)",
+        "Hugging Face token for gated or private hub models (SD_MODEL=org/name), read by huggingface_hub",
+        "worker",
+    ),
+    (
+        "HF_HUB_CACHE",
+        "~/.cache/huggingface/hub",
+        "where hub models are fetched to and found (or HF_HOME/hub)",
+        "worker",
+    ),
+    (
+        "HF_HUB_OFFLINE",
+        "(empty)",
+        "1: never download; a hub model missing from the cache stops the worker with what to download",
+        "worker",
+    ),
+    (
         "SD_CACHE_DIR",
         "~/.cache/sdserve",
         "where benchmarks keep the random models they build (`bench/worker_bench.py`)",

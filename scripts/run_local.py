@@ -1,8 +1,9 @@
 """`make run`: the whole service on this machine, in one command, with no Docker.
 
 Starts a private Redis (unless REDIS_URL is set), the API (uvicorn, on PORT, default 8000), the
-worker launcher (one worker per device, restarted with backoff when it dies) and the janitor; waits
-until /readyz answers; prints the URL and how to try it. It stops everything when the API, the
+worker launcher (one worker per device, restarted with backoff when it dies; with SD_MODELS, one
+launcher per model) and the janitor; waits until /readyz answers with a live worker for every model;
+prints the URL and how to try it. It stops everything when the API, the
 janitor, Redis or the launcher itself exits (saying which and why), and on Ctrl-C or SIGTERM: the
 workers first, which finish their running jobs (up to SD_DRAIN_TIMEOUT_S), then the rest. A second
 Ctrl-C kills what is left at once. Children also die with it if it is killed (Linux).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -56,6 +58,19 @@ def service_commands(host: str, port: str) -> dict[str, list[str]]:
         "worker": ["workers.launcher"],
         "janitor": ["workers.janitor"],
     }
+
+
+def worker_envs(env: dict[str, str]) -> list[dict[str, str]]:
+    """One environment per worker launcher: SD_MODELS (a comma list of model folders, checkpoint files
+    or hub ids) gives each model its launcher, its SD_MODEL and worker names of its own; without it,
+    one launcher with SD_MODEL (or the embedded model)."""
+    models = [item.strip() for item in env.get("SD_MODELS", "").split(",") if item.strip()]
+    if not models:
+        return [env]
+    base = env.get("SD_WORKER_NAME") or socket.gethostname()
+    if len(models) == 1:
+        return [dict(env, SD_MODEL=models[0])]
+    return [dict(env, SD_MODEL=model, SD_WORKER_NAME=f"{base}-model{i}") for i, model in enumerate(models)]
 
 
 def say(message: str) -> None:
@@ -319,12 +334,16 @@ class LocalStack:
                 time.sleep(0.05)
 
 
-def ready(url: str) -> bool:
+def ready(url: str, models: int = 1) -> list[str] | None:
+    """The models served once /readyz answers 200 with a live worker for at least `models` of them;
+    None before."""
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+            body = json.loads(response.read() or b"{}") if response.status == 200 else {}
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    served = sorted(name for name, workers in body.get("models", {}).items() if workers > 0)
+    return served if body.get("ready") and len(served) >= models else None
 
 
 def client_hint(url: str) -> str:
@@ -339,11 +358,15 @@ def client_hint(url: str) -> str:
     return f'  {prefix}{command} "a red circle in the top left on a blue background" --seed 1{activate}\n'
 
 
-def ready_message(url: str) -> str:
+def ready_message(url: str, models: list[str] | None = None) -> str:
+    models = models or []
+    # with several models and no SD_DEFAULT_MODEL, a request names its model
+    named = f'"model": "{models[0]}", ' if len(models) > 1 else ""
+    serving = f"models served: {', '.join(models)} (GET {url}/v1/models)\n" if len(models) > 1 else ""
     return (
-        "try:\n"
+        serving + "try:\n"
         f"  curl -s -X POST {url}/v1/txt2img -H 'Content-Type: application/json' \\\n"
-        '       -d \'{"prompt": "a red circle in the top left on a blue background", "seed": 1}\'\n'
+        f'       -d \'{{{named}"prompt": "a red circle in the top left on a blue background", "seed": 1}}\'\n'
         f"  curl -s {url}/v1/jobs/JOB_ID\n"
         f"  curl -s -o out.png {url}/v1/jobs/JOB_ID/images/0.png\n"
         f"{client_hint(url)}"
@@ -363,11 +386,18 @@ def run(stack: LocalStack, env: dict[str, str]) -> int:
     host = env.get("HOST", "127.0.0.1")
     port = env.get("PORT", "8000")
     stack.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    launchers = worker_envs(env)
     for name, argv in service_commands(host, port).items():
-        stack.spawn(name, [sys.executable, "-m", *argv], env)
-    say("waiting for the API and a worker (the worker loads the model)...")
+        for child_env in launchers if name == "worker" else [env]:
+            if len(launchers) > 1 and name == "worker":
+                say(f"worker launcher for model {child_env['SD_MODEL']}")
+            stack.spawn(name, [sys.executable, "-m", *argv], child_env)
+    if len(launchers) > 1:
+        say(f"waiting for the API and a worker of each of the {len(launchers)} models (they load them)...")
+    else:
+        say("waiting for the API and a worker (the worker loads the model)...")
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready(stack.url):
+    while (models := ready(stack.url, len(launchers))) is None:
         if (status := stack.must_stop()) is not None:
             return status
         if time.monotonic() > deadline:
@@ -375,7 +405,7 @@ def run(stack: LocalStack, env: dict[str, str]) -> int:
             return 1
         time.sleep(0.5)
     say(f"ready: {stack.url}  (API docs: {stack.url}/docs)")
-    say(ready_message(stack.url))
+    say(ready_message(stack.url, models))
     while (status := stack.must_stop()) is None:
         time.sleep(0.5)
     return status

@@ -14,28 +14,41 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from schemas.errors import describe_error_types
-from schemas.generation import PROMPT_EXAMPLE, Generation, NonBlank, SamplerNames, derive_fields
+from schemas.generation import (
+    IMAGE_FIELDS,
+    PROMPT_EXAMPLE,
+    Generation,
+    NonBlank,
+    SamplerNames,
+    derive_fields,
+    output_rules,
+)
 from schemas.queue import JobStatus
 from schemas.samplers import pair_rules
 from service.settings import Settings
+from service.webhook_url import webhook_url_field
 
 JOB_ID_EXAMPLE = "3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b"
 
 # Fields the server fills in when a request leaves them out, and what it fills them with.
 SERVER_FILLED = {
-    "width": "the served model's native width",
-    "height": "the served model's native height",
-    "steps": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_STEPS",
-    "guidance_scale": "the served model's recommendation (GET /v1/models), else SD_DEFAULT_GUIDANCE_SCALE",
-    "sampler": "the served model's recommendation (GET /v1/models), else ddim",
-    "scheduler": "the one an AUTOMATIC1111 sampler name implies, else the served model's recommendation "
+    "model": "SD_DEFAULT_MODEL, else the only model served (with several, a 422 naming them)",
+    "width": "the chosen model's native width",
+    "height": "the chosen model's native height",
+    "steps": "the chosen model's recommendation (GET /v1/models), else SD_DEFAULT_STEPS",
+    "guidance_scale": "the chosen model's recommendation (GET /v1/models), else SD_DEFAULT_GUIDANCE_SCALE",
+    "sampler": "the chosen model's recommendation (GET /v1/models), else ddim",
+    "scheduler": "the one an AUTOMATIC1111 sampler name implies, else the chosen model's recommendation "
     "when the sampler supports it, else normal",
     "seed": "a random seed, reported back in the job",
 }
 
 
 # Of those, the ones a client may also send as null.
-NULLABLE = ("width", "height", "seed")
+NULLABLE = ("model", "width", "height", "seed")
+
+# Request fields that say how to deliver the result, not what to draw: never part of the Generation.
+DELIVERY_FIELDS = ("webhook_url",)
 
 
 class Txt2ImgRequestBase(SamplerNames):
@@ -52,6 +65,7 @@ def request_bounds(settings: Settings) -> dict[str, dict[str, Any]]:
         "width": size,
         "height": size,
         "num_images": {"le": settings.max_num_images},
+        "loras": {"max_length": settings.max_loras_per_request},  # prompt tags: service/resolve.py
     }
 
 
@@ -74,15 +88,17 @@ def _describe(fields: dict[str, tuple[Any, Any]], settings: Settings) -> None:
 
 @lru_cache(maxsize=8)
 def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
-    """The POST /v1/txt2img body: Generation's fields, those in SERVER_FILLED optional, with the
-    bounds of `settings` (cached: one class per settings)."""
+    """The POST /v1/txt2img body: Generation's fields but the image ones (IMAGE_FIELDS), those in
+    SERVER_FILLED optional, with the bounds of `settings` (cached: one class per settings)."""
     fields = derive_fields(
+        names=tuple(name for name in Generation.model_fields if name not in IMAGE_FIELDS),
         nullable=NULLABLE,
         omittable=tuple(set(SERVER_FILLED) - set(NULLABLE)),
         bounds=request_bounds(settings),
     )
     fields["prompt"] = (NonBlank, fields["prompt"][1])  # a client must say what to draw
     _describe(fields, settings)
+    fields["webhook_url"] = webhook_url_field(enabled=bool(settings.webhook_allowed_hosts))  # DELIVERY_FIELDS
     examples = [
         {"prompt": PROMPT_EXAMPLE},
         {
@@ -101,11 +117,66 @@ def request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
     class WithConfig(Txt2ImgRequestBase):
         # "allOf": each sampler with the schedulers it can follow, so schema-valid means accepted
         model_config = ConfigDict(
-            extra="forbid", json_schema_extra={"examples": examples, "allOf": pair_rules()}
+            extra="forbid",
+            json_schema_extra={"examples": examples, "allOf": [*pair_rules(), *output_rules()]},
         )
 
     model = create_model("Txt2ImgRequest", __base__=WithConfig, **fields)
     return model
+
+
+@lru_cache(maxsize=8)
+def edit_request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
+    """A request with input images as the routes that take them queue it (service/image_jobs.py): the
+    txt2img request plus Generation's image fields. `init_image` and `mask_image` are the names of the
+    stored files, which only the API sets: no client body is validated by this model."""
+    return create_model("EditRequest", __base__=request_model(settings), **derive_fields(names=IMAGE_FIELDS))
+
+
+IMG2IMG_EXAMPLE = {
+    "prompt": PROMPT_EXAMPLE,
+    # an 8x8 blue PNG (the job is then the smallest size the deployment allows)
+    "init_image": "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mPUiDrBgA0wMeAAg1MCAAWzAVqiKYDVAAAAAElFTkSuQmCC",
+    "mask_image": None,
+    "strength": 0.6,
+    "steps": 30,
+    "seed": 1234,
+}
+
+
+@lru_cache(maxsize=8)
+def img2img_request_model(settings: Settings) -> type[Txt2ImgRequestBase]:
+    """The POST /v1/img2img body: the txt2img request, Generation's image settings, and the images
+    themselves (base64 in JSON; files in multipart/form-data)."""
+    image = "The image file (PNG, JPEG or WebP), base64-encoded in JSON (a data: URL prefix is accepted), a file part in multipart/form-data."
+    fields: dict[str, Any] = {
+        "init_image": (
+            str,
+            Field(
+                description=f"The image to start from. {image} Fitted to width x height by resize_mode; width "
+                "and height left out: the image's own size, scaled down to the deployment's limits and rounded "
+                "down to the model's size multiple.",
+                json_schema_extra={"contentEncoding": "base64"},
+            ),
+        ),
+        "mask_image": (
+            str | None,
+            Field(
+                None,
+                description=f"Inpainting: the mask, the init image's size. {image} White is repainted, black "
+                "kept (read as grayscale, blurred by mask_blur, then binarized at 0.5); all black: the init "
+                "image comes back (through the VAE). Null or absent: img2img of the whole image.",
+                json_schema_extra={"contentEncoding": "base64"},
+            ),
+        ),
+    }
+
+    class WithExamples(edit_request_model(settings)):  # type: ignore[misc, valid-type]
+        model_config = ConfigDict(
+            json_schema_extra={"examples": [IMG2IMG_EXAMPLE], "allOf": [*pair_rules(), *output_rules()]}
+        )
+
+    return create_model("Img2ImgRequest", __base__=WithExamples, **fields)
 
 
 class JobAccepted(BaseModel):
@@ -128,7 +199,9 @@ class Progress(BaseModel):
 class ImageLink(BaseModel):
     index: int
     seed: int = Field(description="The seed this image was generated with (request seed + index).")
-    url: str = Field(description="Path of the PNG, relative to the API's root.")
+    url: str = Field(
+        description="Path of the image file (its extension: the output_format), relative to the API's root."
+    )
 
 
 class JobError(BaseModel):
@@ -162,6 +235,7 @@ JOB_VIEW_EXAMPLE: dict[str, Any] = {
     "model": "stable-diffusion-v1-5",
     "images": [{"index": 0, "seed": 1234, "url": f"/v1/jobs/{JOB_ID_EXAMPLE}/images/0.png"}],
     "preview_url": None,
+    "warnings": [],
     "error": None,
     "cancel_requested": False,
     "created_at": "2025-01-01T12:00:00Z",
@@ -184,8 +258,14 @@ class JobView(BaseModel):
     images: list[ImageLink] = Field(description="Empty until the job succeeded.")
     preview_url: str | None = Field(
         None,
-        description="While running with `preview: true`: path of a low-resolution PNG of the current "
-        "latent, replaced as the steps go on; null otherwise.",
+        description="While running with `preview: true`: path of a low-resolution PNG of the model's "
+        "current estimate of the final picture, replaced as the steps go on; null otherwise.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What to know about how the request is drawn, as soon as the worker knows it: e.g. "
+        "the words of the prompt a small model trained on a closed vocabulary ignores (the embedded "
+        "model). Empty for real checkpoints.",
     )
     error: JobError | None = Field(description="Why a failed job failed; null otherwise.")
     cancel_requested: bool = Field(description="DELETE was called; a running job stops at its next step.")
@@ -218,8 +298,14 @@ class Readiness(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"ready": True, "redis": True, "workers_alive": 1, "detail": "ready"},
-                {"ready": False, "redis": True, "workers_alive": 0, "detail": "no live worker"},
+                {
+                    "ready": True,
+                    "redis": True,
+                    "workers_alive": 3,
+                    "models": {"stable-diffusion-v1-5": 2, "sdxl-base": 1},
+                    "detail": "ready",
+                },
+                {"ready": False, "redis": True, "workers_alive": 0, "models": {}, "detail": "no live worker"},
             ]
         }
     )
@@ -227,4 +313,8 @@ class Readiness(BaseModel):
     ready: bool
     redis: bool = Field(description="Redis answered PING.")
     workers_alive: int
+    models: dict[str, int] = Field(
+        default_factory=dict,
+        description="Live workers of each model served or known (seen in the last week, or SD_DEFAULT_MODEL).",
+    )
     detail: str

@@ -6,6 +6,8 @@ so importing this module (tests, tools) reads no environment and connects to not
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -23,17 +25,34 @@ from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.openapi_docs import API_DESCRIPTION
 from service.redis_clients import connect
 from service.route_table import RouteTable
-from service.routes import jobs, openai_images, ops, playground, samplers, txt2img
+from service.routes import (
+    a1111,
+    events,
+    img2img,
+    jobs,
+    loras,
+    openai_images,
+    ops,
+    playground,
+    samplers,
+    txt2img,
+)
 from service.settings import ConfigurationError, Settings, get_settings
+from service.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 
+# The routes whose bodies carry images: SD_MAX_UPLOAD_BYTES applies to them, SD_MAX_BODY_BYTES elsewhere.
+UPLOAD_PATHS = frozenset({"/v1/img2img", "/v1/images/edits", "/sdapi/v1/img2img"})
+
 
 # Requests that load balancers, Prometheus and polling clients repeat every few seconds: one access
 # log line each would bury everything else (SD_LOG_POLLS=true keeps them).
-QUIET_PATHS = re.compile(r"^/(healthz|readyz|metrics|v1/jobs/[0-9a-f]{32}(/preview\.png|/events)?)(\?.*)?$")
+QUIET_PATHS = re.compile(
+    r"^/(healthz|readyz|metrics|sdapi/v1/progress|v1/jobs/[0-9a-f]{32}(/preview\.png|/events)?)(\?.*)?$"
+)
 
 
 class QuietProbesAndPolls(logging.Filter):
@@ -84,7 +103,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_queue_depth,
             "on" if services.auth.enabled else "off",
         )
+        server_stopping.chain_signal_handlers()  # event streams end when the server is told to stop
+        # webhooks: a task of this event loop (service/webhooks.py), when the deployment enables them
+        deliverer = WebhookDeliverer(services) if settings.webhook_allowed_hosts else None
+        sweeping = asyncio.create_task(deliverer.run(), name="webhooks") if deliverer else None
         yield
+        if sweeping is not None and deliverer is not None:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
+            await deliverer.close()
         await clients.close()
 
     app = FastAPI(
@@ -96,11 +124,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    server_stopping = app.state.server_stopping = events.ServerStopping()
     routers = [
         txt2img.build_router(settings),
+        img2img.build_router(settings),
         jobs.router,
+        events.router,
         openai_images.build_router(settings),
+        a1111.build_router(settings),
         samplers.router,
+        loras.router,
         ops.router,
         playground.router,
     ]
@@ -111,7 +144,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     route_table = RouteTable([*app.router.routes, *(route for router in routers for route in router.routes)])
     install_error_handlers(app, settings.retry_after_s, route_table)
     # Added innermost first: metrics see every answer, including 413s and the catch-all's 500s.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        upload_paths=UPLOAD_PATHS,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, route_table=route_table)
     return app

@@ -1,4 +1,5 @@
-"""413 for request bodies over SD_MAX_BODY_BYTES, whether announced by Content-Length or streamed.
+"""413 for request bodies over SD_MAX_BODY_BYTES (SD_MAX_UPLOAD_BYTES on the routes that take images),
+whether announced by Content-Length or streamed.
 
 The body is read here, up to the limit, before the app sees it: a chunked upload without
 Content-Length is counted as it arrives and cut off at the limit, never buffered whole.
@@ -11,27 +12,39 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        upload_paths: frozenset[str] = frozenset(),
+        max_upload_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_paths = upload_paths  # where bodies carry images: max_upload_bytes applies
+        self.max_upload_bytes = max_upload_bytes if max_upload_bytes is not None else max_body_bytes
 
-    def _too_large(self) -> JSONResponse:
+    def _too_large(self, limit: int, setting: str) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"request body too large: at most {self.max_body_bytes} bytes"}, status_code=413
+            {"detail": f"request body too large: at most {limit} bytes ({setting})"}, status_code=413
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("path") in self.upload_paths:
+            limit, setting = self.max_upload_bytes, "SD_MAX_UPLOAD_BYTES"
+        else:
+            limit, setting = self.max_body_bytes, "SD_MAX_BODY_BYTES"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
-                too_large = int(declared) > self.max_body_bytes
+                too_large = int(declared) > limit
             except ValueError:  # the server rejects malformed lengths; be safe if one gets through
                 too_large = True
             if too_large:
-                await self._too_large()(scope, receive, send)
+                await self._too_large(limit, setting)(scope, receive, send)
                 return
 
         chunks: list[bytes] = []
@@ -43,8 +56,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large()(scope, receive, send)
+            if size > limit:
+                await self._too_large(limit, setting)(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

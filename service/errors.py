@@ -1,7 +1,8 @@
 """Every error answer is JSON with a clear `detail`; none carries a traceback or internals.
 
 - 422: FastAPI's `detail` list, each item `{loc, msg, type}`; `loc` names the field and `msg` the bound.
-- 404/409: unknown job or image, conflicting operation. 503: Redis unreachable (with Retry-After).
+- 404/409: unknown job or image, conflicting operation. 503: Redis unreachable, or the request's model
+  has no live worker (both with Retry-After).
 - 500: anything unexpected, logged with its traceback and answered without it (CatchAllMiddleware).
 """
 
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.job_store import ImageNotFound, JobConflict, JobNotFound, QueueFull
+from service.model_routing import ModelUnavailable
 from service.route_table import RouteTable
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, route_table: RouteT
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return _detail(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(ModelUnavailable)
+    async def _model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
+        return _detail(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:

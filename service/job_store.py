@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import redis
@@ -25,12 +25,13 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from schemas.generation import Generation
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, JobResult, JobStatus
+from schemas.queue import JOB_FUNCTION, WARNINGS_META, ImageRef, JobResult, JobStatus, queue_name
 from schemas.redis_keys import (
     PREFIX,
-    WORKERS_ZSET,
+    WEBHOOKS_PENDING_ZSET,
     cancel_key,
     image_key,
+    model_workers_key,
     preview_key,
     progress_key,
     waiting_key,
@@ -49,11 +50,13 @@ def seen_key(job_id: str) -> str:
 
 
 class QueueFull(RuntimeError):
-    def __init__(self, depth: int, limit: int, retry_after_s: int) -> None:
+    def __init__(self, depth: int, limit: int, retry_after_s: int, model: str) -> None:
         super().__init__(
-            f"the queue is full ({depth} jobs waiting, limit {limit}); retry in {retry_after_s} s"
+            f"the queue is full for model {model} ({depth} jobs waiting, limit {limit}); retry in "
+            f"{retry_after_s} s"
         )
         self.retry_after_s = retry_after_s
+        self.model = model
 
 
 class JobNotFound(LookupError):
@@ -82,6 +85,7 @@ class JobSnapshot:
     error: tuple[str, str] | None = None
     cancel_requested: bool = False
     preview_ready: bool = False  # running, asked for a preview, and the worker has published one
+    warnings: list[str] = field(default_factory=list)  # JobResult.warnings, or early ones from the meta
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -93,25 +97,47 @@ class CancelOutcome:
     canceled_now: bool  # True: it was queued and is gone; False: a running job stops at its next step
 
 
+def queue_key(model: str | None) -> str:
+    """The Redis list of a model's queue (schemas/queue.py names it), as RQ keys it."""
+    return Queue.redis_queue_namespace_prefix + queue_name(model or "")
+
+
+def started_key(model: str) -> str:
+    """The sorted set of a model's running jobs' executions (what RQ's StartedJobRegistry counts)."""
+    return StartedJobRegistry.key_template.format(queue_name(model))
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
-        self.queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
-        # Sorted set of running jobs' executions (what RQ's StartedJobRegistry counts).
-        self.started_key = StartedJobRegistry(queue=self.queue).key
+
+    def queue(self, model: str) -> Queue:
+        """The RQ queue of a model's jobs (one per model: schemas/queue.py)."""
+        return Queue(queue_name(model), connection=self.redis, serializer=JSONSerializer)
 
     # --- submit -------------------------------------------------------------------------------
 
-    def queue_depth(self) -> int:
-        return self.redis.llen(self.queue.key)
+    def queue_depth(self, model: str) -> int:
+        return self.redis.llen(queue_key(model))
 
-    def submit(self, params: Generation, owner: str) -> tuple[str, JobStatus, int | None]:
-        """Enqueue a job unless SD_MAX_QUEUE_DEPTH jobs already wait (QueueFull): the depth check and
-        the enqueue are one transaction (WATCH on the queue), so concurrent posts never overshoot.
+    def submit(
+        self, params: Generation, owner: str, webhook_url: str | None = None
+    ) -> tuple[str, JobStatus, int | None]:
+        """Enqueue a job on its model's queue (`params.model`, chosen by service/model_routing.py) unless
+        SD_MAX_QUEUE_DEPTH jobs already wait there (QueueFull): the depth check and the enqueue are one
+        transaction (WATCH on the queue), so concurrent posts never overshoot.
+        A `webhook_url` (already checked: service/webhook_url.py) goes in the job's meta, beside the
+        generation, and the job joins the pending webhooks in the same transaction.
         Returns the id, the status (queued) and the position (jobs ahead: 0 is next)."""
         settings = self.settings
-        job = self.queue.create_job(
+        if params.model is None:
+            raise ValueError("a job needs its model (service/model_routing.py: choose_model)")
+        queue = self.queue(params.model)
+        meta: dict[str, str] = {"owner": owner}
+        if webhook_url is not None:
+            meta["webhook_url"] = webhook_url
+        job = queue.create_job(
             JOB_FUNCTION,
             # defaults left out: a worker that predates an optional field still takes the job
             kwargs={"params": params.model_dump(exclude_defaults=True)},
@@ -121,29 +147,34 @@ class JobStore:
             failure_ttl=settings.result_ttl_s,
             timeout=settings.job_timeout_s,
             retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-            meta={"owner": owner},
+            meta=meta,
         )
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(self.queue.key)
-                    depth = pipe.llen(self.queue.key)
+                    pipe.watch(queue.key)
+                    depth = pipe.llen(queue.key)
                     if depth >= settings.max_queue_depth:
-                        raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s)
+                        raise QueueFull(depth, settings.max_queue_depth, settings.retry_after_s, params.model)
                     pipe.multi()
-                    self.queue.enqueue_job(job, pipeline=pipe)
+                    queue.enqueue_job(job, pipeline=pipe)
+                    if webhook_url is not None:
+                        pipe.zadd(WEBHOOKS_PENDING_ZSET, {job.id: time.time()})
                     pipe.execute()
                     break
                 except WatchError:
                     continue  # another post (or a worker's take) changed the queue: look again
-        return job.id, JobStatus.QUEUED, self.position(job.id, self.redis.lpos(self.queue.key, job.id))
+        position = self.position(job.id, self.redis.lpos(queue.key, job.id), params.model)
+        return job.id, JobStatus.QUEUED, position
 
-    def position(self, job_id: str, queue_index: int | None) -> int:
-        """Jobs ahead of a queued job: those the live workers hold that have not taken their first
-        step (enqueued before it), then those ahead of it in the queue (`queue_index`, its LPOS; None:
-        a worker took it and has not listed it yet: behind every listed one)."""
+    def position(self, job_id: str, queue_index: int | None, model: str | None) -> int:
+        """Jobs ahead of a queued job of `model`: those its model's live workers hold that have not
+        taken their first step (enqueued before it), then those ahead of it in its model's queue
+        (`queue_index`, its LPOS; None: a worker took it and has not listed it yet: behind every
+        listed one). Other models' jobs never count: they wait for other workers."""
         stale_before = time.time() - self.settings.worker_stale_s
-        names = [_text(n) for n in self.redis.zrangebyscore(WORKERS_ZSET, stale_before, "+inf")]
+        workers_key = model_workers_key(model or "")
+        names = [_text(n) for n in self.redis.zrangebyscore(workers_key, stale_before, "+inf")]
         if not names:
             return queue_index or 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -181,14 +212,14 @@ class JobStore:
         (its progress names that attempt). Until then the job is queued, also while a worker holds it
         waiting for room in its batch, with a position that counts those waiting in workers too.
         """
+        params = _params_of(job)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpos(self.queue.key, job.id)
+            pipe.lpos(queue_key(params.model), job.id)
             pipe.hmget(progress_key(job.id), ["step", "total_steps", "attempt"])
             pipe.exists(cancel_key(job.id))
             pipe.exists(preview_key(job.id))
             queue_index, (step, total_steps, attempt), cancel_requested, has_preview = pipe.execute()
 
-        params = _params_of(job)
         status = api_status(job.get_status(refresh=False))
         if status in (JobStatus.QUEUED, JobStatus.RUNNING):
             stepping = (
@@ -200,18 +231,23 @@ class JobStore:
             id=job.id,
             status=status,
             params=params,
-            queue_position=self.position(job.id, queue_index) if status is JobStatus.QUEUED else None,
+            queue_position=self.position(job.id, queue_index, params.model)
+            if status is JobStatus.QUEUED
+            else None,
             step=_int(step, 0) if status is not JobStatus.QUEUED else 0,
-            total_steps=_int(total_steps, params.steps),
+            total_steps=_int(total_steps, params.steps_to_run),
             cancel_requested=bool(cancel_requested),
             preview_ready=bool(has_preview) and params.preview and status is JobStatus.RUNNING,
+            warnings=_early_warnings(job),
             created_at=job.created_at,
             started_at=job.started_at if status is not JobStatus.QUEUED else None,
             finished_at=job.ended_at if status in TERMINAL else None,
         )
         if status is JobStatus.SUCCEEDED:
-            snap.step = snap.total_steps = params.steps
+            snap.step = snap.total_steps = params.steps_to_run  # img2img: int(steps * strength)
             snap.result = _result_of(job)
+            if snap.result is not None:
+                snap.warnings = snap.result.warnings
         elif status is JobStatus.FAILED:
             snap.error = error
         return snap
@@ -262,24 +298,44 @@ class JobStore:
 
     # --- images -------------------------------------------------------------------------------
 
-    def image(self, job: Job, index: int) -> tuple[bytes, int]:
-        """PNG bytes of image `index` and the seconds it has left in Redis."""
+    def image_ref(self, job: Job, index: int, extension: str | None = None) -> ImageRef:
+        """Image `index` of a succeeded job; with `extension`, it must be the image's format (png,
+        jpeg, webp): ImageNotFound naming the right one otherwise."""
         status = api_status(job.get_status(refresh=False))
         if status is not JobStatus.SUCCEEDED:
             raise ImageNotFound(f"job {job.id} is {status.value}: its images exist once it succeeded")
         result = _result_of(job)
-        keys = {ref.index: ref.key or image_key(job.id, ref.index) for ref in result.images} if result else {}
-        if index not in keys:
+        refs = {ref.index: ref for ref in result.images} if result else {}
+        if index not in refs:
             raise ImageNotFound(
-                f"job {job.id} has no image {index} (it has {len(keys)}: indexes 0 to {len(keys) - 1})"
+                f"job {job.id} has no image {index} (it has {len(refs)}: indexes 0 to {len(refs) - 1})"
             )
+        ref = refs[index]
+        if extension is not None and extension != ref.format:
+            raise ImageNotFound(
+                f"image {index} of job {job.id} is a {ref.format} file: its URL ends in {index}.{ref.format}"
+            )
+        return ref
+
+    def image(self, job: Job, index: int, extension: str | None = None) -> tuple[bytes, int]:
+        """The file of image `index` (in the job's output format; `extension`: see image_ref) and the
+        seconds it has left in Redis."""
+        ref = self.image_ref(job, index, extension)
+        key = ref.key or image_key(job.id, ref.index)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys[index])
-            pipe.ttl(keys[index])
+            pipe.get(key)
+            pipe.ttl(key)
             data, ttl_s = pipe.execute()
         if data is None:
             raise ImageNotFound(f"image {index} of job {job.id} has expired")
         return data, max(int(ttl_s), 0)
+
+    def fetch(self, job_id: str) -> Job | None:
+        """Any owner's job, or None (the API's own background work: webhooks)."""
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
 
     def preview(self, job: Job) -> bytes:
         """The running job's latest preview PNG (ImageNotFound when there is none)."""
@@ -304,6 +360,14 @@ def _int(raw: bytes | None, default: int) -> int:
 
 def _params_of(job: Job) -> Generation:
     return Generation.model_validate(job.kwargs["params"])
+
+
+def _early_warnings(job: Job) -> list[str]:
+    """The warnings a worker put in the job's meta when it took it (workers/job_function.py)."""
+    warnings = job.meta.get(WARNINGS_META)
+    if not isinstance(warnings, list):
+        return []
+    return [warning for warning in warnings if isinstance(warning, str)]
 
 
 def _result_of(job: Job) -> JobResult | None:

@@ -1,7 +1,10 @@
-"""Wait for a job to end without blocking anything: an async poll of its RQ status with redis.asyncio.
+"""Watch a job without blocking anything: async polls of what it is doing, with redis.asyncio.
 
-A waiting request holds no thread (the event loop serves everything else meanwhile) and costs one
-HGET per poll; the interval grows from POLL_MIN_S to POLL_MAX_S, so many waiters stay cheap.
+`wait_for_job` waits for its end (one HGET per poll; the interval grows from POLL_MIN_S to POLL_MAX_S,
+so many waiters stay cheap); `job_fingerprint` reads, in one round trip, everything whose change a
+client would see (status, progress, place in the queue, cancel, preview), so a watcher builds the full
+snapshot only when it changed. A waiting request holds no thread: the event loop serves everything
+else meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from enum import StrEnum
 import redis.asyncio
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
+
+from schemas.redis_keys import cancel_key, preview_key, progress_key
 
 POLL_MIN_S = 0.05
 POLL_MAX_S = 0.5
@@ -61,3 +66,19 @@ def _ended(raw: bytes | str) -> bool:
         return RqStatus(value) in ENDED
     except ValueError:
         return False
+
+
+async def job_fingerprint(client: redis.asyncio.Redis, job_id: str, queue_key: str) -> tuple[object, ...]:
+    """What changes when anything a client sees of the job changes (but the jobs ahead of a queued one
+    leaving the workers' waiting lists: re-read those now and then), in one pipelined round trip.
+
+    Redis errors propagate.
+    """
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(Job.key_for(job_id), ["status", "worker_name"])
+        pipe.hmget(progress_key(job_id), ["step", "total_steps", "attempt"])
+        pipe.lpos(queue_key, job_id)
+        pipe.exists(cancel_key(job_id))
+        pipe.exists(preview_key(job_id))
+        replies = await pipe.execute()
+    return tuple(tuple(reply) if isinstance(reply, list) else reply for reply in replies)

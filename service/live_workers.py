@@ -14,7 +14,7 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 
-from schemas.redis_keys import WORKERS_ZSET, worker_info_key
+from schemas.redis_keys import MODEL_FORGET_S, MODELS_ZSET, WORKERS_ZSET, worker_info_key
 from schemas.worker_info import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -60,3 +60,9 @@ async def live_workers(client: redis.asyncio.Redis, stale_s: float) -> list[Work
     if not names:
         return []
     return parse_live(await client.mget([worker_info_key(_decode(n)) for n in names]), now_s, stale_s)
+
+
+async def known_models(client: redis.asyncio.Redis) -> list[str]:
+    """The models a worker has served in the last MODEL_FORGET_S (live or not), by name."""
+    names = await client.zrangebyscore(MODELS_ZSET, time.time() - MODEL_FORGET_S, "+inf")
+    return sorted(_decode(name) for name in names)

@@ -1,10 +1,11 @@
 """Prometheus metrics of one app instance (own registry, so tests can build several apps).
 
 - requests by route template, method and status (middleware below);
-- jobs submitted/rejected; finished jobs' run and queue-wait durations and images, counted once
-  per job by whichever API process first sees the job finished (a Redis SET NX marker);
-- at scrape time, read from Redis: queue depth, running jobs, live workers, and each live
-  worker's published EngineStats: its totals as counters, its current state as gauges.
+- jobs submitted/rejected (by model); finished jobs' run and queue-wait durations and images, counted
+  once per job by whichever API process first sees the job finished (a Redis SET NX marker);
+- at scrape time, read from Redis: queue depth, running jobs and live workers, in all and per model
+  (`sd_model_*{model}`: every model served or known), and each live worker's published EngineStats:
+  its totals as counters, its current state as gauges.
 """
 
 from __future__ import annotations
@@ -47,14 +48,29 @@ WORKER_GAUGES = (
 )
 
 
+@dataclass(frozen=True)
+class ModelQueue:
+    """One model's queue at scrape time."""
+
+    depth: int = 0
+    running: int = 0
+
+
 @dataclass
 class QueueState:
     """What the scrape read from Redis; redis_up False leaves the other values out."""
 
     redis_up: bool
-    queue_depth: int = 0
-    jobs_running: int = 0
+    models: dict[str, ModelQueue] = field(default_factory=dict)  # every model served or known
     workers: list[WorkerInfo] = field(default_factory=list)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(queue.depth for queue in self.models.values())
+
+    @property
+    def jobs_running(self) -> int:
+        return sum(queue.running for queue in self.models.values())
 
 
 class QueueStateCollector(Collector):
@@ -70,11 +86,16 @@ class QueueStateCollector(Collector):
         )
         if not state.redis_up:
             return
-        yield GaugeMetricFamily("sd_queue_depth", "Jobs waiting in the queue", value=state.queue_depth)
-        yield GaugeMetricFamily("sd_jobs_running", "Jobs a worker is running", value=state.jobs_running)
         yield GaugeMetricFamily(
-            "sd_workers_alive", "Workers with a fresh heartbeat", value=len(state.workers)
+            "sd_queue_depth", "Jobs waiting in the queues (all models)", value=state.queue_depth
         )
+        yield GaugeMetricFamily(
+            "sd_jobs_running", "Jobs a worker is running (all models)", value=state.jobs_running
+        )
+        yield GaugeMetricFamily(
+            "sd_workers_alive", "Workers with a fresh heartbeat (all models)", value=len(state.workers)
+        )
+        yield from self._per_model(state)
         now_s = time.time()
         labels = ["worker", "model"]
         families = {
@@ -110,6 +131,25 @@ class QueueStateCollector(Collector):
         yield from families.values()
         yield from stats.values()
 
+    @staticmethod
+    def _per_model(state: QueueState) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "sd_model_queue_depth", "Jobs waiting in the model's queue", labels=["model"]
+        )
+        running = GaugeMetricFamily(
+            "sd_model_jobs_running", "The model's jobs a worker runs", labels=["model"]
+        )
+        alive = GaugeMetricFamily("sd_model_workers_alive", "The model's live workers", labels=["model"])
+        workers: dict[str, int] = {}
+        for info in state.workers:
+            workers[info.model] = workers.get(info.model, 0) + 1
+        for model in sorted(set(state.models) | set(workers)):
+            queue = state.models.get(model, ModelQueue())
+            depth.add_metric([model], queue.depth)
+            running.add_metric([model], queue.running)
+            alive.add_metric([model], workers.get(model, 0))
+        yield from (depth, running, alive)
+
 
 class ApiMetrics:
     def __init__(self) -> None:
@@ -124,8 +164,13 @@ class ApiMetrics:
             ["method", "route"],
             registry=registry,
         )
-        self.jobs_submitted = Counter("sd_jobs_submitted", "Jobs accepted (202)", registry=registry)
-        self.jobs_rejected = Counter("sd_jobs_rejected", "Jobs refused", ["reason"], registry=registry)
+        self.jobs_submitted = Counter(
+            "sd_jobs_submitted", "Jobs accepted (202)", ["model"], registry=registry
+        )
+        # reason queue_full or model_unavailable; model "" when no model was named and none is served
+        self.jobs_rejected = Counter(
+            "sd_jobs_rejected", "Jobs refused", ["reason", "model"], registry=registry
+        )
         self.jobs_finished = Counter("sd_jobs_finished", "Jobs seen finished", ["status"], registry=registry)
         self.job_run_seconds = Histogram(
             "sd_job_run_seconds", "Start to end of finished jobs", ["status"], buckets=JOB_SECONDS_BUCKETS,

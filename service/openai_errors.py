@@ -21,7 +21,9 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import redis_trouble
+from service.input_images import InputImageInvalid
 from service.job_store import JobNotFound, QueueFull
+from service.model_routing import ModelUnavailable, UnknownModel
 from service.openai_models import OpenAIErrorBody, OpenAIErrorDetail
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,19 @@ def from_validation_errors(errors: Sequence[Any], size_rule: str) -> OpenAIError
 def _from_exception(exc: Exception, retry_after_s: int, size_rule: str) -> OpenAIError | None:
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, UnknownModel):
+        return OpenAIError(404, exc.message, param="model", code="model_not_found", headers=NO_RETRY)
+    if isinstance(exc, InputImageInvalid):  # the field is already OpenAI's name (image, mask)
+        return OpenAIError(400, str(exc), param=exc.field, code="invalid_image")
+    if isinstance(exc, ModelUnavailable):
+        return OpenAIError(
+            503,
+            str(exc),
+            SERVER_ERROR,
+            param="model",
+            code="model_unavailable",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
     if isinstance(exc, RequestValidationError):
         return from_validation_errors(exc.errors(), size_rule)
     if isinstance(exc, QueueFull):

@@ -9,12 +9,15 @@ from service.api_models import ErrorBody
 API_DESCRIPTION = """
 Text-to-image generation with Stable Diffusion, served by GPU workers through a Redis queue.
 
-1. `POST /v1/txt2img` queues a job and answers `202` with its id and `Location`.
+1. `POST /v1/txt2img` queues a job on its model's queue (`model`: one of `GET /v1/models`; left out:
+   the default model) and answers `202` with its id and `Location`.
 2. `GET /v1/jobs/{id}` reports `status` (`queued`, `running`, `succeeded`, `failed`, `canceled`),
    `queue_position` (**0-based**: the number of jobs ahead of this one; 0 = next to run; null when
    not queued), `progress` (denoising step of total), the resolved request (with its seed),
    image URLs once succeeded, and `error {type, message}` once failed.
-3. `GET /v1/jobs/{id}/images/{index}.png` returns a PNG (immutable; cacheable until it expires).
+3. `GET /v1/jobs/{id}/images/{index}.{png|jpeg|webp}` returns the image in the request's
+   `output_format` (immutable; cacheable until it expires); `GET /v1/jobs/{id}/events` streams the
+   same statuses as server-sent events, and a request's `webhook_url` is called when the job ends.
 4. `DELETE /v1/jobs/{id}` cancels: a queued job at once (200, `canceled`), a running one at its
    next denoising step (202, still `running` with `cancel_requested: true`); a job that already
    succeeded or failed answers 409; canceling a canceled job is a no-op (200).
@@ -32,8 +35,14 @@ _ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
     404: ("Unknown or expired job", "job not found: unknown id, expired, or created with another API key"),
     409: ("Job already ended", "job 3f2c1a9e8b7d4c6e9a0b1c2d3e4f5a6b already succeeded; nothing to cancel"),
     413: ("Body too large", "request body too large: at most 65536 bytes"),
-    429: ("Queue full", "the queue is full (100 jobs waiting, limit 100); retry in 10 s"),
-    503: ("Redis unreachable", "the job store (Redis) is unreachable; retry later"),
+    429: (
+        "The model's queue is full",
+        "the queue is full for model sd15 (100 jobs waiting, limit 100); retry in 10 s",
+    ),
+    503: (
+        "Redis unreachable, or the model has no live worker",
+        "the job store (Redis) is unreachable; retry later",
+    ),
 }
 
 _RETRY_AFTER = {

@@ -1,13 +1,16 @@
-"""From a validated request to the Generation a worker runs: defaults, seed, cross-field checks."""
+"""From a validated request to the Generation a worker of its model runs: that model's defaults and
+limits (what its workers publish), the seed, cross-field checks."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from schemas.generation import SEED_MAX, Generation
+from schemas.input_images import default_size
 from schemas.samplers import (
     DEFAULT_SAMPLER,
     DEFAULT_SCHEDULER,
@@ -17,7 +20,7 @@ from schemas.samplers import (
     resolve_scheduler,
 )
 from schemas.worker_info import WorkerInfo
-from service.api_models import Txt2ImgRequestBase
+from service.api_models import DELIVERY_FIELDS, Txt2ImgRequestBase
 from service.errors import validation_error
 from service.settings import Settings
 
@@ -65,20 +68,39 @@ def recommended_scheduler(sampler: str, worker: WorkerInfo | None) -> str:
     return DEFAULT_SCHEDULER
 
 
-def resolve_params(request: Txt2ImgRequestBase, settings: Settings, worker: WorkerInfo | None) -> Generation:
-    """Fill width/height (and steps/guidance when the model recommends them) from the served model
-    (or the fallbacks while none is alive), pick a seed, and check what needs more than one field;
-    a violation is a 422 naming the field."""
-    given = request.model_dump(exclude_unset=True)
-    native_w, native_h = (
-        (worker.native_width, worker.native_height)
-        if worker
-        else (settings.fallback_width, settings.fallback_height)
-    )
-    width = request.width if request.width is not None else native_w
-    height = request.height if request.height is not None else native_h
+def check_sampler(sampler: str, worker: WorkerInfo) -> None:
+    """The chosen model's workers must run the sampler (a 422 naming those they run)."""
+    if worker.samplers and sampler not in worker.samplers:
+        raise validation_error(
+            "sampler",
+            f"model {worker.model} does not run sampler {sampler}: its samplers are {', '.join(worker.samplers)}",
+            "unsupported_sampler",
+        )
 
-    if worker is not None and worker.size_multiple > 1:
+
+def resolve_params(
+    request: Txt2ImgRequestBase,
+    settings: Settings,
+    worker: WorkerInfo,
+    image_size: tuple[int, int] | None = None,
+) -> Generation:
+    """The Generation of `request` on the model `worker` serves (its chosen model's newest live worker:
+    service/model_routing.py): width/height (and steps, guidance, sampler when the model recommends
+    them) from that model, a seed, and the checks that need more than one field or the model's limits
+    (size multiple, samplers); a violation is a 422 naming the field. With an init image of
+    `image_size` (width, height), the size left out is the image's (schemas/input_images.py:
+    default_size, within the deployment's limits) rather than the model's native one."""
+    given = request.model_dump(exclude_unset=True)
+    if image_size is None:
+        native_width, native_height = worker.native_width, worker.native_height
+    else:
+        native_width, native_height = default_size(
+            *image_size, worker.size_multiple, settings.max_size, settings.max_pixels, settings.min_size
+        )
+    width = request.width if request.width is not None else native_width
+    height = request.height if request.height is not None else native_height
+
+    if worker.size_multiple > 1:
         for name, value in (("width", width), ("height", height)):
             if name in given and value % worker.size_multiple:
                 raise validation_error(
@@ -96,22 +118,72 @@ def resolve_params(request: Txt2ImgRequestBase, settings: Settings, worker: Work
             "too_many_pixels",
         )
 
-    values = request.model_dump(exclude_none=True)
+    values = request.model_dump(exclude_none=True, exclude=set(DELIVERY_FIELDS))
     if "seed" not in values:
         # room for every image's seed (seed + index) within SEED_MAX
         values["seed"] = secrets.randbelow(SEED_MAX - request.num_images + 2)
+    values["model"] = worker.model
     default_steps, default_guidance_scale = sampling_defaults(settings, worker)
     values.setdefault("steps", default_steps)
     values.setdefault("guidance_scale", default_guidance_scale)
     if "sampler" not in values:
-        values["sampler"] = worker.default_sampler if worker and worker.default_sampler else DEFAULT_SAMPLER
+        values["sampler"] = worker.default_sampler or DEFAULT_SAMPLER
         check_default_sampler(values["sampler"], values.get("scheduler"))
+    with contextlib.suppress(UnknownName):  # Generation names the valid ones
+        check_sampler(resolve_sampler(values["sampler"])[0], worker)
     if "scheduler" not in values:
         values["scheduler"] = recommended_scheduler(values["sampler"], worker)
     values["width"], values["height"] = width, height
     try:
-        return Generation.model_validate(values)
+        generation = Generation.model_validate(values)
     except ValidationError as error:  # a rule across fields (the seed of the last image)
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
         ) from None
+    check_loras(generation, settings, worker)
+    return generation
+
+
+def check_loras(generation: Generation, settings: Settings, worker: WorkerInfo) -> None:
+    """The request's LoRAs (its `loras` and its prompt's <lora:...> tags, Generation has them all) must
+    be ones the chosen model's workers list as usable, and at most SD_MAX_LORAS_PER_REQUEST of them (a
+    422 at `loras` saying where to look)."""
+    if not generation.loras:
+        return
+    if worker.max_loras_per_request == 0:
+        raise validation_error(
+            "loras",
+            f"model {worker.model} serves no LoRAs (its workers have no SD_LORA_DIR)",
+            "loras_not_served",
+        )
+    limit = min(settings.max_loras_per_request, worker.max_loras_per_request)
+    if len(generation.loras) > limit:
+        raise validation_error(
+            "loras",
+            f"at most {limit} LoRAs per request (counting <lora:...> prompt tags), got {len(generation.loras)}",
+            "too_long",
+        )
+    listed = {info.name: info for info in worker.loras}
+    for index, ref in enumerate(generation.loras):
+        info = listed.get(ref.name)
+        if info is None:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "loras", index, "name"),
+                        "msg": f"no LoRA named {ref.name!r} for model {worker.model}; GET /v1/loras lists them",
+                        "type": "unknown_lora",
+                    }
+                ]
+            )
+        if not info.usable:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "loras", index, "name"),
+                        "msg": f"LoRA {ref.name!r} cannot be applied to model {worker.model} "
+                        f"({worker.family}): {info.problem}",
+                        "type": "unusable_lora",
+                    }
+                ]
+            )

@@ -44,3 +44,14 @@ def random_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         paths[f"{variant}_file"] = root / f"{variant}.safetensors"
     return paths
+
+
+@pytest.fixture(scope="session")
+def sdxl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random SDXL-architecture model built with diffusers' own classes, as a diffusers folder
+    and as an original single file (keys "sdxl", "sdxl_file"), built once per session."""
+    from tests.support.sdxl_models import build_sdxl_model
+
+    root = tmp_path_factory.mktemp("sdxl-model")
+    folder = build_sdxl_model(root / "tiny-sdxl", seed=0, single_file=root / "tiny-sdxl.safetensors")
+    return {"sdxl": folder, "sdxl_file": root / "tiny-sdxl.safetensors"}

@@ -179,6 +179,24 @@ def test_make_run_without_redis_server_serves_a_png_outlives_its_worker_and_stop
             assert found is not None, "no shape on a plain background"
             asked = ("red", "circle", "top left", "blue")
             assert (found.colour, found.shape, found.position, found.background) == asked, found
+            assert job["warnings"] == []  # every word of that prompt is one the model was trained on
+
+            # a newcomer's first prompt: the words the embedded model never saw are named, not an error,
+            # in the job and by the CLI
+            cat = client.post("/v1/txt2img", json={"prompt": "a photo of a cat", "seed": 5}).json()
+            job = wait_for_job(client, cat["id"], True, time.monotonic() + 60)
+            assert job["status"] == "succeeded", job
+            ignored = (
+                "the embedded model knows colours, shapes, positions and backgrounds; ignored: photo, cat"
+            )
+            assert job["warnings"] == [ignored]
+            env = {k: v for k, v in os.environ.items() if k != "SD_API_KEY"} | {"SD_URL": run.url}
+            drawn = subprocess.run(
+                [str(ROOT / cli.group(1)), "a photo of a cat", "-q", "--out", str(tmp_path / "cat.png")],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert drawn.returncode == 0 and f"sd-txt2img: warning: {ignored}" in drawn.stderr, drawn.stderr
+            assert (tmp_path / "cat.png").is_file()
 
             # a worker's death is not the stack's: the launcher restarts it, the API stays up
             worker_pid = int(run.wait_for(r"started worker \S+ on cpu \(pid (\d+)\)", 5).group(1))
@@ -239,6 +257,40 @@ def test_second_ctrl_c_stops_everything_at_once(random_models: dict[str, Path]) 
     assert not left, f"still alive {time.monotonic() - second:.1f} s after the second Ctrl-C: {left}"
     assert "[make run] Ctrl-C again: stopping at once" in run.output()
     assert "[make run] stopped" in run.output()
+
+
+@pytest.mark.timeout(300)
+def test_sd_models_starts_a_launcher_per_model_behind_one_api(random_models: dict[str, Path]) -> None:
+    run = MakeRun(SD_MODELS=f"{random_models['sd1']},{random_models['sd2']}", SD_DEVICES="cpu")
+    try:
+        run.wait_for("Ctrl-C stops everything", READY_BOUND_S)  # once both models have a live worker
+        output = run.output()
+        assert f"models served: sd1, sd2 (GET {run.url}/v1/models)" in output
+        assert '"model": "sd1", "prompt"' in output  # the curl example names one
+        assert len(re.findall(r"\[make run\] started worker \(pid \d+\)", output)) == 2
+        with httpx.Client(base_url=run.url, timeout=10) as client:
+            jobs = {model: client.post("/v1/txt2img", json={"prompt": "x", "model": model, "steps": 2}).json()["id"]
+                    for model in ("sd1", "sd2")}  # fmt: skip
+            for model, job_id in jobs.items():
+                job = wait_for_job(client, job_id, True, time.monotonic() + 120)
+                assert (job["status"], job["model"]) == ("succeeded", model)
+            assert client.post("/v1/txt2img", json={"prompt": "x"}).status_code == 422  # which one?
+    except BaseException:
+        run.kill()
+        raise
+    run.signal(signal.SIGTERM)
+    run.finish(timeout_s=90)
+    assert "[make run] stopped" in run.output()
+
+
+def test_sd_models_gives_each_launcher_its_model_and_worker_names() -> None:
+    assert run_local.worker_envs({"SD_MODEL": "m"}) == [{"SD_MODEL": "m"}]
+    assert run_local.worker_envs({"SD_MODELS": " a ,"}) == [{"SD_MODELS": " a ,", "SD_MODEL": "a"}]
+    two = run_local.worker_envs({"SD_MODELS": "/data/sd15,org/sdxl", "SD_WORKER_NAME": "box"})
+    assert [(env["SD_MODEL"], env["SD_WORKER_NAME"]) for env in two] == [
+        ("/data/sd15", "box-model0"),
+        ("org/sdxl", "box-model1"),
+    ]
 
 
 def test_a_dead_launcher_stops_the_stack_saying_why(capsys: pytest.CaptureFixture[str]) -> None:

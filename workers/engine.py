@@ -5,8 +5,9 @@ Each iteration of its loop:
   2. share   the step's rows among the jobs, oldest first, one image per job per round
              (workers/batching.py: share_rows), so a big job's images interleave with small jobs
              and a job's images may take different steps (each has its own state);
-  3. start   jobs that get rows for the first time: their prompts encoded in one batch, their
-             initial noise drawn;
+  3. start   jobs that get rows for the first time: their input images (img2img, inpainting)
+             through the VAE encoder in batches, their prompts encoded in one batch, their first
+             latents drawn (an img2img job starts later in its schedule, and shares the UNet calls);
   4. step    the chosen images once: one UNet call per latent shape (split into several calls when
              a group has more rows than the device takes);
   5. sync    one pipelined Redis round trip: progress of the jobs that have stepped, the list of
@@ -34,9 +35,14 @@ from typing import NamedTuple, Protocol
 import torch
 from redis.exceptions import RedisError
 
+from models.image_inputs import ImageInputs
+from models.img2img import EncodedInputs, check_inputs
+from models.lora.files import LoraFileError
+from models.lora.pool import LoraSlotsBusy
 from models.pipeline import ActiveImage, Picture, Pipeline, check_generation, classifier_free
 from models.stable_diffusion import StableDiffusion
 from schemas.errors import ErrorType
+from schemas.generation import Generation
 from schemas.queue import JobResult
 from schemas.worker_info import EngineStats
 from workers.batching import Demand, group_by_shape, share_rows, split_rows, total_rows
@@ -107,9 +113,11 @@ class Engine:
         self.pipeline = pipeline_factory(model)
         self.unet_rows = AdaptiveLimit("UNet call", "rows", config.max_batch_rows, config.oom_recover_calls)
         self.vae_batch = AdaptiveLimit("VAE call", "latents", config.vae_batch, config.oom_recover_calls)
+        # input images per VAE encoder call (img2img, inpainting): as many as latents per decode
+        self.vae_encode = AdaptiveLimit("VAE encode", "images", config.vae_batch, config.oom_recover_calls)
         self._results = results
         self._progress = progress
-        self._previews = PreviewMaker()
+        self._previews = PreviewMaker(model)
         self._cond = threading.Condition()
         self._inbox: deque[Submission] = deque()  # guarded by _cond: handed over, not yet accepted
         self._jobs: list[Submission] = []  # engine thread only: accepted, oldest first
@@ -270,6 +278,7 @@ class Engine:
         for submission in arrived:
             try:
                 check_generation(self.model, submission.params)
+                check_inputs(submission.params, submission.inputs)
             except ValueError as error:
                 self._end(
                     submission,
@@ -299,21 +308,34 @@ class Engine:
     # --- 3. start: prompts encoded, noise drawn ------------------------------------------------------
 
     def _start(self, batch: list[Submission]) -> None:
-        """Encode the prompts of `batch` in one call and draw their initial noise; a request that
-        cannot start fails alone."""
+        """Encode the input images of `batch` (_encode_inputs), its prompts in one call, and draw their
+        first latents; a request that cannot start fails alone."""
+        self._encode_inputs(batch)
+        batch = self._lora_slots_for([s for s in batch if not s.finished])
         if not batch:
             return
 
         def start(jobs: Sequence[Submission]) -> None:
+            items = [(s, s.params) for s in jobs]
+            encoded = [s.encoded for s in jobs]
             try:
-                started = self.pipeline.start([(s, s.params) for s in jobs])
+                if any(e is not None for e in encoded):
+                    started = self.pipeline.start(items, encoded)
+                else:  # no input images: the plain call (test pipelines override start(items))
+                    started = self.pipeline.start(items)
             except torch.OutOfMemoryError:
                 self._free_memory()
                 raise
             for submission, images in zip(jobs, started, strict=True):
                 submission.attach_images(images)
+                submission.inputs = submission.encoded = None  # its images hold what they need
 
         def fail(submission: Submission, error: Exception) -> None:
+            if isinstance(error, LoraSlotsBusy):  # waits, unstarted, for a slot to free up
+                return
+            if isinstance(error, LoraFileError):
+                self._end(submission, RequestFailed(str(error), ErrorType.INVALID_REQUEST))
+                return
             log.error("job %s: could not start", submission.job_id, exc_info=error)
             self._end(
                 submission,
@@ -321,6 +343,51 @@ class Engine:
             )
 
         isolate_failures(batch, start, fail, "starting")
+
+    def _lora_slots_for(self, batch: list[Submission]) -> list[Submission]:
+        """The jobs whose LoRAs the device pool can take now (models/lora/pool.py); the others stay
+        unstarted until running images release their slots."""
+        loras = getattr(self.pipeline, "loras", None)
+        wanting = [s for s in batch if s.params.loras]
+        if loras is None or not wanting:
+            return batch
+        fits = dict(zip(map(id, wanting), loras.admit([s.params.loras for s in wanting]), strict=True))
+        return [s for s in batch if fits.get(id(s), True)]
+
+    def _encode_inputs(self, batch: Sequence[Submission]) -> None:
+        """The jobs' input images through the VAE encoder, images of a size together in calls of at most
+        `vae_encode` (halved when out of memory); each job keeps its encodings until it starts, and a
+        job whose images cannot be encoded fails alone."""
+        jobs = [s for s in batch if s.encoded is None and (s.inputs is not None or self.model.inpainting)]
+        if not jobs:
+            return
+
+        def encode(group: Sequence[Submission]) -> None:
+            encoded = self._encode([(s.params, s.inputs) for s in group])
+            for submission, inputs in zip(group, encoded, strict=True):
+                submission.encoded = inputs
+
+        def fail(submission: Submission, error: Exception) -> None:
+            log.error("job %s: could not encode its input images", submission.job_id, exc_info=error)
+            self._end(
+                submission,
+                RequestFailed(f"encoding the input images failed: {error}", ErrorType.IMAGE_ENCODING_FAILED),
+            )
+
+        isolate_failures(jobs, encode, fail, "encoding the input images of")
+
+    def _encode(self, requests: list[tuple[Generation, ImageInputs | None]]) -> list[EncodedInputs | None]:
+        while True:
+            try:
+                encoded = self.pipeline.encode_inputs(requests, self.vae_encode.value)
+            except torch.OutOfMemoryError:
+                self._free_memory()
+                # at most two images per request: the init image and the masked image
+                if not self.vae_encode.shrink(min(2 * len(requests), self.vae_encode.value)):
+                    raise
+                continue
+            self.vae_encode.succeeded()
+            return encoded
 
     # --- 4. one denoising step for the chosen images ----------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 - SET worker_info_key(name) = WorkerInfo JSON (model, sizes, limits, engine counters), TTL of a few
   beats, and ZADD WORKERS_ZSET name -> now: what the API serves defaults, /readyz and /metrics from;
+- ZADD model_workers_key(model) name -> now (whose waiting jobs a queued job of the model waits
+  behind) and MODELS_ZSET model -> now (the model stays known while its workers restart);
 - touch the health file (workers/healthcheck.py) while the engine thread lives;
 - keep every running job alive in RQ: its StartedJobRegistry entry, execution and job hash, and its
   slot's worker key. RQ's SimpleWorker refreshes none of them during a job (only the forking
@@ -21,7 +23,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from schemas.redis_keys import WORKERS_ZSET, worker_info_key
+from schemas.redis_keys import MODELS_ZSET, WORKERS_ZSET, model_workers_key, worker_info_key
 from schemas.worker_info import EngineStats, WorkerInfo
 from workers.healthcheck import touch
 from workers.redis_outage import OUTAGE
@@ -68,6 +70,7 @@ class Heartbeat:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrem(WORKERS_ZSET, self.info.name)
+                pipe.zrem(model_workers_key(self.info.model), self.info.name)
                 pipe.delete(worker_info_key(self.info.name))
                 pipe.execute()
         except RedisError as error:
@@ -99,6 +102,8 @@ class Heartbeat:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(worker_info_key(info.name), info.model_dump_json(), ex=info_ttl_s)
             pipe.zadd(WORKERS_ZSET, {info.name: stamp})
+            pipe.zadd(model_workers_key(info.model), {info.name: stamp})
+            pipe.zadd(MODELS_ZSET, {info.model: stamp})
             for worker in self._slots.busy():
                 running = worker.running
                 if running is None:

@@ -1,13 +1,15 @@
 """The janitor: `python -m workers.janitor`, a small process (no torch) that finds dead workers' jobs.
 
-Every SD_JANITOR_INTERVAL_S it runs RQ's registry cleanup on the txt2img queue:
+Every SD_JANITOR_INTERVAL_S it runs RQ's registry cleanup on every model's queue (`txt2img:<model>`,
+found in RQ's set of queues and in the models workers have published, schemas/queue.py):
 - a job whose StartedJobRegistry entry expired (its worker stopped heartbeating for
   SD_JOB_HEARTBEAT_TTL_S: SIGKILL, crash, lost machine) is retried while it has retries left
   (RQ `Retry(max=...)`, set by the API), else it FAILS with job.meta["error"] =
   {"type": ErrorType.WORKER_DIED.value, ...}: never left `running`;
 - dead RQ worker names leave RQ's worker registry, jobs stuck between dequeue and start (a worker
   killed in that instant) are failed or retried by RQ's intermediate-queue cleanup;
-- names that stopped heartbeating for SD_WORKER_STALE_S leave WORKERS_ZSET.
+- names that stopped heartbeating for SD_WORKER_STALE_S leave WORKERS_ZSET and their model's set,
+  and models not served for MODEL_FORGET_S leave MODELS_ZSET.
 
 After Redis was unreachable it waits one SD_JOB_HEARTBEAT_TTL_S before sweeping, so live workers
 refresh their jobs first and no running job is mistaken for an abandoned one.
@@ -38,8 +40,8 @@ from rq.worker import BaseWorker
 from rq.worker_registration import clean_worker_registry
 
 from schemas.errors import ErrorType
-from schemas.queue import QUEUE_NAME
-from schemas.redis_keys import PREFIX, WORKERS_ZSET
+from schemas.queue import QUEUE_PREFIX, model_of_queue, queue_name
+from schemas.redis_keys import MODEL_FORGET_S, MODELS_ZSET, PREFIX, WORKERS_ZSET, model_workers_key
 from schemas.settings import (
     ConfigurationError,
     LivenessSettings,
@@ -68,6 +70,21 @@ class SweepReport:
     swept: bool = True  # False: another janitor held the lock
 
 
+def model_queues(client: redis.Redis) -> list[Queue]:
+    """Every model's queue: those in RQ's set of queues (a queue joins it with its first job) and those
+    of the models workers have published, by name."""
+    names = {queue.name for queue in Queue.all(connection=client) if model_of_queue(queue.name) is not None}
+    names |= {queue_name(_text(model)) for model in client.zrange(MODELS_ZSET, 0, -1)}
+    return [
+        Queue(name, connection=client, serializer=JSONSerializer, job_class=AllowlistedJob)
+        for name in sorted(names)
+    ]
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def sweep(
     client: redis.Redis,
     job_heartbeat_ttl_s: int,
@@ -81,7 +98,6 @@ def sweep(
         report.swept = False
         return report
     try:
-        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer, job_class=AllowlistedJob)
 
         def on_abandoned(job: Job, *exc_info: object) -> bool:
             if job.retries_left and job.retries_left > 0:
@@ -110,11 +126,16 @@ def sweep(
             job.save_meta()  # retried jobs are saved whole by RQ, failed ones are not
             return True
 
-        clean_registries(queue, exception_handlers=[on_abandoned])
-        clean_worker_registry(queue)
-        if intermediate_worker is not None:
-            queue.intermediate_queue.cleanup(intermediate_worker, queue)
-        report.pruned_workers = client.zremrangebyscore(WORKERS_ZSET, "-inf", time.time() - worker_stale_s)
+        for queue in model_queues(client):
+            clean_registries(queue, exception_handlers=[on_abandoned])
+            clean_worker_registry(queue)
+            if intermediate_worker is not None:
+                queue.intermediate_queue.cleanup(intermediate_worker, queue)
+        stale_before = time.time() - worker_stale_s
+        report.pruned_workers = client.zremrangebyscore(WORKERS_ZSET, "-inf", stale_before)
+        for model in client.zrange(MODELS_ZSET, 0, -1):
+            client.zremrangebyscore(model_workers_key(_text(model)), "-inf", stale_before)
+        client.zremrangebyscore(MODELS_ZSET, "-inf", time.time() - MODEL_FORGET_S)
     finally:
         client.delete(LOCK_KEY)
     return report
@@ -126,7 +147,7 @@ class Janitor:
         self.client = redis_client(settings)
         # RQ's intermediate-queue cleanup needs a worker object; it gets its own connection
         self._rq_worker = BaseWorker(
-            [QUEUE_NAME],
+            [QUEUE_PREFIX],  # any queue: it only lends RQ's cleanup its failure handling
             name="sd-janitor",
             connection=redis_client(settings, socket_timeout=None),
             serializer=JSONSerializer,
@@ -142,8 +163,9 @@ class Janitor:
         settings = self.settings
         reachable_since: float | None = None
         log.info(
-            "janitor: sweeping queue %r every %g s (abandoned after %d s without heartbeat)",
-            QUEUE_NAME,
+            "janitor: sweeping every model's queue (%s:<model>) every %g s (abandoned after %d s without "
+            "heartbeat)",
+            QUEUE_PREFIX,
             settings.janitor_interval_s,
             settings.job_heartbeat_ttl_s,
         )

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 import torch
@@ -29,12 +28,19 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from models.accel import AccelConfig, UNetRunner, VAEDecoder, prepare, prepare_vae
-from models.default_model import default_model_path
+from models.families import family_of
+from models.hub import resolve_model_source
 from models.loading import load_model
+from models.lora.layers import example_rows
+from models.lora.library import LoraLibrary
 from models.pipeline import Pipeline, VAEDecode, generate
+from models.preview import rgb_map
+from models.samplers import SAMPLERS
 from models.single_file import CheckpointError
 from models.stable_diffusion import StableDiffusion
 from schemas.generation import SIZE_MULTIPLE, Generation
+from schemas.model_names import model_name_from
+from schemas.queue import queue_name
 from schemas.settings import configure_logging, redis_client
 from schemas.worker_info import WorkerInfo
 from workers import job_function
@@ -43,6 +49,7 @@ from workers.engine import Engine, EngineConfig
 from workers.healthcheck import heartbeat_file
 from workers.heartbeat import Heartbeat
 from workers.janitor import sweep
+from workers.loras import Rescan, build_library
 from workers.progress import RedisProgress
 from workers.results import ResultWriter
 from workers.settings import ConfigurationError, WorkerSettings, load_settings
@@ -67,8 +74,12 @@ def prepare_unet(model: StableDiffusion, runner: UNetRunner | None, max_rows: in
     if runner is None:
         return
     started = time.perf_counter()
-    context = (CONTEXT_TOKENS, model.text_encoder.config.hidden_size)
+    context = (CONTEXT_TOKENS, model.context_dim)
     buckets = runner.warm_up(native_latent(model), context, max_rows)
+    if model.unet.lora_rows is not None:  # calls with LoRA rows (and with LoCon's) are their own variants
+        for conv in (False, True):
+            rows = functools.partial(example_rows, device=model.device, dtype=model.dtype, conv=conv)
+            buckets += runner.warm_up(native_latent(model), context, max_rows, extra_row_inputs=rows)
     log.info("UNet ready in %.1f s (%d batch buckets prepared)", time.perf_counter() - started, buckets)
 
 
@@ -99,6 +110,10 @@ def warm_up(
         unet_runner=runner,
         vae_decoder=vae_decoder,
     )
+    try:
+        rgb_map(model)  # the live previews' colours, fitted to the VAE once (a few small decodes)
+    except Exception:  # the previews then use a fixed map: never a reason not to serve
+        log.warning("could not fit the live previews' colours to the VAE", exc_info=True)
     decodes = 0
     if model.device.type == "cuda" and torch.backends.cudnn.benchmark:
         pipeline = Pipeline(model, vae_decoder=vae_decoder)
@@ -197,8 +212,10 @@ class WorkerProcess:
         model: StableDiffusion,
         model_name: str,
         fast: FastPath | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         self.settings = settings
+        self.loras = loras  # SD_LORA_DIR's LoRAs (workers/loras.py); None: requests naming one fail
         self.runtime = runtime
         self.model = model
         self.model_name = model_name
@@ -209,6 +226,7 @@ class WorkerProcess:
         self.slots = SlotPool(
             runtime.slots,
             self.name,
+            queue_name(model_name),  # this model's jobs only
             connect=lambda: worker_redis(settings),
             job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
             result_ttl_s=settings.result_ttl_s,
@@ -223,11 +241,13 @@ class WorkerProcess:
             model=model_name,
             native_width=width,
             native_height=height,
+            family=family_of(model).name,
             size_multiple=math.lcm(SIZE_MULTIPLE, model.vae_scale_factor),
             default_steps=model.recommended.get("steps"),
             default_guidance_scale=model.recommended.get("guidance_scale"),
             default_sampler=model.recommended.get("sampler"),
             default_scheduler=model.recommended.get("scheduler"),
+            samplers=list(SAMPLERS),
             device=str(runtime.device),
             dtype=dtype_name(runtime.dtype),
             max_batch_rows=runtime.max_batch_rows,
@@ -236,6 +256,8 @@ class WorkerProcess:
             heartbeat_at=stamp,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             fast_path=self.fast.describe(),
+            loras=loras.listing() if loras is not None else [],
+            max_loras_per_request=settings.max_loras_per_request if loras is not None else 0,
         )
         self.heartbeat = Heartbeat(
             self.client,
@@ -264,10 +286,11 @@ class WorkerProcess:
                 settings.result_ttl_s,
                 wait_s=settings.redis_outage_wait_s,
                 buffer_bytes=settings.result_buffer_mb * 2**20,
+                lora_hashes=self.loras.short_hashes if self.loras is not None else None,
             ),
             progress=RedisProgress(self.client, settings.result_ttl_s, self.name),
             pipeline_factory=lambda m: Pipeline(
-                m, runtime.text_batch, unet_runner=fast.runner, vae_decoder=fast.vae_decoder
+                m, runtime.text_batch, unet_runner=fast.runner, vae_decoder=fast.vae_decoder, loras=self.loras
             ),
         )
 
@@ -335,7 +358,11 @@ class WorkerProcess:
             dtype_name(runtime.dtype),
         )
         exit_code = 0
+        rescan = Rescan(self.loras) if self.loras is not None else None
         while not self._stop.wait(0.5):
+            listing = rescan.due() if rescan is not None else None
+            if listing is not None:
+                self.heartbeat.info = self.heartbeat.info.model_copy(update={"loras": listing})
             if not self.engine.alive:
                 log.critical("the engine thread died (%r): shutting the worker down", self.engine.failure)
                 exit_code = 1
@@ -365,7 +392,9 @@ def main() -> int:
         torch.set_num_threads(settings.torch_threads)
     try:
         runtime = resolve_runtime(settings)
-        model_path = Path(settings.model) if settings.model else default_model_path()
+        # a hub id is fetched into the Hugging Face cache (progress bars on stderr), once
+        source = resolve_model_source(settings.model, prefer_fp16=runtime.dtype == torch.float16)
+        model_path = source.path
         log.info(
             "loading %s on %s (%s, VAE %s%s)",
             model_path,
@@ -385,8 +414,17 @@ def main() -> int:
     except (CheckpointError, RuntimeError, OSError) as error:
         log.error("cannot start: %s", error)
         return 2
+    try:
+        loras = build_library(settings, model)  # before the fast path: the pool replaces UNet layers
+    except ConfigurationError as error:
+        log.error("cannot start: %s", error)
+        return 2
+    width, height = model.native_size
+    log.info("model %s: %s, native size %dx%d", model.name, family_of(model).label, width, height)
     fast = prepare_fast_path(model, fast_path(runtime.accel, settings, model), settings, runtime)
-    return WorkerProcess(settings, runtime, model, settings.model_name or model.name, fast).run()
+    name = settings.model_name or source.name or model_name_from(model.name)
+    log.info("serving model %s on queue %s", name, queue_name(name))
+    return WorkerProcess(settings, runtime, model, name, fast, loras=loras).run()
 
 
 if __name__ == "__main__":

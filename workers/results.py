@@ -1,7 +1,8 @@
-"""Finished pictures to Redis: one PNG per image (A1111 `parameters` chunk inside) under its own key
-with a TTL, and the small JobResult document that RQ keeps as the job's return value.
+"""Finished pictures to Redis: one file per image, in the job's output format (PNG, JPEG or WebP, the
+A1111 parameters inside), under its own key with a TTL, and the small JobResult document that RQ keeps
+as the job's return value.
 
-While Redis is unavailable (down, or full with `noeviction`), finished results wait here, PNGs
+While Redis is unavailable (down, or full with `noeviction`), finished results wait here, files
 encoded, and are stored as soon as it answers: the pictures cost far more than the wait. The
 waiting results are bounded in bytes (`buffer_bytes`) and in time (`wait_s`); past either bound the
 job goes back to the queue (WorkerShuttingDown: another attempt, not a retry used up) instead of
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis
 
+from models.image_files import encode_image, parameters_of
 from models.pipeline import Picture
-from models.png import encode_png, parameters_of
 from schemas.queue import ImageRef, JobResult
 from schemas.redis_keys import image_key
 from workers.errors import WorkerShuttingDown
@@ -33,24 +34,37 @@ class ResultWriter:
         ttl_s: int,
         wait_s: float = 600.0,
         buffer_bytes: int = 512 * 2**20,
+        lora_hashes: Callable[[Sequence[str]], Mapping[str, str]] | None = None,
     ) -> None:
+        """`lora_hashes`: A1111's short hash of each named LoRA, for the PNGs' parameters."""
         self.client = client
+        self.lora_hashes = lora_hashes
         self.model_name = model_name
         self.ttl_s = ttl_s
         self.wait_s = wait_s
         self.buffer_bytes = buffer_bytes
         self._lock = threading.Lock()
-        self._held_bytes = 0  # PNG bytes of results waiting for Redis, all writer threads together
+        self._held_bytes = 0  # image bytes of results waiting for Redis, all writer threads together
 
     def store(self, submission: Submission, pictures: Sequence[Picture]) -> JobResult:
-        """PNGs of the job's pictures, each with the seed it was generated with, and the result."""
-        refs, pngs = [], []
+        """Files of the job's pictures, each with the seed it was generated with, and the result."""
+        params = submission.params
+        refs, files = [], []
+        hashes = None
+        if params.loras and self.lora_hashes is not None:
+            hashes = self.lora_hashes([ref.name for ref in params.loras])
         for index, picture in enumerate(pictures):
-            parameters = parameters_of(submission.params, picture.seed, self.model_name)
-            pngs.append(encode_png(picture.pixels, parameters))
-            refs.append(ImageRef(index=index, seed=picture.seed, key=image_key(submission.job_id, index)))
-        self._store_all({ref.key: png for ref, png in zip(refs, pngs, strict=True)}, submission)
-        return JobResult(model=self.model_name, images=refs, timings=timings(submission, time.time()))
+            parameters = parameters_of(params, picture.seed, self.model_name, hashes)
+            files.append(encode_image(picture.pixels, params.output_format, parameters, params.image_quality))
+            key = image_key(submission.job_id, index)
+            refs.append(ImageRef(index=index, seed=picture.seed, key=key, format=params.output_format))
+        self._store_all({ref.key: data for ref, data in zip(refs, files, strict=True)}, submission)
+        return JobResult(
+            model=self.model_name,
+            images=refs,
+            timings=timings(submission, time.time()),
+            warnings=submission.warnings,
+        )
 
     def _store_all(self, values: dict[str, bytes], submission: Submission) -> None:
         size = sum(len(value) for value in values.values())

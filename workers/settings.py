@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from schemas.model_names import check_model_name
 from schemas.settings import ConfigurationError, LivenessSettings
 from schemas.settings import load_settings as load_settings_class
 
@@ -27,7 +28,9 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-
 class WorkerSettings(LivenessSettings):
     # --- the model -------------------------------------------------------------------------------
     model: str | None = Field(
-        None, description="model folder or checkpoint file (default: the embedded model)"
+        None,
+        description="model folder, checkpoint file, or Hugging Face hub id `org/name[@revision]` (fetched "
+        "once into the hub's cache; see HF_TOKEN, HF_HUB_OFFLINE) (default: the embedded model)",
     )
     model_config_dir: str | None = Field(
         None,
@@ -35,7 +38,9 @@ class WorkerSettings(LivenessSettings):
         "SD 1.5 / SD 2.1 ones, chosen from the keys; set it e.g. for SD 2.x base, which is epsilon)",
     )
     model_name: str | None = Field(
-        None, description="name published and written in PNGs (default: file name)"
+        None,
+        description="the model's name: what requests' `model` names, its queue, written in PNGs; letters, "
+        "digits, . _ - (default: the hub repo's, file's or folder's name)",
     )
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: DType = Field(
@@ -124,6 +129,27 @@ class WorkerSettings(LivenessSettings):
     cudnn_benchmark: bool = Field(True, description="cuda: cuDNN autotuning per shape")
     text_batch: int = Field(64, ge=1, le=1024, description="prompt chunks per text-encoder call")
 
+    # --- LoRAs (models/lora/) --------------------------------------------------------------------
+    lora_dir: str | None = Field(
+        None,
+        description="folder of LoRA files (*.safetensors, kohya or diffusers/PEFT names) requests name by "
+        "file name; unset: no LoRAs",
+    )
+    lora_slots: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="with SD_LORA_DIR: LoRAs held on the device at once (different LoRAs in one batch); "
+        "a slot is reused only when no running image uses its LoRA",
+    )
+    lora_max_rank: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="with SD_LORA_DIR: the largest LoRA rank the device slots take (memory: slots x rank x "
+        "the adapted layers' widths)",
+    )
+
     # --- batching --------------------------------------------------------------------------------
     slots: int | None = Field(
         None, ge=1, le=256, description="RQ slot threads: jobs in flight (default: max rows / 2)"
@@ -156,6 +182,12 @@ class WorkerSettings(LivenessSettings):
     test_oom_above_rows: int | None = Field(
         None, ge=1, description="TEST ONLY: simulate CUDA OOM above N rows"
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str | None) -> str | None:
+        value = value.strip() if value else None
+        return None if not value else check_model_name(value)
 
     @field_validator("device")
     @classmethod
@@ -199,6 +231,18 @@ class WorkerSettings(LivenessSettings):
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> WorkerSettings:
+        """LoRA adapters sit on the attention's own q/k/v layers, which fusing replaces."""
+        if self.lora_dir and self.fuse_projections:
+            raise ValueError("SD_LORA_DIR and SD_FUSE_PROJECTIONS do not go together yet: unset one")
+        if self.lora_dir and self.lora_slots < self.max_loras_per_request:
+            raise ValueError(
+                f"SD_LORA_SLOTS={self.lora_slots} must be at least SD_MAX_LORAS_PER_REQUEST="
+                f"{self.max_loras_per_request} (a request's LoRAs must fit in the pool at once)"
+            )
         return self
 
     def resolved_worker_name(self) -> str:

@@ -27,7 +27,6 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from schemas.queue import QUEUE_NAME
 from workers.errors import JobCanceled, JobEnded, WorkerShuttingDown
 from workers.redis_outage import retry_while_unavailable
 from workers.rq_internals import ThreadedWorker, end_canceled, enqueue_at_front
@@ -129,12 +128,14 @@ class SlotWorker(EngineEndings, ThreadedWorker):
 
 
 class SlotPool:
-    """K slot threads; each runs a SlotWorker and starts a fresh one if that worker's loop dies."""
+    """K slot threads; each runs a SlotWorker on `queue` (the worker's model's: schemas/queue.py) and
+    starts a fresh one if that worker's loop dies."""
 
     def __init__(
         self,
         count: int,
         worker_name: str,
+        queue: str,
         connect: Callable[[], redis.Redis],
         job_heartbeat_ttl_s: int,
         result_ttl_s: int,
@@ -143,6 +144,7 @@ class SlotPool:
         redis_outage_wait_s: float = 600.0,
     ) -> None:
         self.count = count
+        self.queue = queue
         self._redis_outage_wait_s = redis_outage_wait_s
         self._has_room = has_room
         self.worker_name = worker_name
@@ -183,7 +185,7 @@ class SlotPool:
             name = f"{self.worker_name}.slot{index}.{self._token}" + (f".{generation}" if generation else "")
             try:
                 worker = SlotWorker(
-                    [QUEUE_NAME],
+                    [self.queue],
                     name=name,
                     connection=self._connect(),
                     serializer=JSONSerializer,

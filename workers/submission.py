@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from models.image_inputs import ImageInputs
+from models.img2img import EncodedInputs
 from models.pipeline import ActiveImage
 from schemas.generation import Generation
 from schemas.queue import JobResult
@@ -31,6 +33,12 @@ class Submission:
     submitted_at: float = field(default_factory=time.time)  # unix s the slot handed it to the engine
     admitted_at: float | None = None  # unix s of its first step
     images: list[ActiveImage] = field(default_factory=list)  # engine thread; others: image_snapshot()
+    # img2img and inpainting: its input images, fitted to its size (the job function decodes them), and,
+    # once the engine has run them through the VAE, their encodings; both dropped when it starts
+    inputs: ImageInputs | None = None
+    encoded: EncodedInputs | None = None
+    # what its result will tell the user (JobResult.warnings), known before it starts
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._started_mono = time.monotonic()
@@ -62,11 +70,12 @@ class Submission:
     def step(self) -> int:
         """Denoising steps done, averaged over its images (they may advance apart)."""
         images = self.image_snapshot()
-        return sum(image.step_index for image in images) // len(images) if images else 0
+        return sum(image.steps_done for image in images) // len(images) if images else 0
 
     @property
     def total_steps(self) -> int:
-        return self.params.steps
+        """The steps it runs (img2img: int(steps * strength))."""
+        return self.params.steps_to_run
 
     @property
     def denoised(self) -> bool:
@@ -109,6 +118,7 @@ class Submission:
                 return False
             self._result, self._error = result, error
             self.images = []  # free the latents at once
+            self.inputs = self.encoded = None
             self._done.set()
             return True
 

@@ -28,14 +28,26 @@ from schemas.generation import Generation
 
 @dataclass(frozen=True)
 class Plan:
-    """One request's schedule, shared by its images. Subclasses add what their step reads per step."""
+    """One request's schedule, shared by its images. Subclasses add what their step reads per step.
+
+    img2img and inpainting run only the end of the schedule, as diffusers' pipelines do: the plan is the
+    whole schedule of `steps` (what the samplers' arithmetic reads: DDIM's step size, the indices of
+    the multistep samplers' previous noise levels), and its images start at step `start` (diffusers'
+    `t_start`, set with `set_begin_index`), from the init image noised to that step's level.
+    """
 
     timesteps: torch.Tensor  # (steps,) float32 CPU: what the UNet is told at each step
     init_noise_sigma: float  # the initial latent is standard normal noise times this
+    start: int = field(default=0, kw_only=True)  # the first step run: 0, or img2img's t_start
 
     @property
     def steps(self) -> int:
+        """The steps of the whole schedule (an img2img run takes the last `steps - start` of them)."""
         return len(self.timesteps)
+
+    @property
+    def steps_to_run(self) -> int:
+        return self.steps - self.start
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,11 @@ class RowState:
     step_index: int = 0
     history: tuple[torch.Tensor, ...] = ()  # previous model outputs (newest last), (1, C, h, w) each
     last_sample: torch.Tensor | None = None  # the sample before the last step (UniPC's corrector)
+
+    @classmethod
+    def first(cls, plan: Plan) -> RowState:
+        """An image's state before its first step: at the plan's start."""
+        return cls(plan, plan.start)
 
     @property
     def done(self) -> bool:
@@ -90,8 +107,56 @@ class Sampler(ABC):
     ) -> StepResult:
         """One step for every row: (R, C, h, w) float32 model outputs (after guidance) and latents."""
 
+    @abstractmethod
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        """Clean latents (R, C, h, w) float32 noised with `noise` (R, C, h, w) to the noise level before
+        step `levels[r]` of `plans[r]`, in this sampler's scale: the diffusers scheduler's `add_noise`
+        (img2img's first latent at the plan's start; inpainting's blend after each step)."""
+
 
 # --- helpers shared by the samplers ----------------------------------------------------------------
+
+
+def first_step(generation: Generation, steps: int) -> int:
+    """The step a request's run starts at (Generation.first_step) in a schedule of `steps` steps."""
+    start = generation.first_step
+    if start >= steps:
+        raise ValueError(
+            f"strength {generation.strength} starts the run at step {start} of a schedule of {steps} steps: "
+            "nothing would run (raise strength or steps)"
+        )
+    return start
+
+
+def alphas_add_noise(
+    alphas_cumprod: torch.Tensor, original: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise, one (R,) float32 alpha_bar per row: the forward
+    process on the variance-preserving scale, as DDIM's and LCM's `add_noise`."""
+    sqrt_alpha = per_row(alphas_cumprod**0.5, original)
+    sqrt_one_minus_alpha = per_row((1 - alphas_cumprod) ** 0.5, original)
+    return sqrt_alpha * original + sqrt_one_minus_alpha * noise
+
+
+def sigmas_add_noise(sigmas: torch.Tensor, original: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """alpha_t x0 + sigma_t noise for one (R,) float32 VE sigma per row, alpha_t = 1 / sqrt(sigma^2 + 1)
+    and sigma_t = sigma alpha_t: the DPM-Solver and UniPC schedulers' `add_noise` (the latent on the
+    variance-preserving scale, the plan in sigmas)."""
+    alpha_t = 1 / ((sigmas**2 + 1) ** 0.5)
+    sigma_t = sigmas * alpha_t
+    return per_row(alpha_t, original) * original + per_row(sigma_t, original) * noise
+
+
+def at_levels(plans: Sequence[Plan], name: str, levels: Sequence[int]) -> torch.Tensor:
+    """(R,) float32: each plan's `<name>[level]`."""
+    return torch.stack([getattr(plan, name)[level] for plan, level in zip(plans, levels, strict=True)])
 
 
 def per_row(values: Sequence[float | torch.Tensor], like: torch.Tensor) -> torch.Tensor:

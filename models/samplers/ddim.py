@@ -18,7 +18,16 @@ import numpy as np
 import torch
 
 from models.noise_schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, training_betas
-from models.samplers.base import NoiseSource, Plan, RowState, Sampler, StepResult, advanced
+from models.samplers.base import (
+    NoiseSource,
+    Plan,
+    RowState,
+    Sampler,
+    StepResult,
+    advanced,
+    alphas_add_noise,
+    first_step,
+)
 from models.transfer import to_device
 from schemas.generation import Generation
 
@@ -118,7 +127,21 @@ def ddim_step(
     eta: torch.Tensor,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One DDIM update x_t -> x_{t-1} (formula (12) of the paper), each row with its own parameters.
+    """One DDIM update x_t -> x_{t-1}: `ddim_update`'s next sample only."""
+    return ddim_update(schedule, model_output, sample, timesteps, num_steps, eta, noise)[0]
+
+
+def ddim_update(
+    schedule: DDIMSchedule,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    num_steps: torch.Tensor,
+    eta: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update x_t -> x_{t-1} (formula (12) of the paper), each row with its own parameters,
+    and the predicted x_0 it went through (what a live preview shows).
 
     model_output, sample: (B, C, h, w); timesteps, num_steps: (B,) int; eta: (B,) float;
     noise: (B, C, h, w) standard normal noise for the rows with eta > 0 (ignored where eta == 0),
@@ -169,7 +192,7 @@ def ddim_step(
     if noise is not None:
         # rows with eta == 0 have std 0: their noise (zeros, or unused) changes nothing
         prev_sample = prev_sample + std * to_device(noise.to(dtype), device)
-    return prev_sample
+    return prev_sample, pred_original
 
 
 @dataclass(frozen=True)
@@ -199,7 +222,28 @@ class DDIM(Sampler):
     def plan(self, schedule: NoiseSchedule, generation: Generation) -> DDIMPlan:
         options = self.options(schedule, generation.scheduler)
         timesteps = options.timesteps(generation.steps).to(torch.float32)
-        return DDIMPlan(timesteps=timesteps, init_noise_sigma=1.0, schedule=options, eta=generation.eta)
+        return DDIMPlan(
+            timesteps=timesteps,
+            init_noise_sigma=1.0,
+            schedule=options,
+            eta=generation.eta,
+            start=first_step(generation, len(timesteps)),
+        )
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        """DDIMScheduler.add_noise at each row's timestep: alpha_bar of the training schedule."""
+        alphas = []
+        for plan, level in zip(plans, levels, strict=True):
+            assert isinstance(plan, DDIMPlan) and plan.schedule is not None
+            alphas.append(plan.schedule.alphas_cumprod[plan.timesteps[level].long()])
+        return alphas_add_noise(torch.stack(alphas), original, noise)
 
     def step(
         self,
@@ -220,5 +264,7 @@ class DDIM(Sampler):
         eta = torch.tensor([plan.eta for plan in plans], dtype=torch.float32)
         draws = [plan.eta > 0 for plan in plans]
         variance_noise = noise(draws) if any(draws) else None
-        updated = ddim_step(options, model_output, samples, timesteps.long(), num_steps, eta, variance_noise)
-        return StepResult(samples=updated, states=advanced(rows))
+        updated, denoised = ddim_update(
+            options, model_output, samples, timesteps.long(), num_steps, eta, variance_noise
+        )
+        return StepResult(samples=updated, states=advanced(rows), denoised=denoised)

@@ -45,9 +45,12 @@ from models.samplers.base import (
     Plan,
     RowState,
     Sampler,
+    at_levels,
     exponential_sigmas,
+    first_step,
     karras_sigmas,
     sigma_to_t,
+    sigmas_add_noise,
 )
 from models.samplers.euler import training_sigmas
 from models.transfer import to_device
@@ -179,8 +182,10 @@ def solver_plan(schedule: NoiseSchedule, generation: Generation) -> DPMSolverPla
     lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
 
     count = len(timesteps)
+    start = first_step(generation, count)
     orders = torch.full((count,), 2, dtype=torch.int64)
     orders[0] = 1  # no previous output yet
+    orders[start] = 1  # nor at the start of an img2img run (diffusers' lower_order_nums is 0 there)
     if (
         option(schedule, "euler_at_final")
         or (option(schedule, "lower_order_final") and count < LOWER_ORDER_FINAL_BELOW_STEPS)
@@ -196,6 +201,7 @@ def solver_plan(schedule: NoiseSchedule, generation: Generation) -> DPMSolverPla
         lambda_t=lambda_t,
         orders=orders,
         heun=solver_type == "heun",
+        start=start,
     )
 
 
@@ -204,6 +210,17 @@ class DPMSolverSampler(Sampler):
 
     def plan(self, schedule: NoiseSchedule, generation: Generation) -> DPMSolverPlan:
         return solver_plan(schedule, generation)
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        """DPMSolverMultistepScheduler.add_noise: alpha_t x0 + sigma_t noise at each row's sigma."""
+        return sigmas_add_noise(at_levels(plans, "sigmas", levels), original, noise)
 
 
 # --- one step, vectorised over rows ---------------------------------------------------------------

@@ -14,13 +14,16 @@ import torch
 from models.noise_schedule import NoiseSchedule
 from models.samplers.base import (
     NoiseSource,
+    Plan,
     RowState,
     Sampler,
     SigmaPlan,
     StepResult,
     advanced,
+    at_levels,
     at_step,
     exponential_sigmas,
+    first_step,
     karras_sigmas,
     per_row,
     sigma_to_t,
@@ -75,7 +78,14 @@ def sigma_plan(schedule: NoiseSchedule, generation: Generation) -> SigmaPlan:
         timesteps=torch.from_numpy(timesteps.astype(np.float32)),
         init_noise_sigma=float(init),
         sigmas=sigmas,
+        start=first_step(generation, len(timesteps)),
     )
+
+
+def sigma_add_noise(original: torch.Tensor, noise: torch.Tensor, plans: Sequence[Plan],
+                    levels: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """The Euler schedulers' `add_noise`: x0 + noise * sigma, at each row's sigma."""
+    return original + noise * per_row(at_levels(plans, "sigmas", levels), original)
 
 
 def predicted_original(
@@ -118,3 +128,13 @@ class Euler(Sampler):
         derivative = (samples - denoised) / sigma
         updated = samples + derivative * (sigma_next - sigma)
         return StepResult(samples=updated, states=advanced(rows), denoised=denoised)
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        return sigma_add_noise(original, noise, plans, levels)

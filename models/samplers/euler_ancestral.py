@@ -12,6 +12,7 @@ import torch
 from models.noise_schedule import NoiseSchedule
 from models.samplers.base import (
     NoiseSource,
+    Plan,
     RowState,
     Sampler,
     SigmaPlan,
@@ -20,7 +21,7 @@ from models.samplers.base import (
     at_step,
     per_row,
 )
-from models.samplers.euler import predicted_original, scale_for_unet, sigma_plan
+from models.samplers.euler import predicted_original, scale_for_unet, sigma_add_noise, sigma_plan
 from schemas.generation import Generation
 
 
@@ -51,3 +52,13 @@ class EulerAncestral(Sampler):
         # diffusers draws this noise at every step, the last one included (where sigma_up is 0)
         updated = updated + noise([True] * len(rows)) * sigma_up
         return StepResult(samples=updated, states=advanced(rows), denoised=denoised)
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        return sigma_add_noise(original, noise, plans, levels)

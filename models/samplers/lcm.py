@@ -33,7 +33,9 @@ from models.samplers.base import (
     Sampler,
     StepResult,
     advanced,
+    alphas_add_noise,
     at_step,
+    first_step,
     per_row,
 )
 from schemas.generation import Generation
@@ -112,6 +114,7 @@ def lcm_plan(schedule: NoiseSchedule, generation: Generation) -> LCMPlan:
         c_skip=stacked["skip"],
         c_out=stacked["out"],
         clip_range=float(schedule.option("clip_sample_range", CLIP_SAMPLE_RANGE_DEFAULT)) if clip else None,
+        start=first_step(generation, len(timesteps)),
     )
 
 
@@ -162,3 +165,15 @@ class LCM(Sampler):
             renoised = a_next * denoised + b_next * fresh
             updated = torch.where(per_row(draws, samples) > 0, renoised, denoised)
         return StepResult(samples=updated, states=advanced(rows), denoised=denoised)
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        """LCMScheduler.add_noise at each row's timestep: alpha_bar of the training schedule."""
+        timesteps = torch.stack([plan.timesteps[level] for plan, level in zip(plans, levels, strict=True)])
+        return alphas_add_noise(schedule.alphas_cumprod[timesteps.long()], original, noise)

@@ -43,16 +43,20 @@ import torch
 from models.noise_schedule import NoiseSchedule
 from models.samplers.base import (
     NoiseSource,
+    Plan,
     RowState,
     Sampler,
     SigmaPlan,
     StepResult,
     advanced,
+    at_levels,
     at_step,
     exponential_sigmas,
+    first_step,
     karras_sigmas,
     per_row,
     sigma_to_t,
+    sigmas_add_noise,
 )
 from models.samplers.euler import training_sigmas
 from schemas.generation import Generation
@@ -239,11 +243,16 @@ def unipc_plan(schedule: NoiseSchedule, generation: Generation) -> UniPCPlan:
     timesteps, sigma_array = unipc_sigmas(schedule, generation)
     sigmas = torch.from_numpy(sigma_array)
     steps = len(timesteps)
+    start = first_step(generation, steps)
     orders = []
     for i in range(steps):
         order = min(solver_order, steps - i) if lower_order_final else solver_order
-        orders.append(min(order, i + 1))  # warm-up: the first steps have fewer outputs
-    corrects = [i > 0 and i - 1 not in disabled for i in range(steps)]
+        # warm-up: the first steps of a run (from its start; before it, as if from 0: never run) have
+        # fewer outputs, as diffusers' lower_order_nums counts them
+        run = i - start if i >= start else i
+        orders.append(min(order, run + 1))
+    # the corrector refines the sample the previous step of the run predicted: none at its first step
+    corrects = [i > start and i - 1 not in disabled for i in range(steps)]
     width = solver_order - 1
     levels = [_Level.of(sigma) for sigma in sigmas]
     predictor = [
@@ -285,6 +294,7 @@ def unipc_plan(schedule: NoiseSchedule, generation: Generation) -> UniPCPlan:
         corrects=tuple(corrects),
         solver_order=solver_order,
         predict_x0=predict_x0,
+        start=start,
     )
 
 
@@ -351,12 +361,13 @@ class UniPC(Sampler):
     name = "uni_pc"
 
     def __init__(self) -> None:
-        # (id of the schedule, steps, scheduler) -> (the schedule, kept so its id stays its own; plan)
-        self._plans: OrderedDict[tuple[int, int, str], tuple[NoiseSchedule, UniPCPlan]] = OrderedDict()
+        # (id of the schedule, steps, scheduler, first step) -> (the schedule, kept so its id stays its
+        # own; plan)
+        self._plans: OrderedDict[tuple[int, int, str, int], tuple[NoiseSchedule, UniPCPlan]] = OrderedDict()
 
     def plan(self, schedule: NoiseSchedule, generation: Generation) -> UniPCPlan:
         """The request's plan; plans are immutable, so the last PLANS_KEPT are shared."""
-        key = (id(schedule), generation.steps, generation.scheduler)
+        key = (id(schedule), generation.steps, generation.scheduler, generation.first_step)
         cached = self._plans.get(key)
         if cached is not None and cached[0] is schedule:
             self._plans.move_to_end(key)
@@ -410,3 +421,14 @@ class UniPC(Sampler):
         updated = _apply(rows, "predictor", sample, converted, older)
         states = advanced(rows, history=converted, keep=first.solver_order, samples=sample)
         return StepResult(samples=updated, states=states, denoised=denoised)
+
+    def add_noise(
+        self,
+        schedule: NoiseSchedule,
+        original: torch.Tensor,
+        noise: torch.Tensor,
+        plans: Sequence[Plan],
+        levels: Sequence[int],
+    ) -> torch.Tensor:
+        """UniPCMultistepScheduler.add_noise: alpha_t x0 + sigma_t noise at each row's sigma."""
+        return sigmas_add_noise(at_levels(plans, "sigmas", levels), original, noise)

@@ -1,14 +1,18 @@
-"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{index}.png, GET /v1/jobs/{id}/preview.png, DELETE /v1/jobs/{id}.
+"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/images/{index}.{png|jpeg|webp}, GET /v1/jobs/{id}/preview.png,
+DELETE /v1/jobs/{id}. (GET /v1/jobs/{id}/events: service/routes/events.py.)
 
 Plain `def` routes: RQ is synchronous, so FastAPI runs them in its thread pool.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from schemas.queue import JobStatus
+from schemas.generation import OUTPUT_FORMATS
+from schemas.queue import MEDIA_TYPES, ImageRef, JobStatus
 from service.api_models import (
     JOB_VIEW_EXAMPLE,
     ImageLink,
@@ -24,9 +28,12 @@ from service.openapi_docs import error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-PNG_RESPONSE = {
-    "description": "The PNG (generation parameters in its `parameters` text chunk).",
-    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+IMAGE_RESPONSE = {
+    "description": "The image file in the job's `output_format`, the generation parameters inside as "
+    "AUTOMATIC1111 writes them: PNG `parameters` text chunk, JPEG/WebP EXIF UserComment.",
+    "content": {
+        media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in MEDIA_TYPES.values()
+    },
     "headers": {
         "Cache-Control": {
             "description": "private, max-age=<seconds left>, immutable",
@@ -37,8 +44,13 @@ PNG_RESPONSE = {
 }
 
 
-def image_url(job_id: str, index: int) -> str:
-    return f"/v1/jobs/{job_id}/images/{index}.png"
+def image_url(job_id: str, index: int, image_format: str = "png") -> str:
+    """The path of an image: its extension is its format (png, jpeg, webp)."""
+    return f"/v1/jobs/{job_id}/images/{index}.{image_format}"
+
+
+def image_link(job_id: str, ref: ImageRef) -> ImageLink:
+    return ImageLink(index=ref.index, seed=ref.seed, url=image_url(job_id, ref.index, ref.format))
 
 
 def preview_url(job_id: str) -> str:
@@ -55,10 +67,9 @@ def job_view(snap: JobSnapshot) -> JobView:
         progress=Progress(step=snap.step, total_steps=snap.total_steps),
         request=ResolvedRequest(**params.model_dump(exclude={"preview"})),
         model=result.model if result else None,
-        images=[ImageLink(index=i.index, seed=i.seed, url=image_url(snap.id, i.index)) for i in result.images]
-        if result
-        else [],
+        images=[image_link(snap.id, ref) for ref in result.images] if result else [],
         preview_url=preview_url(snap.id) if snap.preview_ready else None,
+        warnings=snap.warnings,
         error=JobError(type=snap.error[0], message=snap.error[1]) if snap.error else None,
         cancel_requested=snap.cancel_requested,
         created_at=snap.created_at,
@@ -95,23 +106,37 @@ def get_job(job_id: str, owner: Owner, services: ServicesDep) -> JobView:
 
 
 @router.get(
-    "/{job_id}/images/{index}.png",
+    "/{job_id}/images/{index}.{extension}",
     response_class=Response,
-    summary="One generated PNG",
+    summary="One generated image",
+    description="The extension is the job's `output_format` (`png`, `jpeg` or `webp`), as in the job's "
+    "`images[].url`; another extension is a 404 that names the right one.",
     responses={
-        200: PNG_RESPONSE,
+        200: IMAGE_RESPONSE,
         304: {"description": "Not modified (If-None-Match matched the ETag)."},
         **error_responses(401, 404, 503),
     },
 )
-def get_image(job_id: str, index: int, owner: Owner, services: ServicesDep, request: Request) -> Response:
+def get_image(
+    job_id: str,
+    index: int,
+    extension: Annotated[
+        str,
+        Path(
+            pattern="^[a-z0-9]+$", description=f"One of {', '.join(OUTPUT_FORMATS)}: the job's output_format."
+        ),
+    ],
+    owner: Owner,
+    services: ServicesDep,
+    request: Request,
+) -> Response:
     store = services.store
-    data, ttl_s = store.image(store.find(job_id, owner), index)
+    data, ttl_s = store.image(store.find(job_id, owner), index, extension)
     etag = f'"{job_id}-{index}"'  # a job's images never change: the id and index identify the bytes
     headers = {"Cache-Control": f"private, max-age={ttl_s}, immutable", "ETag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    return Response(content=data, media_type="image/png", headers=headers)
+    return Response(content=data, media_type=MEDIA_TYPES[extension], headers=headers)
 
 
 @router.get(

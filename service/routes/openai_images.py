@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: POST /v1/images/generations, GET /v1/models, GET /v1/models/{id}.
+"""OpenAI-compatible routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/models,
+GET /v1/models/{id}.
 
 A generation is a normal job: the OpenAI body is translated to a txt2img request, validated by
 the txt2img model and queued by `submit_job` (same limits, keys and 429 as POST /v1/txt2img).
@@ -18,19 +19,25 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from schemas.errors import ErrorType, is_client_fault
-from schemas.queue import JobStatus
-from schemas.samplers import DEFAULT_SAMPLER
+from schemas.queue import ImageRef, JobStatus
+from schemas.samplers import DEFAULT_SAMPLER, SAMPLERS
 from service.api_models import PROMPT_EXAMPLE, Txt2ImgRequestBase, request_model
+from service.api_models import edit_request_model as our_edit_request_model
 from service.deps import Owner, Services, ServicesDep, get_owner
+from service.form_body import read_body
+from service.image_jobs import InputFiles, submit_with_images
+from service.input_images import alpha_mask, check_image, check_mask_size
 from service.job_store import JobConflict, JobSnapshot
 from service.job_wait import WaitOutcome, wait_for_job
 from service.live_workers import live_workers
+from service.model_routing import served_models as group_by_model
 from service.openai_errors import (
     INVALID_REQUEST,
     NO_RETRY,
@@ -40,6 +47,8 @@ from service.openai_errors import (
     openai_route_class,
 )
 from service.openai_models import (
+    EDIT_FIELDS,
+    NULL_MEANS_DEFAULT,
     RENAMED_FIELDS,
     SHARED_FIELDS,
     ImageData,
@@ -48,6 +57,7 @@ from service.openai_models import (
     ModelList,
     ModelObject,
     OpenAIErrorBody,
+    edit_request_model,
     generation_request_model,
 )
 from service.resolve import recommended_scheduler, sampling_defaults
@@ -92,24 +102,45 @@ def size_rule(settings: Settings) -> str:
     )
 
 
-def to_txt2img(body: ImageGenerationRequestBase, settings: Settings) -> Txt2ImgRequestBase:
-    """The txt2img request an OpenAI body stands for, validated by the txt2img model (400 otherwise)."""
+def to_txt2img(
+    body: ImageGenerationRequestBase, settings: Settings, edit: bool = False
+) -> Txt2ImgRequestBase:
+    """The txt2img request an OpenAI body stands for (`edit`: the request with images that an edit's body
+    stands for, its EDIT_FIELDS too), validated by our request model (400 otherwise)."""
     given = body.model_dump(exclude_unset=True)
-    fields: dict[str, Any] = {name: given[name] for name in SHARED_FIELDS if name in given}
+    for name in NULL_MEANS_DEFAULT:
+        if given.get(name, "") is None:
+            del given[name]
+    names = (*SHARED_FIELDS, *EDIT_FIELDS) if edit else SHARED_FIELDS
+    fields: dict[str, Any] = {name: given[name] for name in names if name in given}
     fields |= {source: given[name] for name, source in RENAMED_FIELDS.items() if given.get(name) is not None}
     size = body.size_pixels()
     if size is not None:
         fields["width"], fields["height"] = size
+    target = our_edit_request_model(settings) if edit else request_model(settings)
     try:
-        return request_model(settings).model_validate(fields)
+        return target.model_validate(fields)
     except ValidationError as error:
         raise from_validation_errors(error.errors(), size_rule(settings)) from None
+
+
+def edit_files(files: dict[str, bytes], settings: Settings) -> InputFiles:
+    """An edit's image and the mask the worker reads: OpenAI's mask (its fully transparent pixels are
+    where to edit), else the image's own transparent pixels, else none (the whole image is redrawn)."""
+    if "image" not in files:
+        raise OpenAIError(400, "image: a file is required (the image to edit)", param="image")
+    image = check_image(files["image"], "image", settings.max_input_pixels)
+    if "mask" in files:
+        given = check_image(files["mask"], "mask", settings.max_input_pixels)
+        check_mask_size(image, given, "mask")
+        return InputFiles(image, alpha_mask(given, "mask"))
+    return InputFiles(image, alpha_mask(image, "image", required=False))
 
 
 @dataclass
 class Finished:
     snapshot: JobSnapshot
-    images: list[tuple[int, int, bytes | None]]  # (index, seed, PNG bytes when asked for)
+    images: list[tuple[ImageRef, bytes | None]]  # (the image, its file when asked for)
 
 
 def finish(services: Services, job_id: str, owner: str, with_bytes: bool) -> Finished:
@@ -122,7 +153,7 @@ def finish(services: Services, job_id: str, owner: str, with_bytes: bool) -> Fin
     if snap.status is JobStatus.SUCCEEDED and snap.result is not None:
         for ref in snap.result.images:
             data = store.image(job, ref.index)[0] if with_bytes else None
-            images.append((ref.index, ref.seed, data))
+            images.append((ref, data))
     return Finished(snap, images)
 
 
@@ -161,6 +192,55 @@ def failure(snap: JobSnapshot) -> OpenAIError:
     )
 
 
+async def answer_when_done(
+    services: Services, job_id: str, owner: str, request: Request, response_format: str | None
+) -> ImagesResponse | JSONResponse:
+    """Wait for the job (at most SD_OPENAI_WAIT_S; then it is canceled and the answer is 504, or 499 when
+    the client hung up) and answer its images as OpenAI does."""
+    settings = services.settings
+    try:
+        outcome = await wait_for_job(
+            services.redis.aio, job_id, settings.openai_wait_s, disconnected=request.is_disconnected
+        )
+    except RedisError:
+        # the client gets a 503 and will not read this job: cancel it if Redis still lets us
+        with contextlib.suppress(Exception):
+            await run_in_threadpool(cancel_unfinished, services, job_id, owner)
+        raise
+    if outcome is not WaitOutcome.ENDED:
+        unfinished = await run_in_threadpool(cancel_unfinished, services, job_id, owner)
+        if unfinished is not None and outcome is WaitOutcome.DISCONNECTED:
+            log.info("job %s canceled: its OpenAI client hung up while %s", job_id, where(unfinished))
+            return OpenAIError(CLIENT_CLOSED_REQUEST, "the client closed the request").response()
+        if unfinished is not None:
+            log.info(
+                "job %s canceled: no result within %g s (%s)",
+                job_id,
+                settings.openai_wait_s,
+                where(unfinished),
+            )
+            raise OpenAIError(
+                504,
+                f"no result within {settings.openai_wait_s:g} s (SD_OPENAI_WAIT_S; the job was "
+                f"{where(unfinished)}); the job was canceled: retry later, or ask for fewer steps or images",
+                SERVER_ERROR,
+                code="timeout",
+                headers=NO_RETRY,
+            )
+    as_bytes = response_format == "b64_json"
+    done = await run_in_threadpool(finish, services, job_id, owner, as_bytes)
+    if done.snapshot.status is not JobStatus.SUCCEEDED:
+        raise failure(done.snapshot)
+    base = settings.public_url or str(request.base_url).rstrip("/")
+    data = [
+        ImageData(b64_json=base64.b64encode(file).decode("ascii"), seed=ref.seed)
+        if file is not None
+        else ImageData(url=base + image_url(job_id, ref.index, ref.format), seed=ref.seed)
+        for ref, file in done.images
+    ]
+    return ImagesResponse(created=int(time.time()), data=data)
+
+
 GENERATION_EXAMPLES = {
     "openai": {
         "summary": "OpenAI's fields",
@@ -195,12 +275,15 @@ def build_router(settings: Settings) -> APIRouter:
         response_model_exclude_none=True,
         summary="Generate images (OpenAI Images API): queue a job and answer once it ended",
         description=(
-            "OpenAI's request and answer shapes, plus `negative_prompt`, `steps`, `guidance_scale`, `sampler`, "
+            "OpenAI's request and answer shapes (`output_format` png, jpeg or webp and `output_compression` "
+            "included), plus `negative_prompt`, `steps`, `guidance_scale`, `sampler`, "
             "`scheduler`, `eta` and `seed` (with OpenAI's Python client: `extra_body={...}`). Same validation, limits "
-            "and API keys as `POST /v1/txt2img`. Waits at most `SD_OPENAI_WAIT_S` seconds; then answers "
+            "and API keys as `POST /v1/txt2img`. `model` picks one of `GET /v1/models` (left out: the "
+            "default model); a model not served is a 404 `model_not_found`, one without a live worker now a "
+            "503 `model_unavailable`. Waits at most `SD_OPENAI_WAIT_S` seconds; then answers "
             '504 and cancels the job. Errors are `{"error": {message, type, param, code}}`.'
         ),
-        responses=openai_error_responses(400, 401, 409, 429, 502, 503, 504),
+        responses=openai_error_responses(400, 401, 404, 409, 429, 502, 503, 504),
     )
     async def create_images(
         body: Annotated[request_class, Body(openapi_examples=GENERATION_EXAMPLES)],
@@ -210,47 +293,57 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> ImagesResponse | JSONResponse:
         txt2img = to_txt2img(body, settings)
         job = await run_in_threadpool(submit_job, services, txt2img, owner)
+        return await answer_when_done(services, job.id, owner, request, body.response_format)
+
+    edit_class = edit_request_model(settings)
+    edit_form = edit_class.model_json_schema(ref_template="#/components/schemas/{model}")
+    edit_form.pop("$defs", None)
+    edit_form["properties"] = {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The image to edit (PNG, JPEG or WebP).",
+        },
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "A PNG of the image's size whose fully transparent pixels (alpha 0) are where to "
+            "edit. Left out: the image's own fully transparent pixels, if any, else the whole image.",
+        },
+        **edit_form["properties"],
+    }
+    edit_form["required"] = ["image", *edit_form.get("required", [])]
+
+    @router.post(
+        "/images/edits",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        summary="Edit an image (OpenAI Images API): queue an inpainting or img2img job and answer once it ended",
+        description=(
+            "OpenAI's multipart form: `image`, `mask` (fully transparent pixels, alpha 0, mark where to edit; "
+            "left out: the image's own transparent pixels, else the whole image is redrawn), `prompt`, `n`, "
+            "`size` (left out: the image's size), `response_format`, `model`; plus this API's extras as form "
+            "fields, `strength` (the share of the steps run, default 0.8) and `mask_blur` among them. The "
+            "waiting and the errors are `/v1/images/generations`' (an unusable file: 400 naming `image` or "
+            "`mask`)."
+        ),
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": edit_form}}}
+        },
+        responses=openai_error_responses(400, 401, 404, 409, 429, 502, 503, 504),
+    )
+    async def edit_images(
+        owner: Owner, services: ServicesDep, request: Request
+    ) -> ImagesResponse | JSONResponse:
+        values, files = await read_body(request, edit_class, ("image", "mask"))
         try:
-            outcome = await wait_for_job(
-                services.redis.aio, job.id, settings.openai_wait_s, disconnected=request.is_disconnected
-            )
-        except RedisError:
-            # the client gets a 503 and will not read this job: cancel it if Redis still lets us
-            with contextlib.suppress(Exception):
-                await run_in_threadpool(cancel_unfinished, services, job.id, owner)
-            raise
-        if outcome is not WaitOutcome.ENDED:
-            unfinished = await run_in_threadpool(cancel_unfinished, services, job.id, owner)
-            if unfinished is not None and outcome is WaitOutcome.DISCONNECTED:
-                log.info("job %s canceled: its OpenAI client hung up while %s", job.id, where(unfinished))
-                return OpenAIError(CLIENT_CLOSED_REQUEST, "the client closed the request").response()
-            if unfinished is not None:
-                log.info(
-                    "job %s canceled: no result within %g s (%s)",
-                    job.id,
-                    settings.openai_wait_s,
-                    where(unfinished),
-                )
-                raise OpenAIError(
-                    504,
-                    f"no result within {settings.openai_wait_s:g} s (SD_OPENAI_WAIT_S; the job was "
-                    f"{where(unfinished)}); the job was canceled: retry later, or ask for fewer steps or images",
-                    SERVER_ERROR,
-                    code="timeout",
-                    headers=NO_RETRY,
-                )
-        as_bytes = body.response_format == "b64_json"
-        done = await run_in_threadpool(finish, services, job.id, owner, as_bytes)
-        if done.snapshot.status is not JobStatus.SUCCEEDED:
-            raise failure(done.snapshot)
-        base = settings.public_url or str(request.base_url).rstrip("/")
-        data = [
-            ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed)
-            if png is not None
-            else ImageData(url=base + image_url(job.id, index), seed=seed)
-            for index, seed, png in done.images
-        ]
-        return ImagesResponse(created=int(time.time()), data=data)
+            body = edit_class.model_validate(values)
+        except ValidationError as error:
+            raise RequestValidationError(error.errors(include_url=False)) from None
+        edit = to_txt2img(body, settings, edit=True)
+        images = await run_in_threadpool(edit_files, files, settings)  # decodes an alpha mask
+        job = await run_in_threadpool(submit_with_images, services, edit, images, owner)
+        return await answer_when_done(services, job.id, owner, request, body.response_format)
 
     @router.get(
         "/models",
@@ -283,21 +376,30 @@ def build_router(settings: Settings) -> APIRouter:
 
 
 async def served_models(services: Services) -> list[ModelObject]:
-    """One entry per model name among live workers, with the oldest such worker's start time."""
-    models: dict[str, ModelObject] = {}
-    for info in await live_workers(services.redis.aio, services.settings.worker_stale_s):
-        known = models.get(info.model)
-        if known is None or info.started_at < known.created:
-            default_steps, default_guidance_scale = sampling_defaults(services.settings, info)
-            models[info.model] = ModelObject(
-                id=info.model,
-                created=int(info.started_at),
+    """One entry per model with live workers, by name: what its newest worker publishes, its live
+    workers and the start time of the oldest of them."""
+    workers = await live_workers(services.redis.aio, services.settings.worker_stale_s)
+    served = group_by_model(workers)
+    default = services.settings.default_model or (next(iter(served)) if len(served) == 1 else None)
+    models = []
+    for name, model in served.items():
+        info = model.info
+        default_steps, default_guidance_scale = sampling_defaults(services.settings, info)
+        models.append(
+            ModelObject(
+                id=name,
+                created=int(min(worker.started_at for worker in model.workers)),
                 native_width=info.native_width,
                 native_height=info.native_height,
+                family=info.family,
+                workers=len(model.workers),
+                default=name == default,
                 size_multiple=info.size_multiple,
                 default_steps=default_steps,
                 default_guidance_scale=default_guidance_scale,
                 default_sampler=info.default_sampler or DEFAULT_SAMPLER,
                 default_scheduler=recommended_scheduler(info.default_sampler or DEFAULT_SAMPLER, info),
+                samplers=info.samplers or list(SAMPLERS),
             )
-    return sorted(models.values(), key=lambda m: m.id)
+        )
+    return models

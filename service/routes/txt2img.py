@@ -1,4 +1,4 @@
-"""POST /v1/txt2img: validate, fill defaults from the served model, enqueue, answer 202."""
+"""POST /v1/txt2img: validate, route to the chosen model, fill its defaults, enqueue, answer 202."""
 
 # No `from __future__ import annotations`: FastAPI must see the request class built in build_router.
 

@@ -35,12 +35,14 @@ class QuickRun:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
-    """Every stage but the worker, the compiled engine pass (eager backend on the CPU) and the
-    profile included."""
+    """Every stage but the worker and SDXL's (test_quick_mode_sdxl_stage), the compiled engine pass
+    (eager backend on the CPU) and the profile included."""
     out = tmp_path_factory.mktemp("gpu-bench")
     threads = torch.get_num_threads()
     try:
-        status = gpu.main([*QUICK, "--engine-compile", "--profile", "--skip", "worker", "--out", str(out)])
+        status = gpu.main(
+            [*QUICK, "--engine-compile", "--profile", "--skip", "worker", "sdxl", "--out", str(out)]
+        )
     finally:
         torch.set_num_threads(threads)
     results = json.loads((out / "gpu_bench.json").read_text())
@@ -59,7 +61,7 @@ def test_quick_mode_runs_every_stage_and_writes_its_results(quick: QuickRun) -> 
     assert quick.status == 0
     results = quick.results
     statuses = {name: stage["status"] for name, stage in results["stages"].items()}
-    assert statuses.pop("worker") == "skipped (--skip)"
+    assert statuses.pop("worker") == statuses.pop("sdxl") == "skipped (--skip)"
     assert set(statuses.values()) == {"ok"}, statuses
     assert [row["batch"] for row in results["ours"]] == [1] and results["ours"][0]["images_per_s"] > 0
     assert [row["batch"] for row in results["diffusers"]] == [1]
@@ -360,3 +362,25 @@ def test_report_of_a_partial_run_names_what_did_not_run() -> None:
 
 def test_gpu_run_script_parses() -> None:
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_run.sh")], check=True)
+
+
+def test_quick_mode_sdxl_stage_against_diffusers(tmp_path: Path) -> None:
+    """The SDXL stage alone on the tiny SDXL config (the compiled fast path, eager backend): both
+    sides timed at each batch, their final latents the same picture, the report's table."""
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--only", "sdxl", "--sdxl-steps", "2", "--out", str(tmp_path)]
+        status = gpu.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert status == 0 and results["stages"]["sdxl"]["status"] == "ok"
+    assert results["stages"]["ours"]["status"] == "skipped (--only)"
+    sdxl = results["sdxl"]
+    assert [row["batch"] for row in sdxl["ours"]] == [row["batch"] for row in sdxl["diffusers"]] == [1, 2]
+    assert all(row["images_per_s"] > 0 for row in sdxl["ours"] + sdxl["diffusers"])
+    assert sdxl["latents_relative_error"] < 1e-4  # float32 on the CPU: the same latents
+    assert set(sdxl["speedup"]) == {"1", "2"}
+    report = (tmp_path / "gpu_bench.md").read_text()
+    assert "SDXL (tiny architecture" in report and "| 2 | " in report.split("SDXL (tiny")[1]
+    assert "skipped (--only)" not in report

@@ -1,15 +1,18 @@
-"""The CLI's pieces that need no server: progress lines, error messages, file names, request body."""
+"""The CLI's pieces that need no server: progress lines, error messages, file names and formats, request
+body, the event stream (parsed, resumed after a cut, polling when there is none)."""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import httpx
 import pytest
 
-from client.api import ApiError, ServiceClient, describe_error
-from client.cli import output_paths, parse_args, request_body
+from client import cli
+from client.api import ApiError, Event, ServiceClient, describe_error, parse_events
+from client.cli import follow, output_paths, parse_args, request_body
 from client.progress import ProgressLine, describe
 
 
@@ -84,3 +87,106 @@ def test_downloads_only_from_the_server_it_talks_to() -> None:
         with pytest.raises(ApiError, match="refusing to download"):
             client.download(url)
     assert seen == ["http://api.local/v1/jobs/x/images/0.png"]
+
+
+def test_output_format_from_the_file_name_or_the_option() -> None:
+    args = parse_args(["a cat", "--out", "x.JPG", "--output-compression", "80"])
+    assert (args.output_format, args.out) == ("jpeg", Path("x.JPG"))
+    assert request_body(args) == {"prompt": "a cat", "output_format": "jpeg", "output_compression": 80}
+    args = parse_args(["a cat", "--output-format", "webp"])
+    assert (args.output_format, args.out) == ("webp", Path("image.webp"))
+    assert output_paths(args.out, 2) == [Path("image-0.webp"), Path("image-1.webp")]
+    assert request_body(parse_args(["a cat"])) == {"prompt": "a cat"}  # png: the server's default
+    with pytest.raises(SystemExit):
+        parse_args(["a cat", "--out", "x.webp", "--output-format", "png"])
+
+
+def test_parse_events() -> None:
+    lines = ["retry: 1000", "", ": keep-alive", "", "id: 0.1", "event: queued", 'data: {"status": "queued",',
+             'data: "queue_position": 1}', "", "id: 2", "event: succeeded", 'data: {"status": "succeeded"}', ""]  # fmt: skip
+    assert list(parse_events(lines)) == [
+        None,
+        Event("0.1", "queued", {"status": "queued", "queue_position": 1}),
+        Event("2", "succeeded", {"status": "succeeded"}),
+    ]
+
+
+JOB = "ab" * 16
+
+
+def event(event_id: str, name: str, **data: object) -> str:
+    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def step(n: int) -> str:
+    return event(f"1.{n}", "progress", status="running", progress={"step": n, "total_steps": 3})
+
+
+QUEUED = event("0.0", "queued", id=JOB, status="queued", queue_position=0)
+DONE = event("2", "succeeded", id=JOB, status="succeeded", images=[])
+
+
+def sse(*chunks: str, broken: bool = False) -> httpx.Response:
+    """An event-stream answer; `broken`: the connection drops after the chunks (a proxy cut it)."""
+
+    def body():
+        for chunk in chunks:
+            yield chunk.encode()
+        if broken:
+            raise httpx.ReadError("connection reset")
+
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+
+@pytest.fixture(autouse=True)
+def reconnect_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "STREAM_RECONNECT_DELAY_S", 0.0)
+
+
+def follow_with(handler) -> tuple[dict, list[httpx.Request], str]:
+    requests: list[httpx.Request] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return handler(request, len([r for r in requests if r.url.path.endswith("/events")]))
+
+    stderr = io.StringIO()
+    with ServiceClient("http://api.local", transport=httpx.MockTransport(recording)) as client:
+        job = follow(client, JOB, ProgressLine(stderr), timeout_s=None)
+    return job, requests, stderr.getvalue()
+
+
+def test_follow_listens_to_the_events_and_resumes_after_a_cut() -> None:
+    def handler(request: httpx.Request, streams: int) -> httpx.Response:
+        if streams == 1:
+            return sse(QUEUED, step(1), broken=True)
+        return sse(step(3), DONE)
+
+    job, requests, progress = follow_with(handler)
+    assert job["status"] == "succeeded"
+    assert [r.url.path for r in requests] == [f"/v1/jobs/{JOB}/events"] * 2  # no poll
+    assert "Last-Event-ID" not in requests[0].headers and requests[1].headers["Last-Event-ID"] == "1.1"
+    assert progress.splitlines() == ["queued, next in line", "running [" + "#" * 10 + "-" * 20 + "] step 1/3",
+                                     "running [" + "#" * 30 + "] step 3/3", "succeeded"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "events_answer",
+    [
+        lambda: httpx.Response(404, json={"detail": "Not Found"}),  # a server without events
+        lambda: httpx.Response(200, headers={"content-type": "text/html"}, text="<html>"),  # a proxy page
+        lambda: sse(QUEUED, broken=True),  # a stream that keeps breaking
+    ],
+)
+def test_follow_falls_back_to_polling(events_answer) -> None:
+    polls = iter([{"status": "running", "progress": {"step": 1, "total_steps": 3}}, {"status": "succeeded"}])
+
+    def handler(request: httpx.Request, streams: int) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            return events_answer()
+        return httpx.Response(200, json=next(polls))
+
+    job, requests, _ = follow_with(handler)
+    assert job == {"status": "succeeded"}
+    paths = [r.url.path for r in requests]
+    assert paths.count(f"/v1/jobs/{JOB}") == 2 and paths[0].endswith("/events")

@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from models.loading import load_model
+from models.default_model import EMBEDDED_MODEL_DIR
+from models.loading import load_model, read_vocabulary
 from models.single_file import CheckpointError
+from schemas.vocabulary import VOCABULARY_FILE
 
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 VAE_FILE = Path("vae") / "diffusion_pytorch_model.safetensors"
@@ -141,3 +143,14 @@ def test_recommended_settings_from_defaults_json(folder: Path) -> None:
     (folder / "defaults.json").write_text(json.dumps({"steps": "many"}))
     with pytest.raises(CheckpointError, match="steps must be a positive integer"):
         load_model(folder)
+
+
+def test_vocabulary_from_vocabulary_json(folder: Path) -> None:
+    assert load_model(folder).vocabulary is None  # a real checkpoint's text encoder knows every word
+    assert read_vocabulary(EMBEDDED_MODEL_DIR / VOCABULARY_FILE) >= {"a", "red", "circle", "background"}
+    (folder / VOCABULARY_FILE).write_text(json.dumps(["a", "circle", "red"]))
+    assert load_model(folder).vocabulary == {"a", "circle", "red"}
+    for broken in ('{"a": 1}', '["a", "Red"]', '["top left"]', "[1]", "not json"):
+        (folder / VOCABULARY_FILE).write_text(broken)
+        with pytest.raises(CheckpointError, match="vocabulary.json"):
+            load_model(folder)

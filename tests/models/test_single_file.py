@@ -351,12 +351,13 @@ def test_not_a_stable_diffusion_checkpoint(tiny) -> None:
     assert "not a Stable Diffusion single-file checkpoint" in message
 
 
-def test_sdxl_and_unet_only_files_are_not_supported() -> None:
+def test_sdxl_with_one_text_encoder_and_unet_only_files_are_not_supported() -> None:
+    """(SDXL base itself is supported: tests/models/test_sdxl_loading.py.)"""
     sdxl = {
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1),
     }
-    assert "SDXL checkpoints are not supported" in _error(detect_variant, sdxl)
+    assert "unknown text encoders" in _error(detect_variant, sdxl)
     unet_only = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}
     assert "not supported" in _error(detect_variant, unet_only)
 

@@ -70,7 +70,8 @@ def test_probes_and_polls_stay_out_of_the_access_log() -> None:
     quiet = QuietProbesAndPolls()
     job = "/v1/jobs/" + "a" * 32
     for method, path, status in [("GET", "/readyz", 503), ("GET", "/healthz", 200), ("GET", "/metrics", 200),
-                                 ("GET", job, 200), ("GET", job + "/preview.png", 200)]:  # fmt: skip
+                                 ("GET", job, 200), ("GET", job + "/preview.png", 200),
+                                 ("GET", job + "/events", 200), ("GET", "/sdapi/v1/progress", 200)]:  # fmt: skip
         assert not quiet.filter(record(method, path, status)), path
     for method, path, status in [("POST", "/v1/txt2img", 202), ("DELETE", job, 200), ("GET", job, 404),
                                  ("GET", job + "/images/0.png", 200), ("GET", "/", 200)]:  # fmt: skip

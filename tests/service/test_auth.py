@@ -23,6 +23,7 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 
 @pytest.fixture
 def alice(api: ApiProcess, redis_url: str) -> Iterator[httpx.Client]:
+    fake_worker.serve(redis_url)  # jobs go to the fake model's queue
     with client_for(api, KEY_A) as client:
         yield client
 

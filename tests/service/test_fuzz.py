@@ -36,21 +36,26 @@ def is_only_an_internal_error(stdout: str) -> bool:
 def test_no_5xx_and_no_schema_violation(start_api, redis_url: str) -> None:
     # A live worker, so that /readyz answers 200 (its documented 503 counts as a server error).
     publish_worker(redis.Redis.from_url(redis_url), ttl_s=600)
-    api = start_api(SD_API_KEYS=API_KEY, SD_WORKER_STALE_S="600", SD_MAX_PROMPT_CHARS="200")
+    # SD_EVENTS_MAX_S: with no worker a job never ends, and neither would its event stream
+    api = start_api(
+        SD_API_KEYS=API_KEY, SD_WORKER_STALE_S="600", SD_MAX_PROMPT_CHARS="200", SD_EVENTS_MAX_S="1"
+    )
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{api.url}/openapi.json",
         "--checks", "all", "--exclude-checks", ",".join(EXCLUDED_CHECKS),
         "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", SEED,
         "--header", f"Authorization: Bearer {API_KEY}",
-        # it answers only once its job ended (no worker here: a 504): fuzzed in test_openai_fuzz.py
-        "--exclude-path", "/v1/images/generations",
+        # they answer only once their job ended (no worker here: a 504): generations is fuzzed in
+        # test_openai_fuzz.py
+        "--exclude-path", "/v1/images/generations", "--exclude-path", "/v1/images/edits",
         "--workers", "1", "--request-timeout", "10", "--no-color",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.fuzz_hooks"}  # valid requests: a served model
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     if result.returncode != 0 and is_only_an_internal_error(result.stdout):
         # Seen once: schemathesis itself crashed (CPython's "AST constructor recursion depth mismatch"
         # inside hypothesis) with no finding about the API. One more run, same seed.
-        result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     report = result.stdout[-20_000:] + result.stderr[-5_000:]
     assert result.returncode == 0, (
         f"schemathesis found problems:\n{report}\n--- API log ---\n{api.logs()[-5_000:]}"

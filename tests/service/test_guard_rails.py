@@ -9,10 +9,15 @@ import threading
 import httpx
 import pytest
 
-from schemas.queue import QUEUE_NAME
+from tests.support import fake_worker
 from tests.support.redis_server import RedisServer
 
 BODY_LIMIT = 4096
+
+
+@pytest.fixture(autouse=True)
+def fake_model(redis_url: str) -> None:
+    fake_worker.serve(redis_url)  # jobs go to the fake model's queue
 
 
 def test_queue_full_is_429_with_retry_after(start_api) -> None:
@@ -25,6 +30,7 @@ def test_queue_full_is_429_with_retry_after(start_api) -> None:
         assert response.headers["retry-after"] == "7"
         assert "queue is full" in response.json()["detail"]
         assert "sd_queue_depth 2.0" in client.get("/metrics").text
+        assert 'sd_model_queue_depth{model="fake-model"} 2.0' in client.get("/metrics").text
 
 
 def test_queue_space_returns_after_cancel(start_api) -> None:
@@ -99,6 +105,7 @@ def test_redis_down_is_503_and_the_api_recovers(start_api, redis_server: RedisSe
             assert metrics.status_code == 200 and "sd_redis_up 0.0" in metrics.text
         finally:
             redis_server.start()  # same port, empty: the old job is gone
+            fake_worker.serve(redis_server.url)  # and the worker's heartbeat with it
         # Same process, no restart: pooled connections that died with Redis are replaced.
         assert client.post("/v1/txt2img", json={"prompt": "a cat"}).status_code == 202
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
@@ -130,7 +137,7 @@ def test_the_queue_limit_holds_exactly_under_concurrent_posts(start_api, rdb) ->
         thread.join(120)
     assert sorted(set(codes)) == [202, 429], codes
     assert codes.count(202) == limit
-    assert rdb.llen(f"rq:queue:{QUEUE_NAME}") == limit
+    assert rdb.llen(fake_worker.queue_key()) == limit
 
 
 def test_a_full_redis_is_503_and_loses_nothing_accepted(start_api, rdb) -> None:
@@ -147,7 +154,7 @@ def test_a_full_redis_is_503_and_loses_nothing_accepted(start_api, rdb) -> None:
             assert client.get(f"/v1/jobs/{accepted[0]}").json()["status"] == "queued"
         finally:
             rdb.config_set("maxmemory", 0)
-        assert rdb.llen(f"rq:queue:{QUEUE_NAME}") == 3
+        assert rdb.llen(fake_worker.queue_key()) == 3
         positions = [client.get(f"/v1/jobs/{job_id}").json()["queue_position"] for job_id in accepted]
         assert positions == [0, 1, 2]
         assert client.post("/v1/txt2img", json={"prompt": "a cat"}).status_code == 202

@@ -15,14 +15,23 @@ from rq.job import JobStatus as RqStatus
 from rq.serializers import JSONSerializer
 
 from schemas.generation import Generation
-from schemas.queue import QUEUE_NAME, JobStatus
+from schemas.queue import JobStatus, queue_name
 from schemas.redis_keys import progress_key, waiting_key
 from service.job_store import JobStore
 from service.settings import Settings
 from tests.support.api import publish_worker
 
+MODEL = "test-model"  # publish_worker's
 PARAMS = Generation(
-    prompt="a cat", width=64, height=64, steps=2, guidance_scale=7.5, eta=0.0, seed=1, num_images=1
+    prompt="a cat",
+    width=64,
+    height=64,
+    steps=2,
+    guidance_scale=7.5,
+    eta=0.0,
+    seed=1,
+    num_images=1,
+    model=MODEL,
 )
 
 
@@ -43,8 +52,9 @@ def test_submit_reports_the_place_in_the_queue(store: JobStore) -> None:
 def take(store: JobStore, job_id: str, worker: str) -> Job:
     """What a worker's slot does with a job it takes: RQ's BLMOVE to its intermediate list, then
     status "started" under the slot's name."""
-    store.redis.lrem(store.queue.key, 1, job_id)
-    store.redis.rpush(store.queue.intermediate_queue_key, job_id)
+    queue = store.queue(MODEL)
+    store.redis.lrem(queue.key, 1, job_id)
+    store.redis.rpush(queue.intermediate_queue_key, job_id)
     job = Job.fetch(job_id, connection=store.redis, serializer=JSONSerializer)
     job.worker_name = f"{worker}.slot0"
     job.set_status(RqStatus.STARTED)
@@ -66,6 +76,21 @@ def test_a_job_a_worker_holds_before_its_first_step_is_queued_with_its_place(sto
     assert store.snapshot(store.find(third, "")).queue_position == 2  # behind both, first in the queue
     fourth = store.submit(PARAMS, owner="")
     assert fourth[1:] == (JobStatus.QUEUED, 3)
+
+
+def test_places_count_only_the_jobs_of_the_same_model(store: JobStore) -> None:
+    """Another model's jobs wait for other workers: neither its queue nor its workers' waiting lists
+    put anyone ahead of this model's jobs."""
+    publish_worker(store.redis, "w1")
+    publish_worker(store.redis, "other-1", model="other")
+    other = PARAMS.model_copy(update={"model": "other"})
+    others = [store.submit(other, owner="")[0] for _ in range(3)]
+    store.redis.lrem(f"rq:queue:{queue_name('other')}", 1, others[0])  # other-1 took it
+    store.redis.zadd(waiting_key("other-1"), {others[0]: time.time() - 60})
+    assert store.submit(PARAMS, owner="")[1:] == (JobStatus.QUEUED, 0)
+    assert store.submit(other, owner="")[1:] == (JobStatus.QUEUED, 3)  # 1 held by other-1, 2 queued
+    assert store.redis.llen(f"rq:queue:{queue_name('other')}") == 3
+    assert store.queue_depth(MODEL) == 1
 
 
 def test_running_only_from_the_first_step_of_this_attempt(store: JobStore) -> None:
@@ -90,7 +115,7 @@ def test_with_a_real_idle_worker_every_answer_says_queued_with_a_place(redis_url
     worker_code = (
         "import redis, rq, rq.serializers\n"
         f"client = redis.Redis.from_url({redis_url!r})\n"
-        f"rq.SimpleWorker([{QUEUE_NAME!r}], connection=client, serializer=rq.serializers.JSONSerializer)"
+        f"rq.SimpleWorker([{queue_name(MODEL)!r}], connection=client, serializer=rq.serializers.JSONSerializer)"
         ".work(logging_level='ERROR')\n"
     )
     worker = subprocess.Popen([sys.executable, "-c", worker_code], stderr=subprocess.DEVNULL)
@@ -103,7 +128,7 @@ def test_with_a_real_idle_worker_every_answer_says_queued_with_a_place(redis_url
         answers = []
         for _ in range(20):
             job_id, status, position = store.submit(PARAMS, owner="")
-            answers.append((status, position, client.lpos(store.queue.key, job_id)))
+            answers.append((status, position, client.lpos(store.queue(MODEL).key, job_id)))
             time.sleep(0.2)
     finally:
         worker.kill()  # nothing to drain

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 
+from tests.support.api import publish_worker
 from tests.support.api_process import ApiProcess
 from tests.support.worker_process import WorkerProcess
 
@@ -35,6 +37,9 @@ def poll(client: httpx.Client, job_id: str, until: set[str], timeout_s: float = 
 @pytest.mark.timeout(300)
 def test_queued_running_succeeded_png(redis_url: str, random_models: dict[str, Path]) -> None:
     with ApiProcess({"REDIS_URL": redis_url}) as api, httpx.Client(base_url=api.url, timeout=10) as client:
+        # the model is served (a worker's heartbeat: jobs for it are accepted), and no worker takes jobs yet
+        with redis.Redis.from_url(redis_url) as db:
+            publish_worker(db, name="not-taking-jobs", model="sd1", ttl_s=5)
         body = {
             "prompt": PROMPT,
             "negative_prompt": "green",

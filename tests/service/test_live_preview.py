@@ -65,6 +65,7 @@ def test_preview_while_running(client: httpx.Client) -> None:
     assert image.format == "PNG" and image.size == (12, 8)  # the latent: 1/8 of 96x64
     done = seen[-1]
     assert done["status"] == "succeeded" and done["preview_url"] is None
+    assert all(job["warnings"] == [] for job in seen)  # a real checkpoint's stand-in: no vocabulary
 
 
 def test_no_preview_unless_asked(client: httpx.Client) -> None:

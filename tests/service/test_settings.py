@@ -45,7 +45,7 @@ def test_get_settings_is_cached_and_clearable(monkeypatch: pytest.MonkeyPatch) -
         ({"SD_MAX_QUEUE_DEPTH": "many"}, "SD_MAX_QUEUE_DEPTH: Input should be a valid integer"),
         ({"SD_MIN_SIZE": "2048"}, "SD_MIN_SIZE=2048 must be <= SD_MAX_SIZE=1024"),
         ({"SD_MAX_SIZE": "1020"}, "SD_MAX_SIZE=1020 must be a multiple of 8"),
-        ({"SD_FALLBACK_WIDTH": "2048"}, "SD_FALLBACK_WIDTH=2048 must lie in [SD_MIN_SIZE, SD_MAX_SIZE]"),
+        ({"SD_DEFAULT_MODEL": "../models/x"}, "SD_DEFAULT_MODEL: model name '../models/x' is not valid"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL: must start with redis://"),
         ({"SD_LOG_LEVEL": "LOUD"}, "SD_LOG_LEVEL: must be one of"),
     ],

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import redis
 
-from schemas.redis_keys import WORKERS_ZSET, worker_info_key
+from schemas.redis_keys import MODELS_ZSET, WORKERS_ZSET, model_workers_key, worker_info_key
 from schemas.worker_info import WorkerInfo
 from tests.support.api_process import ApiProcess
 from tests.support.redis_server import RedisServer
@@ -53,4 +53,6 @@ def publish_worker(
     info = WorkerInfo.model_validate(values)
     client.set(worker_info_key(name), info.model_dump_json(), ex=ttl_s)
     client.zadd(WORKERS_ZSET, {name: heartbeat})
+    client.zadd(model_workers_key(info.model), {name: heartbeat})
+    client.zadd(MODELS_ZSET, {info.model: heartbeat})
     return info

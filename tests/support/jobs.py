@@ -15,7 +15,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from schemas.generation import Generation
-from schemas.queue import JOB_FUNCTION, QUEUE_NAME, JobResult
+from schemas.queue import JOB_FUNCTION, JobResult, queue_name
 from schemas.redis_keys import WORKERS_ZSET, worker_info_key
 from schemas.worker_info import WorkerInfo
 
@@ -38,12 +38,16 @@ def params(**overrides: object) -> dict:
     return Generation.model_validate(base).model_dump()
 
 
-def enqueue(client: redis.Redis, job_params: dict, retries: int = 1, timeout_s: int = 300) -> Job:
-    """Exactly as the API enqueues (service/job_store.py)."""
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+def enqueue(
+    client: redis.Redis, job_params: dict, retries: int = 1, timeout_s: int = 300, model: str | None = None
+) -> Job:
+    """Exactly as the API enqueues (service/job_store.py), on the queue of `model`: else of the model
+    `job_params` names, else of the one model the live workers serve."""
+    model = model or job_params.get("model") or served_model(client)
+    queue = Queue(queue_name(model), connection=client, serializer=JSONSerializer)
     return queue.enqueue(
         JOB_FUNCTION,
-        kwargs={"params": job_params},
+        kwargs={"params": {**job_params, "model": model}},
         job_id=uuid.uuid4().hex,
         description="txt2img",
         result_ttl=600,
@@ -104,6 +108,13 @@ def worker_info(client: redis.Redis, name: str) -> WorkerInfo:
     raw = client.get(worker_info_key(name))
     assert raw is not None, f"worker {name} publishes no info"
     return WorkerInfo.model_validate_json(raw)
+
+
+def served_model(client: redis.Redis) -> str:
+    """The model the live workers serve (AssertionError unless exactly one: name it then)."""
+    models = {worker_info(client, name).model for name in live_worker_names(client)}
+    assert len(models) == 1, f"workers serve {sorted(models) or 'no model'}: name the model to enqueue for"
+    return models.pop()
 
 
 def live_worker_names(client: redis.Redis) -> set[str]:

@@ -133,6 +133,7 @@ class WorkerProcess(_ManagedProcess):
     def __init__(self, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
         super().__init__(env, log_path)
         self.env.setdefault("SD_WORKER_NAME", f"test-worker-{uuid.uuid4().hex[:8]}")
+        self.model = ""  # the model it serves, once ready (its WorkerInfo)
 
     @property
     def name(self) -> str:
@@ -141,6 +142,11 @@ class WorkerProcess(_ManagedProcess):
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:
         """Start and wait until ready (ProcessError if it exits or does not get ready in time)."""
         self.launch()
+        return self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> WorkerProcess:
+        """Wait until a launched worker is ready (several can load their models at once: launch each,
+        then wait for each)."""
         client = redis.Redis.from_url(self.env.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
         try:
             deadline = time.monotonic() + timeout_s
@@ -155,16 +161,19 @@ class WorkerProcess(_ManagedProcess):
         raise ProcessError(f"worker not ready within {timeout_s} s:\n{self.logs()[-4000:]}")
 
     def _ready(self, client: redis.Redis) -> bool:
-        from schemas.queue import QUEUE_NAME
+        from schemas.queue import queue_name
         from schemas.redis_keys import worker_info_key
+        from schemas.worker_info import WorkerInfo
 
         try:
             info = client.get(worker_info_key(self.name))
             if info is None:
                 return False
+            self.model = WorkerInfo.model_validate_json(info).model
             slots = int(self.env.get("SD_SLOTS", "0")) or 1
             prefix = f"rq:worker:{self.name}.slot".encode()
-            registered = [k for k in client.smembers(f"rq:workers:{QUEUE_NAME}") if k.startswith(prefix)]
+            workers_key = f"rq:workers:{queue_name(self.model)}"
+            registered = [k for k in client.smembers(workers_key) if k.startswith(prefix)]
             return len(registered) >= slots
         except redis.RedisError:
             return False

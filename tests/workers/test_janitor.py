@@ -8,17 +8,19 @@ import time
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from schemas.queue import QUEUE_NAME
-from schemas.redis_keys import WORKERS_ZSET
+from schemas.queue import queue_name
+from schemas.redis_keys import MODEL_FORGET_S, MODELS_ZSET, WORKERS_ZSET, model_workers_key
 from tests.support.jobs import enqueue, fetch, params
 from workers.janitor import sweep
 from workers.slots import SlotWorker
 
+MODEL = "tiny"
 
-def take_job(client, worker_name: str, ttl_s: int):
-    """Dequeue the next job and register it as started, as a slot does (without running it)."""
+
+def take_job(client, worker_name: str, ttl_s: int, model: str = MODEL):
+    """Dequeue the next job of `model` and register it as started, as a slot does (without running it)."""
     worker = SlotWorker(
-        [QUEUE_NAME],
+        [queue_name(model)],
         name=worker_name,
         connection=client,
         serializer=JSONSerializer,
@@ -31,15 +33,17 @@ def take_job(client, worker_name: str, ttl_s: int):
 
 
 def test_abandoned_jobs_are_retried_or_failed_with_a_clear_error(client) -> None:
-    retried = enqueue(client, params(seed=1), retries=1).id
-    final = enqueue(client, params(seed=2), retries=0).id
-    take_job(client, "dead-1", ttl_s=1)
-    take_job(client, "dead-2", ttl_s=1)
+    """Every model's queue is swept: one abandoned job on each of two models' queues."""
+    retried = enqueue(client, params(seed=1), retries=1, model="alpha").id
+    final = enqueue(client, params(seed=2), retries=0, model="beta").id
+    take_job(client, "dead-1", ttl_s=1, model="alpha")
+    take_job(client, "dead-2", ttl_s=1, model="beta")
     time.sleep(1.1)  # the dead worker's heartbeat TTL runs out
     report = sweep(client, job_heartbeat_ttl_s=1, worker_stale_s=30)
     assert (report.retried, report.failed) == (1, 1)
     assert fetch(client, retried).get_status().value == "queued"
-    assert Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer).get_job_ids() == [retried]
+    assert Queue(queue_name("alpha"), connection=client, serializer=JSONSerializer).get_job_ids() == [retried]
+    assert Queue(queue_name("beta"), connection=client, serializer=JSONSerializer).get_job_ids() == []
     job = fetch(client, final)
     assert job.get_status().value == "failed"
     assert job.meta["error"]["type"] == "WorkerDied"
@@ -50,7 +54,7 @@ def test_abandoned_jobs_are_retried_or_failed_with_a_clear_error(client) -> None
 def test_heartbeat_keeps_a_running_job_out_of_the_sweep(client) -> None:
     from workers.rq_internals import KEEP_JOB_ALIVE
 
-    job_id = enqueue(client, params(seed=3)).id
+    job_id = enqueue(client, params(seed=3), model=MODEL).id
     worker, job = take_job(client, "alive", ttl_s=1)
     keep_alive = client.register_script(KEEP_JOB_ALIVE)
     execution = worker.execution
@@ -68,7 +72,7 @@ def test_heartbeat_keeps_a_running_job_out_of_the_sweep(client) -> None:
 def test_keep_alive_never_brings_back_a_finished_execution(client) -> None:
     from workers.rq_internals import KEEP_JOB_ALIVE
 
-    enqueue(client, params(seed=4))
+    enqueue(client, params(seed=4), model=MODEL)
     worker, job = take_job(client, "alive", ttl_s=5)
     execution = worker.execution
     with client.pipeline() as pipe:
@@ -82,6 +86,11 @@ def test_keep_alive_never_brings_back_a_finished_execution(client) -> None:
 
 
 def test_stale_worker_names_are_pruned(client) -> None:
-    client.zadd(WORKERS_ZSET, {"gone": time.time() - 100, "here": time.time()})
+    now = time.time()
+    client.zadd(WORKERS_ZSET, {"gone": now - 100, "here": now})
+    client.zadd(model_workers_key(MODEL), {"gone": now - 100, "here": now})
+    client.zadd(MODELS_ZSET, {MODEL: now, "retired": now - MODEL_FORGET_S - 1})
     assert sweep(client, job_heartbeat_ttl_s=30, worker_stale_s=30).pruned_workers == 1
     assert [name.decode() for name in client.zrange(WORKERS_ZSET, 0, -1)] == ["here"]
+    assert [name.decode() for name in client.zrange(model_workers_key(MODEL), 0, -1)] == ["here"]
+    assert [name.decode() for name in client.zrange(MODELS_ZSET, 0, -1)] == [MODEL]  # "retired" forgotten

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from PIL import Image
 
+from models.preview import latent_to_rgb
 from schemas.generation import Generation
 from workers.errors import JobCanceled
 from workers.previews import PreviewMaker
@@ -28,13 +30,19 @@ def submission(preview: bool, job_id: str = "a" * 32) -> Submission:
     )
     job = Submission(job_id, params)
     latent = torch.randn(1, 4, 8, 12)
-    job.images = [SimpleNamespace(latent=latent, step_index=0, done=False)]  # what the maker reads
+    # what the maker reads: the latent and, once it stepped, the sampler's estimate of the clean one
+    job.images = [SimpleNamespace(latent=latent, denoised=None, steps_done=0, done=False)]
     return job
 
 
 def at_step(job: Submission, step: int) -> Submission:
-    job.images[0].step_index = step
+    job.images[0].steps_done = step
+    job.images[0].denoised = torch.randn(1, 4, 8, 12)
     return job
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def test_only_jobs_that_asked_get_previews() -> None:
@@ -65,3 +73,14 @@ def test_ended_jobs_get_none_and_are_forgotten() -> None:
     job.fail(JobCanceled("canceled"))
     assert maker.collect([job]) == {}
     assert maker._last == {}
+
+
+def test_the_preview_shows_the_estimate_of_the_clean_latent_through_the_models_map() -> None:
+    job = at_step(submission(True), 1)
+    fixed = PreviewMaker(interval_s=0).collect([job])[job.job_id]
+    # the estimate of the clean latent, not the noisy latent
+    assert np.array_equal(pixels(fixed), latent_to_rgb(job.images[0].denoised).numpy())
+    weights = torch.randn(5, 3)
+    model = SimpleNamespace(preview_rgb_map=weights)  # a map already fitted to the model's VAE
+    fitted = PreviewMaker(model, interval_s=0).collect([at_step(job, 2)])[job.job_id]  # type: ignore[arg-type]
+    assert np.array_equal(pixels(fitted), latent_to_rgb(job.images[0].denoised, weights).numpy())

@@ -16,7 +16,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from schemas.queue import QUEUE_NAME
+from schemas.queue import queue_name
+from service.job_store import queue_key, started_key
 from tests.support.jobs import fetch, wait_terminal
 from workers.rq_internals import RQ_CHECKED_VERSIONS, AllowlistedJob, ForbiddenJob
 
@@ -74,9 +75,12 @@ def test_rq_attributes_and_key_layout_we_rely_on(redis_url: str) -> None:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
-    assert StartedJobRegistry(queue=queue).key == f"rq:wip:{QUEUE_NAME}"
-    assert queue.intermediate_queue_key == f"rq:queue:{QUEUE_NAME}:intermediate"
+    name = queue_name("tiny-sd1")
+    queue = Queue(name, connection=client, serializer=JSONSerializer)
+    assert StartedJobRegistry(queue=queue).key == f"rq:wip:{name}" == started_key("tiny-sd1")
+    assert queue.key == f"rq:queue:{name}" == queue_key("tiny-sd1")
+    assert queue.intermediate_queue_key == f"rq:queue:{name}:intermediate"
+    assert Queue.from_queue_key(queue.key, connection=client).name == name  # the janitor finds it back
     job = queue.enqueue("workers.job_function.generate", kwargs={"params": {}})
     assert job.started_job_registry.key == StartedJobRegistry(queue=queue).key
     assert job.execution_registry.key == f"rq:executions:{job.id}"
@@ -100,7 +104,7 @@ def test_a_job_naming_another_function_is_refused_and_never_runs(
     rules out pickle): the worker refuses it, loudly, without importing it, and keeps working."""
     worker = start_worker(SD_SLOTS="1")
     marker = tmp_path / "pwned"
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+    queue = Queue(queue_name(worker.model), connection=client, serializer=JSONSerializer)
     evil = queue.enqueue("os.system", args=[f"touch {marker}"])
     assert wait_terminal(client, [evil.id], 60) == {evil.id: "failed"}
     time.sleep(0.5)

@@ -7,16 +7,17 @@ import time
 
 import redis
 
-from schemas.queue import QUEUE_NAME
+from schemas.queue import queue_name
 from tests.support.jobs import wait_until
 from workers.slots import SlotPool
 
 STOP_BOUND_S = 5.0
+MODEL = "stop-test"
 
 
 def registered(client: redis.Redis, name: str) -> int:
     prefix = f"rq:worker:{name}.slot".encode()
-    return sum(key.startswith(prefix) for key in client.smembers(f"rq:workers:{QUEUE_NAME}"))
+    return sum(key.startswith(prefix) for key in client.smembers(f"rq:workers:{queue_name(MODEL)}"))
 
 
 def test_twenty_idle_stops_in_a_row_each_within_five_seconds(redis_url: str) -> None:
@@ -26,6 +27,7 @@ def test_twenty_idle_stops_in_a_row_each_within_five_seconds(redis_url: str) -> 
         pool = SlotPool(
             2,
             f"stop-test-{attempt}",
+            queue_name(MODEL),
             connect=lambda: redis.Redis.from_url(redis_url, socket_timeout=2),
             job_heartbeat_ttl_s=30,
             result_ttl_s=60,

@@ -10,7 +10,7 @@ import time
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from schemas.queue import QUEUE_NAME
+from schemas.queue import queue_name
 from schemas.redis_keys import cancel_key, progress_key
 from tests.support.jobs import (
     enqueue,
@@ -28,16 +28,19 @@ from tests.support.pictures import assert_pngs_equal_alone_runs
 # worker) must end within this bound; it only guards against jobs lost or stuck forever.
 RECOVERY_BOUND_S = 120
 JOBS_BOUND_S = 240
+MODEL = "tiny-sd1"  # the name the tiny model's workers serve it under (its folder's)
 
 
 def started_ids(client) -> set[str]:
     return set(
-        Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer).started_job_registry.get_job_ids()
+        Queue(
+            queue_name(MODEL), connection=client, serializer=JSONSerializer
+        ).started_job_registry.get_job_ids()
     )
 
 
 def queued_ids(client) -> list[str]:
-    return Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer).get_job_ids()
+    return Queue(queue_name(MODEL), connection=client, serializer=JSONSerializer).get_job_ids()
 
 
 def test_sigkill_mid_batch_every_job_ends_none_lost(client, start_worker, start_janitor) -> None:
@@ -129,7 +132,7 @@ def test_worker_reconnects_after_redis_restarts(client, redis_server, start_work
     wait_until(lambda: "Redis unreachable" in worker.logs(), 30, "the worker to notice")
     redis_server.start()
     client.connection_pool.disconnect()
-    after = [enqueue(client, params(seed=s)).id for s in (2, 3)]
+    after = [enqueue(client, params(seed=s), model=MODEL).id for s in (2, 3)]  # its heartbeat may be late
     assert set(wait_terminal(client, after, JOBS_BOUND_S).values()) == {"finished"}
     assert worker.running
     wait_until(lambda: worker.name in live_worker_names(client), 30, "the worker's heartbeat to return")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rq.registry import CanceledJobRegistry
 
-from schemas.queue import QUEUE_NAME
+from schemas.queue import queue_name
 from schemas.redis_keys import cancel_key, progress_key
 from tests.support.jobs import (
     enqueue,
@@ -66,7 +66,7 @@ def test_running_job_canceled_within_two_steps_others_succeed(client, start_work
     wait_terminal(client, [doomed], 60)
     job = fetch(client, doomed)
     assert job.get_status().value == "canceled"
-    assert doomed in CanceledJobRegistry(QUEUE_NAME, connection=client)
+    assert doomed in CanceledJobRegistry(queue_name("tiny-sd1"), connection=client)
     assert int(client.hget(progress_key(doomed), "step")) <= asked_at + 2
     assert job.meta.get("owner") == "test"  # the API's meta survives
     assert job.ended_at is not None

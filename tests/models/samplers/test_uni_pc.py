@@ -69,8 +69,10 @@ def run_diffusers(scheduler: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_plans_and_steps_equal_diffusers_bit_for_bit(config_name: str) -> None:
-    """Timesteps, sigmas and whole trajectories (2 rows) equal diffusers' exactly."""
+def test_plans_and_steps_equal_diffusers(config_name: str) -> None:
+    """Timesteps and sigmas equal diffusers' exactly, whole trajectories (2 rows) to float32 rounding:
+    the same arithmetic, but which vector kernels (AVX2, AVX-512, with or without fused multiply-adds)
+    torch picks depends on the CPU, so the last bit may differ from one machine to another."""
     config = CONFIGS[config_name]
     for scheduler in SCHEDULERS:
         for steps in (1, 2, 3, 8, 15):
@@ -84,7 +86,7 @@ def test_plans_and_steps_equal_diffusers_bit_for_bit(config_name: str) -> None:
             x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
             expected = run_diffusers(reference, x)
             assert expected.isfinite().all(), case
-            torch.testing.assert_close(run_ours(config, request, x), expected, rtol=0, atol=0, msg=case)
+            torch.testing.assert_close(run_ours(config, request, x), expected, rtol=1e-6, atol=1e-6, msg=case)
 
 
 def test_orders_and_corrector_follow_diffusers_rules() -> None:

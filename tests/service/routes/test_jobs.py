@@ -27,6 +27,7 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 
 @pytest.fixture
 def client(api: ApiProcess, redis_url: str) -> Iterator[httpx.Client]:
+    fake_worker.serve(redis_url)  # jobs go to the fake model's queue
     with client_for(api) as client:
         yield client
 
@@ -90,6 +91,19 @@ def test_running_then_succeeded(client: httpx.Client, redis_url: str, on_step: l
         {"index": 1, "seed": 8, "url": f"/v1/jobs/{job_id}/images/1.png"},
     ]
     assert when(job["created_at"]) <= when(job["started_at"]) <= when(job["finished_at"])
+    assert job["warnings"] == []  # a model that knows every word of the prompt
+
+
+def test_warnings_while_running_and_in_the_result(
+    client: httpx.Client, redis_url: str, on_step: list
+) -> None:
+    job_id = submit(client, prompt=f"{fake_worker.WARN_PREFIX} a photo of a cat")
+    assert client.get(f"/v1/jobs/{job_id}").json()["warnings"] == []  # no worker has read it yet
+    fake_worker.on_step = lambda jid, step: on_step.append(client.get(f"/v1/jobs/{jid}").json())
+    fake_worker.run_queued_jobs(redis_url)
+    assert [view["warnings"] for view in on_step] == [[fake_worker.FAKE_WARNING]] * 3  # as soon as known
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["warnings"] == [fake_worker.FAKE_WARNING]
 
 
 def test_image_bytes_and_caching_headers(client: httpx.Client, redis_url: str) -> None:

@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import redis
 from openai import OpenAI
 from PIL import Image
 
-from schemas.queue import QUEUE_NAME
+from tests.support import fake_worker
 from tests.support.api_process import ApiProcess
+from tests.support.input_images import box_mask, encoded, init_picture
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.service_stack import ServiceStack
 
@@ -44,10 +46,12 @@ def client(stack: ServiceStack) -> Iterator[OpenAI]:
 
 @pytest.fixture
 def idle_redis_url(redis_server: RedisServer) -> str:
-    """Another database of the session's Redis, emptied: no worker takes jobs queued there."""
+    """Another database of the session's Redis, emptied: no worker takes jobs queued there (a stand-in
+    worker's info routes them to the fake model's queue)."""
     url = redis_server.url.rsplit("/", 1)[0] + "/1"
     with redis.Redis.from_url(url) as client:
         client.flushdb()
+    fake_worker.serve(url)
     return url
 
 
@@ -147,9 +151,21 @@ def test_models_lists_the_served_model(client: OpenAI) -> None:
     assert model.object == "model" and model.owned_by == "sdserve" and model.created > 0
     assert model.model_extra["native_width"] == 64
     assert client.models.retrieve("tiny-sd1").id == "tiny-sd1"
+    assert model.model_extra["workers"] == 1 and "euler" in model.model_extra["samplers"]
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("dall-e-3")
     assert caught.value.body["code"] == "model_not_found"
+
+
+def test_a_model_not_served_is_404_model_not_found(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.generate(model="dall-e-3", prompt=PROMPT, size="64x64", extra_body=FAST)
+    body = caught.value.body
+    assert (body["code"], body["param"]) == ("model_not_found", "model")
+    assert "'dall-e-3' is not served; served: tiny-sd1" in body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="../tiny-sd1", prompt=PROMPT, extra_body=FAST)
+    assert caught.value.body["param"] == "model" and "no path characters" in caught.value.body["message"]
 
 
 def test_api_keys_are_required_when_configured(idle_redis_url: str) -> None:
@@ -164,7 +180,7 @@ def test_api_keys_are_required_when_configured(idle_redis_url: str) -> None:
         assert missing.status_code == 401
         assert "missing API key" in missing.json()["error"]["message"]
         with OpenAI(base_url=api.url + "/v1", api_key="k2", max_retries=0) as client:
-            assert client.models.list().data == []  # no live worker on this database
+            assert [m.id for m in client.models.list().data] == ["fake-model"]  # the stand-in
 
 
 def test_full_queue_is_a_rate_limit_error(idle_redis_url: str) -> None:
@@ -191,9 +207,9 @@ def test_wait_is_bounded_and_the_late_job_is_canceled(idle_redis_url: str) -> No
         assert caught.value.body["code"] == "timeout"
         assert "SD_OPENAI_WAIT_S" in caught.value.body["message"]
         metrics = httpx.get(api.url + "/metrics").text
-        assert "sd_jobs_submitted_total 1.0" in metrics
+        assert 'sd_jobs_submitted_total{model="fake-model"} 1.0' in metrics
     with redis.Redis.from_url(idle_redis_url) as db:
-        assert db.llen(f"rq:queue:{QUEUE_NAME}") == 0  # canceled: it no longer waits for a worker
+        assert db.llen(fake_worker.queue_key()) == 0  # canceled: it no longer waits for a worker
 
 
 def test_client_hanging_up_cancels_its_job(idle_redis_url: str) -> None:
@@ -203,10 +219,10 @@ def test_client_hanging_up_cancels_its_job(idle_redis_url: str) -> None:
         deadline = time.monotonic() + 10
         # the cancel empties the queue a moment before the API logs it: wait for both
         while (
-            db.llen(f"rq:queue:{QUEUE_NAME}") or "hung up" not in api.logs()
+            db.llen(fake_worker.queue_key()) or "hung up" not in api.logs()
         ) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert db.llen(f"rq:queue:{QUEUE_NAME}") == 0
+        assert db.llen(fake_worker.queue_key()) == 0
         assert "hung up" in api.logs()
 
 
@@ -222,3 +238,50 @@ def test_redis_down_is_503_in_openai_shape() -> None:
         assert caught.value.body["code"] == "service_unavailable"
         with pytest.raises(openai.InternalServerError):
             client.models.list()
+
+
+# --- POST /v1/images/edits ------------------------------------------------------------------------------
+
+
+def rgba_png(width: int, height: int, transparent_box: bool) -> bytes:
+    """A picture whose alpha is 0 in a box (where to edit, as OpenAI's masks say it), else 255."""
+    rgba = np.dstack([init_picture(width, height), np.full((height, width), 255, dtype=np.uint8)])
+    if transparent_box:
+        rgba[..., 3][box_mask(width, height) > 0] = 0
+    return encoded(rgba)
+
+
+def test_edits_repaint_the_transparent_pixels_of_the_mask(client: OpenAI) -> None:
+    image = encoded(init_picture(64, 64))
+    answers = [
+        client.images.edit(
+            image=("image.png", image, "image/png"),
+            mask=("mask.png", rgba_png(64, 64, transparent_box=box), "image/png"),
+            prompt=PROMPT,
+            response_format="b64_json",
+            extra_body={**FAST, "seed": 11, "strength": 1.0},
+        )
+        for box in (True, False)
+    ]
+    edited, untouched = (png_of(base64.b64decode(answer.data[0].b64_json)) for answer in answers)
+    assert edited.size == untouched.size == (64, 64)  # size left out: the image's
+    assert "Denoising strength: 1, Mask blur: 4" in edited.text["parameters"]
+    assert answers[0].data[0].model_extra["seed"] == 11
+    # no transparent pixel: nothing to edit; a transparent box: the box is redrawn
+    difference = np.abs(np.asarray(edited, dtype=int) - np.asarray(untouched, dtype=int))
+    assert difference[box_mask(64, 64) > 0].max() > 10
+
+
+def test_edit_errors_name_the_file_in_openai_shape(client: OpenAI) -> None:
+    image = ("image.png", encoded(init_picture(64, 64)), "image/png")
+    cases = [
+        ({"mask": ("mask.png", encoded(box_mask(64, 64)), "image/png")}, "mask", "needs an alpha channel"),
+        ({"mask": ("mask.png", rgba_png(32, 32, True), "image/png")}, "mask", "the mask is 32x32"),
+        ({"image": ("image.png", b"not a picture", "image/png")}, "image", "not a PNG, JPEG or WebP"),
+    ]
+    for files, param, words in cases:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.images.edit(**{"image": image, **files}, prompt=PROMPT, extra_body=FAST)
+        assert raised.value.status_code == 400
+        error = raised.value.body
+        assert error["param"] == param and words in error["message"], error

@@ -31,7 +31,10 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 
 
 @pytest.fixture
-def client(api: ApiProcess) -> Iterator[httpx.Client]:
+def client(api: ApiProcess, rdb) -> Iterator[httpx.Client]:
+    # a live worker of "test-model" at 512x512, heartbeat 10 s old: a test's own publish_worker
+    # ("gpu-0" again, or a newer name) takes over
+    publish_worker(rdb, age_s=10, native_width=512, native_height=512)
     with client_for(api) as client:
         yield client
 
@@ -171,6 +174,7 @@ def test_accepted_answer_and_resolved_request(client: httpx.Client) -> None:
     assert job["request"] == {
         "prompt": "a cat",
         "negative_prompt": "dull",
+        "model": "test-model",
         "width": 512,
         "height": 512,
         "steps": 20,
@@ -180,6 +184,18 @@ def test_accepted_answer_and_resolved_request(client: httpx.Client) -> None:
         "scheduler": "normal",
         "seed": 42,
         "num_images": 2,
+        # every field of the one description of a generation, at its default
+        "output_format": "png",
+        "output_compression": None,
+        "loras": [],
+        "original_size": None,
+        "crops_coords_top_left": None,
+        "target_size": None,
+        "init_image": None,
+        "mask_image": None,
+        "strength": 0.8,
+        "mask_blur": 4,
+        "resize_mode": "resize",
     }
 
 
@@ -230,10 +246,16 @@ def test_most_recent_live_worker_wins_and_stale_ones_are_ignored(client: httpx.C
     assert (job["request"]["width"], job["request"]["height"]) == (384, 320)
 
 
-def test_fallback_size_without_live_worker(client: httpx.Client, rdb) -> None:
+def test_no_live_worker_is_503_and_nothing_is_queued(client: httpx.Client, rdb) -> None:
     publish_worker(rdb, age_s=3600, native_width=768, native_height=768)  # stale heartbeat
-    job = client.get(f"/v1/jobs/{assert_accepted(post(client))['id']}").json()
-    assert (job["request"]["width"], job["request"]["height"]) == (512, 512)
+    for fields, words in (
+        ({}, "no model is served now"),
+        ({"model": "test-model"}, "'test-model' has no live"),
+    ):
+        response = post(client, **fields)
+        assert response.status_code == 503, response.text
+        assert words in response.json()["detail"] and response.headers["retry-after"]
+    assert rdb.llen("rq:queue:txt2img:test-model") == 0
 
 
 def test_model_size_multiple_is_enforced(client: httpx.Client, rdb) -> None:
