@@ -1,10 +1,9 @@
 """A model's closed vocabulary: how text splits into words, and the warning for the words it never saw.
 
-A model trained here (`python -m training.train`) learned from captions of a few dozen words
-and ships them, sorted, in its folder's `vocabulary.json`; a prompt's other words reach its text
-encoder but mean nothing to it. The training code splits captions into words exactly as the worker
-splits prompts, so the pattern lives here, in a torch-free place both import. Real checkpoints have
-no vocabulary file and never warn.
+The embedded model learned from captions of a few dozen words and ships them, sorted, in its folder's
+`vocabulary.json`; a prompt's other words reach its text encoder but mean nothing to it. Words are
+counted as `words_of` splits text (torch-free, so the training code can list its captions' words the
+same way). Real checkpoints have no vocabulary file and never warn.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ VOCABULARY_FILE = "vocabulary.json"  # in a model folder: a sorted JSON list of 
 WORD_PATTERN = r"[a-z]+"
 _WORD = re.compile(WORD_PATTERN)
 
-# What a model with a vocabulary file knows: only the embedded model's training (training/captions.py)
-# writes one, and its captions name a shape's colour, kind and place, and the background's colour.
+# What a model with a vocabulary file knows: only the embedded model has one, and its captions name
+# a shape's colour, kind and place, and the background's colour.
 KNOWN_TOPICS = "the embedded model knows colours, shapes, positions and backgrounds"
 
 
