@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from models.image_files import parameters_of
+from models.image_files import parameters_of, read_parameters
 from models.image_inputs import InputImageError, decode_image, default_size, fit_image, load_inputs
-from models.image_files import read_parameters
 from models.txt2img import main
 from schemas.generation import Generation
 from tests.support.input_images import box_mask, encoded, init_picture

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from models.image_files import read_parameters
 from models.image_inputs import ImageInputs
 from models.pipeline import generate
-from models.image_files import read_parameters
 from schemas.generation import Generation
 from schemas.redis_keys import image_key
 from tests.support.jobs import max_pixel_diff, png_pixels, result_of
