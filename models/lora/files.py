@@ -10,6 +10,10 @@ diffusers/PEFT (`save_lora_weights`):
     scale = lora_alpha / r from the file's `lora_adapter_metadata` (PEFT's LoraConfig per part, with
     its rank_pattern / alpha_pattern), else 1, as diffusers loads it.
 
+kohya's SDXL files (and some SD 1/2 ones) name the UNet's layers as the original (sgm/LDM) UNet does:
+lora_unet_input_blocks_4_1_proj_in, middle_block_1_..., output_blocks_2_2_conv; `sgm_to_diffusers`
+renames them as diffusers' `_maybe_map_sgm_blocks_to_diffusers` and `_convert_unet_lora_key` do.
+
 Both become `LoraWeights`: per part, a key stem -> `Adapter` (down, up, scale) in float32. A kohya stem
 is the module path with "_" for "."; which module it means is decided against the model's own module
 names (`resolve`), as kohya and AUTOMATIC1111 do. Other LyCORIS types (LoHa, LoKr, ...) and DoRA are
@@ -293,6 +297,68 @@ def kohya_stem(module_name: str) -> str:
     return module_name.replace(".", "_")
 
 
+# The original UNet's resnet layers under diffusers' names; other inner layers keep their names.
+_SGM_RESNET_LAYERS = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+# Layers outside the block structure (none of them is adapted here; named so the error says so).
+_SGM_OUTER_LAYERS = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+_SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)|middle_block_(\d+)_(.+)")
+
+
+def _sgm_inner(rest: str, index: int) -> str:
+    """An inner layer of an original-UNet block entry as diffusers names it (kohya stem form)."""
+    if rest == "op":
+        return "downsamplers_0_conv"
+    if rest == "conv":
+        return "upsamplers_0_conv"
+    for sgm, diffusers in _SGM_RESNET_LAYERS.items():
+        if rest == sgm:
+            return f"resnets_{index}_{diffusers}"
+    return f"attentions_{index}_{rest}"  # proj_in, transformer_blocks_0_attn1_to_q, ...
+
+
+def sgm_to_diffusers(stem: str, layers_per_block: int) -> str:
+    """A kohya UNet stem in the original UNet's names (input_blocks_4_1_proj_in) in diffusers' names
+    (down_blocks_1_attentions_1_proj_in) for a UNet of `layers_per_block`; other stems unchanged.
+
+    Which inner layer an entry holds is read from the layer's own name (a resnet's in_layers_2, a
+    downsampler's op, an upsampler's conv), not from the entry's position, which depends on whether
+    the level has attention."""
+    if stem in _SGM_OUTER_LAYERS:
+        return _SGM_OUTER_LAYERS[stem]
+    match = _SGM_BLOCK.fullmatch(stem)
+    if match is None:
+        return stem
+    per_level = layers_per_block + 1
+    if match.group(5) is not None:  # the middle block: resnet, attention, resnet
+        index, rest = int(match.group(5)), match.group(6)
+        return "mid_block_" + _sgm_inner(rest, {0: 0, 1: 0, 2: 1}.get(index, index))
+    kind, entry, rest = match.group(1), int(match.group(2)), match.group(4)
+    if kind == "input_blocks":  # entry 0 is conv_in; then each level's resnets and its downsampler
+        level, index = divmod(entry - 1, per_level)
+        return f"down_blocks_{level}_" + _sgm_inner(rest, index)
+    level, index = divmod(entry, per_level)  # each up level: layers_per_block + 1 resnets
+    return f"up_blocks_{level}_" + _sgm_inner(rest, index)
+
+
+def _layers_per_block(names: Iterable[str]) -> int:
+    """The UNet's layers_per_block, from its module names (the resnets of its first down block)."""
+    found = [int(m.group(1)) for n in names if (m := re.fullmatch(r"down_blocks\.0\.resnets\.(\d+)", n))]
+    found += [int(m.group(1)) for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))]
+    return max(found) + 1 if found else 1
+
+
 def _text_variants(name: str) -> tuple[str, ...]:
     # transformers 5's CLIPTextModel has no `text_model.` level; files written with older ones do
     bare = name.removeprefix("text_model.")
@@ -300,10 +366,15 @@ def _text_variants(name: str) -> tuple[str, ...]:
 
 
 def resolve(
-    weights: LoraWeights, module_names: Mapping[str, Iterable[str]], where: str
+    weights: LoraWeights,
+    module_names: Mapping[str, Iterable[str]],
+    where: str,
+    present: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, dict[str, Adapter]]:
-    """The adapters keyed by the model's module names, per part; LoraFileError naming the layers the
-    model does not have (a LoRA for another base model) or a part it lacks."""
+    """The adapters keyed by the model's module names (`module_names`: the layers LoRAs apply to),
+    per part; LoraFileError naming the layers the model does not have (a LoRA for another base
+    model), a part it lacks, or layers it has (`present`: all its module names) that LoRAs are not
+    applied to here."""
     resolved: dict[str, dict[str, Adapter]] = {}
     for part, adapters in weights.parts.items():
         if part not in module_names:
@@ -316,7 +387,22 @@ def resolve(
             variants = _text_variants(name) if part.startswith("text_encoder") else (name,)
             for variant in variants:
                 lookup[variant if weights.format == "peft" else kohya_stem(variant)] = name
+        if part == "unet" and weights.format == "kohya":
+            per_block = _layers_per_block([*names, *(present or {}).get(part, ())])
+            adapters = {sgm_to_diffusers(stem, per_block): adapter for stem, adapter in adapters.items()}
         unknown = [stem for stem in adapters if stem not in lookup]
+        existing = {
+            variant if weights.format == "peft" else kohya_stem(variant)
+            for name in (present or {}).get(part, ())
+            for variant in (_text_variants(name) if part.startswith("text_encoder") else (name,))
+        }
+        unsupported = [stem for stem in unknown if stem in existing]
+        if unsupported:
+            raise LoraFileError(
+                f"{where} adapts {len(unsupported)} layers of the {part} that this server does not apply "
+                f"LoRAs to (e.g. {unsupported[0]!r}; it applies them to the UNet's attention, "
+                "feed-forward, resnet and resampling layers and the text encoders' linear layers)"
+            )
         if unknown:
             raise LoraFileError(
                 f"{where} adapts {len(unknown)} layers of the {part} this model does not have (e.g. "

@@ -80,6 +80,10 @@ class LoraLibrary:
         self._module_names = {"unet": list(pool.layers)} | {
             part: linear_names(encoder) for part, encoder in self._encoders.items()
         }
+        # every module, to tell "not in this model" from "not adapted here" in errors
+        self._present = {"unet": [name for name, _ in model.unet.named_modules()]} | {
+            part: [name for name, _ in encoder.named_modules()] for part, encoder in self._encoders.items()
+        }
 
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -155,7 +159,7 @@ class LoraLibrary:
         where = f"LoRA {name!r} ({path.name})"
         try:
             weights = read_lora(path)
-            parts = resolve(weights, self._module_names, where)
+            parts = resolve(weights, self._module_names, where, self._present)
             loaded = LoadedLora(
                 name,
                 parts.get("unet", {}),

@@ -4,11 +4,13 @@
 feed-forward, proj_in/out), optionally LoCon convolutions (resnet convs, time projection, down/
 upsamplers), and the text encoder's attention and MLP. `write_peft` writes them as diffusers'
 `save_lora_weights` does (PEFT names, `lora_adapter_metadata` with lora_alpha); `write_kohya` the same
-weights under kohya's names (`lora_unet_*`, `lora_te_text_model_*`, `.alpha`).
+weights under kohya's names (`lora_unet_*`, `lora_te_text_model_*`, `.alpha`), the UNet's optionally in
+the original (sgm/LDM) UNet's names as kohya's SDXL files have them (`original_unet_name`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,15 +115,65 @@ def write_peft(lora: RandomLora, path: Path) -> Path:
     return path
 
 
-def write_kohya(lora: RandomLora, path: Path) -> Path:
+_ORIGINAL_RESNET_LAYERS = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def original_unet_name(name: str, unet: nn.Module) -> str:
+    """A diffusers UNet module name as the original (sgm/LDM) UNet names it: input_blocks.N (entry 0
+    is conv_in, then per level its resnets and downsampler), middle_block.0-2, output_blocks.N (per
+    level layers_per_block + 1 entries of resnet, attention, upsampler)."""
+    names = [n for n, _ in unet.named_modules()]
+    per_level = 2 + max(
+        int(m.group(1)) for n in names if (m := re.fullmatch(r"down_blocks\.0\.resnets\.(\d+)", n))
+    )
+    last = per_level - 1  # layers_per_block: the downsampler's / upsampler's entry in its level
+    mid = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
+    if mid:
+        entry = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[mid.group(1), mid.group(2)]
+        inner = _ORIGINAL_RESNET_LAYERS.get(mid.group(3), mid.group(3))
+        return f"middle_block.{entry}.{inner}"
+    block = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(\w+)\.(\d+)\.(.+)", name)
+    assert block, name
+    side, level, kind, index, rest = (
+        block.group(1),
+        int(block.group(2)),
+        block.group(3),
+        int(block.group(4)),
+        block.group(5),
+    )
+    if side == "down_blocks":
+        first = 1 + level * per_level
+        if kind == "downsamplers":
+            return f"input_blocks.{first + last}.0.op"
+        slot = {"resnets": 0, "attentions": 1}[kind]
+        inner = _ORIGINAL_RESNET_LAYERS[rest] if kind == "resnets" else rest
+        return f"input_blocks.{first + index}.{slot}.{inner}"
+    first = level * per_level
+    if kind == "upsamplers":
+        has_attention = any(n.startswith(f"up_blocks.{level}.attentions.") for n in names)
+        return f"output_blocks.{first + last}.{2 if has_attention else 1}.conv"
+    slot = {"resnets": 0, "attentions": 1}[kind]
+    inner = _ORIGINAL_RESNET_LAYERS[rest] if kind == "resnets" else rest
+    return f"output_blocks.{first + index}.{slot}.{inner}"
+
+
+def write_kohya(lora: RandomLora, path: Path, original_names_of: nn.Module | None = None) -> Path:
     """The same weights under kohya's names (text encoders with transformers 4's `text_model.` level;
-    SDXL's two as lora_te1_ and lora_te2_)."""
+    SDXL's two as lora_te1_ and lora_te2_); with `original_names_of` (the model's UNet), the UNet's
+    layers in the original UNet's names."""
     tensors = {}
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
     if "text_encoder_2" in lora.layers:
         prefixes |= {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}
     for part, modules in lora.layers.items():
         for name, (down, up) in modules.items():
+            if part == "unet" and original_names_of is not None:
+                name = original_unet_name(name, original_names_of)
             stem = prefixes[part] + name.replace(".", "_")
             tensors[f"{stem}.lora_down.weight"] = down.contiguous()
             tensors[f"{stem}.lora_up.weight"] = up.contiguous()

@@ -100,3 +100,34 @@ def test_a_corrupt_file_and_layers_a_model_lacks_are_named(tmp_path: Path) -> No
         resolve(weights, {**NAMES, "unet": NAMES["unet"][:1]}, "LoRA 'k'")
     with pytest.raises(LoraFileError, match="adapts text_encoder, which this model does not have"):
         resolve(weights, {"unet": NAMES["unet"]}, "LoRA 'k'")
+    # a layer the model has but LoRAs are not applied to (conv_in, time_embedding...): said so
+    adapted_here = {**NAMES, "unet": NAMES["unet"][:1]}
+    with pytest.raises(LoraFileError, match="layers of the unet that this server does not apply LoRAs to"):
+        resolve(weights, adapted_here, "LoRA 'k'", present=NAMES)
+
+
+@pytest.mark.parametrize(
+    ("original", "diffusers_name"),
+    [
+        (
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+        ),
+        ("input_blocks_2_0_in_layers_2", "down_blocks_0_resnets_1_conv1"),
+        ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+        ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+        ("middle_block_2_emb_layers_1", "mid_block_resnets_1_time_emb_proj"),
+        ("output_blocks_5_0_skip_connection", "up_blocks_1_resnets_2_conv_shortcut"),
+        ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+        ("output_blocks_8_0_out_layers_3", "up_blocks_2_resnets_2_conv2"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("input_blocks_0_0", "conv_in"),
+        ("down_blocks_0_attentions_0_proj_in", "down_blocks_0_attentions_0_proj_in"),
+    ],
+)
+def test_the_original_unets_layer_names_map_as_diffusers_maps_them(
+    original: str, diffusers_name: str
+) -> None:
+    from models.lora.files import sgm_to_diffusers
+
+    assert sgm_to_diffusers(original, layers_per_block=2) == diffusers_name  # SDXL's layout

@@ -38,12 +38,14 @@ def model(random_models: dict[str, Path]) -> StableDiffusion:
 
 @pytest.fixture(scope="module")
 def lora_dir(model: StableDiffusion, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ "a": rank 4 with LoCon convolutions (alpha 8: scale 2), in both formats; "b": rank 8 (alpha 4);
+    """ "a": rank 4 with LoCon convolutions (alpha 8: scale 2), in both formats and in kohya's with the
+    original UNet's layer names; "b": rank 8 (alpha 4);
     "c": rank 2, UNet only."""
     folder = tmp_path_factory.mktemp("loras")
     a = random_lora(model, seed=1, rank=4, alpha=8.0, locon=True)
     write_peft(a, folder / "a.safetensors")
     write_kohya(a, folder / "a_kohya.safetensors")
+    write_kohya(a, folder / "a_original.safetensors", original_names_of=model.unet)
     write_peft(random_lora(model, seed=2, rank=8, alpha=4.0), folder / "b.safetensors")
     c = random_lora(model, seed=3, rank=2, alpha=2.0)
     c.layers["text_encoder"].clear()
@@ -93,6 +95,10 @@ def test_kohya_and_peft_files_of_the_same_weights_give_the_same_picture(
     peft = generate(model, _request(PROMPT + " <lora:a:0.9>"), loras=library)[0]
     kohya = generate(model, _request(PROMPT + " <lora:a_kohya:0.9>"), loras=library)[0]
     assert _max_diff(peft, kohya) <= 1
+    # the original (LDM) UNet's names: resnets, downsamplers and the upsampler of a level without
+    # attention (output_blocks.2.1) land on the same layers
+    original = generate(model, _request(PROMPT + " <lora:a_original:0.9>"), loras=library)[0]
+    assert _max_diff(peft, original) <= 1
 
 
 def test_a_batch_mixing_lora_sets_equals_each_alone(model: StableDiffusion, library: LoraLibrary) -> None:
@@ -140,14 +146,28 @@ def test_sdxl_both_text_encoders_equal_diffusers(
     lora = random_lora(model, seed=6, rank=4, alpha=8.0, std=0.3)
     write_peft(lora, folder / "x.safetensors")
     write_kohya(lora, folder / "x_kohya.safetensors")
-    library = LoraLibrary(folder, model, LoraPool(model.unet, slots=2, max_rank=4), max_per_request=4)
-    assert {(i.name, i.family) for i in library.listing()} == {("x", "sdxl"), ("x_kohya", "sdxl")}
+    write_kohya(
+        lora, folder / "x_original.safetensors", original_names_of=model.unet
+    )  # as kohya's SDXL files
+    library = LoraLibrary(folder, model, LoraPool(model.unet, slots=3, max_rank=4), max_per_request=4)
+    assert {(i.name, i.family) for i in library.listing()} == {
+        ("x", "sdxl"),
+        ("x_kohya", "sdxl"),
+        ("x_original", "sdxl"),
+    }
     request = _request(negative_prompt="", loras=[{"name": "x", "weight": 0.9}])
     expected = diffusers_lora_images(sdxl_models["sdxl"], request, [(folder / "x.safetensors", 0.9)])
     got = np.stack(generate(model, request, loras=library))
     assert _max_diff(got, expected) <= 2
     kohya = generate(model, _request(PROMPT + " <lora:x_kohya:0.9>", negative_prompt=""), loras=library)[0]
     assert _max_diff(got[0], kohya) <= 1
+    # the original UNet's names, with diffusers reading the same file as the reference
+    original_expected = diffusers_lora_images(
+        sdxl_models["sdxl"], request, [(folder / "x_original.safetensors", 0.9)]
+    )
+    original = generate(model, _request(PROMPT + " <lora:x_original:0.9>", negative_prompt=""), loras=library)
+    assert _max_diff(original_expected, expected) <= 1
+    assert _max_diff(np.stack(original), original_expected) <= 2
     assert (
         np.abs(got.astype(int) - np.stack(generate(model, _request(negative_prompt=""))).astype(int)).mean()
         > 3

@@ -128,7 +128,10 @@ def test_bucketed_runner_pads_lora_rows_and_takes_any_mix() -> None:
         outputs = []
         for inputs in calls:
             expected = unet(sample, t, context, None, inputs)
-            torch.testing.assert_close(runner(sample, t, context, None, inputs or None), expected)
+            # padded to the bucket's batch size: CPU kernels round differently per batch size
+            # (2.4e-5 seen on an AVX2 machine)
+            got = runner(sample, t, context, None, inputs or None)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             outputs.append(expected)
     assert (outputs[0] - outputs[2]).abs().max() > 1e-2  # the LoRAs change the rows they are on
-    torch.testing.assert_close(outputs[0][1], outputs[2][1])  # ... and only those
+    torch.testing.assert_close(outputs[0][1], outputs[2][1], rtol=1e-4, atol=1e-4)  # ... and only those
