@@ -46,6 +46,7 @@ API_VERSION = "1.0.0"
 
 # The routes whose bodies carry images: SD_MAX_UPLOAD_BYTES applies to them, SD_MAX_BODY_BYTES elsewhere.
 UPLOAD_PATHS = frozenset({"/v1/img2img", "/v1/images/edits", "/sdapi/v1/img2img"})
+OPENAI_BODY_PREFIX = "/v1/images/"  # the OpenAI-compatible routes that take bodies: errors in OpenAI's shape
 
 
 # Requests that load balancers, Prometheus and polling clients repeat every few seconds: one access
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         upload_paths=UPLOAD_PATHS,
         max_upload_bytes=settings.max_upload_bytes,
+        openai_prefix=OPENAI_BODY_PREFIX,
     )
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, route_table=route_table)

@@ -1,5 +1,6 @@
 """413 for request bodies over SD_MAX_BODY_BYTES (SD_MAX_UPLOAD_BYTES on the routes that take images),
-whether announced by Content-Length or streamed.
+whether announced by Content-Length or streamed. On the OpenAI-compatible routes (`openai_prefix`) the
+answer is in OpenAI's error shape, so OpenAI's clients raise their usual error.
 
 The body is read here, up to the limit, before the app sees it: a chunked upload without
 Content-Length is counted as it arrives and cut off at the limit, never buffered whole.
@@ -10,6 +11,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.openai_errors import NO_RETRY, OpenAIError
+
 
 class BodyLimitMiddleware:
     def __init__(
@@ -18,22 +21,26 @@ class BodyLimitMiddleware:
         max_body_bytes: int,
         upload_paths: frozenset[str] = frozenset(),
         max_upload_bytes: int | None = None,
+        openai_prefix: str | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.upload_paths = upload_paths  # where bodies carry images: max_upload_bytes applies
         self.max_upload_bytes = max_upload_bytes if max_upload_bytes is not None else max_body_bytes
+        self.openai_prefix = openai_prefix
 
-    def _too_large(self, limit: int, setting: str) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"request body too large: at most {limit} bytes ({setting})"}, status_code=413
-        )
+    def _too_large(self, path: str, limit: int, setting: str) -> JSONResponse:
+        message = f"request body too large: at most {limit} bytes ({setting})"
+        if self.openai_prefix is not None and path.startswith(self.openai_prefix):
+            return OpenAIError(413, message, code="request_too_large", headers=NO_RETRY).response()
+        return JSONResponse({"detail": message}, status_code=413)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("path") in self.upload_paths:
+        path = scope.get("path", "")
+        if path in self.upload_paths:
             limit, setting = self.max_upload_bytes, "SD_MAX_UPLOAD_BYTES"
         else:
             limit, setting = self.max_body_bytes, "SD_MAX_BODY_BYTES"
@@ -44,7 +51,7 @@ class BodyLimitMiddleware:
             except ValueError:  # the server rejects malformed lengths; be safe if one gets through
                 too_large = True
             if too_large:
-                await self._too_large(limit, setting)(scope, receive, send)
+                await self._too_large(path, limit, setting)(scope, receive, send)
                 return
 
         chunks: list[bytes] = []
@@ -57,7 +64,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._too_large(limit, setting)(scope, receive, send)
+                await self._too_large(path, limit, setting)(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -90,7 +90,9 @@ def test_img2img_as_json_and_as_a_form_give_the_same_picture(http: httpx.Client,
 
     jobs = [finished(http, response.json()["id"]) for response in (answer, multipart)]
     (pixels, text), (form_pixels, _) = (picture(http, job) for job in jobs)
-    assert pixels.shape == (64, 96, 3) and max_pixel_diff(pixels, form_pixels) == 0
+    # the same input and seed; the two jobs may share a batch or not, and CPU kernels round
+    # differently per batch size (1 level seen on an AVX2 machine)
+    assert pixels.shape == (64, 96, 3) and max_pixel_diff(pixels, form_pixels) <= 1
     assert "Size: 96x64" in text and "Denoising strength: 0.6" in text and "Mask blur" not in text
     job = jobs[0]
     assert job["progress"] == {"step": 2, "total_steps": 2}  # int(4 * 0.6) steps run
@@ -201,5 +203,10 @@ def test_bodies_over_the_upload_limit_are_413_and_txt2img_takes_no_image(http: h
     assert response.status_code == 413 and "SD_MAX_UPLOAD_BYTES" in response.json()["detail"]
     form = http.post("/v1/img2img", data={"prompt": "a cat"}, files={"init_image": ("i.png", big + big)})
     assert form.status_code == 413
+    # OpenAI's route answers in OpenAI's shape (its clients raise their usual error)
+    edits = http.post("/v1/images/edits", data={"prompt": "a cat"}, files={"image": ("i.png", big + big)})
+    assert edits.status_code == 413 and edits.headers["x-should-retry"] == "false"
+    error = edits.json()["error"]
+    assert error["code"] == "request_too_large" and "SD_MAX_UPLOAD_BYTES" in error["message"]
     txt2img = http.post("/v1/txt2img", json={"prompt": "a cat", "init_image": "abc"})
     assert txt2img.status_code == 422 and txt2img.json()["detail"][0]["loc"] == ["body", "init_image"]
