@@ -59,7 +59,9 @@ def train_autoencoder(config: dict[str, Any], recipe: AutoencoderRecipe, seed: i
     if vae.quant_conv is not None:
         with torch.no_grad():  # the second half of the quant conv's outputs is the log-variance
             vae.quant_conv.bias[vae.config.latent_channels :] = recipe.initial_logvar
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(
+        vae.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, recipe.steps, recipe.warmup_steps)
     )

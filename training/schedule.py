@@ -42,8 +42,10 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, param in zip(self.module.parameters(), module.parameters(), strict=True):
-            average.lerp_(param.detach(), 1 - decay)
+        # one multi-tensor op: a loop over ~1,000 tensors costs ~20 ms a step on one CPU thread
+        torch._foreach_lerp_(
+            list(self.module.parameters()), [p.detach() for p in module.parameters()], 1 - decay
+        )
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

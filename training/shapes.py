@@ -2,9 +2,8 @@
 
 A scene is a shape (circle, square, triangle) of a named colour, centred near one of the nine
 cells of a 3x3 grid ("top left", "top", ..., "bottom right"), on a background of another named
-colour. Images are 64x64 RGB, rendered with numpy at 4x supersampling (anti-aliased edges), and
-captioned in varied natural phrases ("a red circle in the top left on a blue background",
-"top left: a red circle, blue background", ...). Everything is a pure function of a seed.
+colour. Images are 64x64 RGB, rendered with numpy at 4x supersampling (anti-aliased edges); their
+captions come from `training.captions`. Everything is a pure function of a seed.
 
 Held-out combinations: the 24 (colour, shape, position) triples of `HELD_OUT` never appear in
 training; they are what the evaluation measures. For colour i (in `COLOURS` order) and shape j
@@ -16,7 +15,6 @@ word and every pair of words, never these triples.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +45,6 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom": (2, 1),
     "bottom right": (2, 2),
 }
-# other words a caption may use for a position (the parser maps them back)
-POSITION_SYNONYMS = {"middle": "center", "centre": "center"}
 
 CELL_CENTRES_PX = (12.0, 32.0, 52.0)  # centre of grid row/column 0, 1, 2 (the thirds' edges: 21.3, 42.7)
 JITTER_PX = 1.5  # shape centres move uniformly within +-JITTER_PX of their cell centre
@@ -61,18 +57,6 @@ HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
     (colour, shape, POSITION_NAMES[(i + 3 * j) % len(POSITION_NAMES)])
     for i, colour in enumerate(COLOUR_NAMES)
     for j, shape in enumerate(SHAPES)
-)
-
-# Caption templates: {c} shape colour, {s} shape, {p} position phrase, {b} background colour.
-TEMPLATES = (
-    "a {c} {s} in the {p} on a {b} background",
-    "{p}: a {c} {s}, {b} background",
-    "a {b} background with a {c} {s} in the {p}",
-    "{c} {s}, {p}, {b} background",
-    "a {c} {s} at the {p} of a {b} background",
-    "there is a {c} {s} in the {p} on a {b} background",
-    "a {c} {s} on a {b} background, {p}",
-    "{b} background, {c} {s} in the {p}",
 )
 
 
@@ -92,50 +76,6 @@ class Scene:
     def combination(self) -> tuple[str, str, str]:
         """(colour, shape, position): the triple the held-out split is defined on."""
         return (self.colour, self.shape, self.position)
-
-
-def position_phrase(position: str, rng: np.random.Generator) -> str:
-    """The words a caption uses for `position`: usually its name, sometimes a synonym."""
-    if position == "center" and rng.random() < 0.3:
-        return "middle"
-    return position
-
-
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A natural-language caption of `scene`, from a randomly chosen template."""
-    template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    return template.format(
-        c=scene.colour, s=scene.shape, p=position_phrase(scene.position, rng), b=scene.background
-    )
-
-
-_WORD = re.compile(r"[a-z]+")
-
-
-def parse_caption(text: str) -> tuple[str, str, str, str]:
-    """(colour, shape, position, background) named by a caption in any template's form.
-
-    The shape colour is the colour word right before the shape word; the background colour the
-    one right before "background"; the position the longest position phrase in the caption.
-    Raises ValueError when the caption does not name all four.
-    """
-    words = _WORD.findall(text.lower())
-    words = [POSITION_SYNONYMS.get(w, w) for w in words]
-    shape_at = [i for i, w in enumerate(words) if w in SHAPES]
-    background_at = [i for i, w in enumerate(words) if w == "background"]
-    if len(shape_at) != 1 or len(background_at) != 1:
-        raise ValueError(f"caption {text!r} must name exactly one shape and one background")
-    i, k = shape_at[0], background_at[0]
-    if i == 0 or words[i - 1] not in COLOURS or k == 0 or words[k - 1] not in COLOURS:
-        raise ValueError(f"caption {text!r}: no colour word before the shape or the background")
-    joined = " " + " ".join(words) + " "
-    position = next(
-        (p for p in sorted(POSITIONS, key=len, reverse=True) if f" {p} " in joined),
-        None,
-    )
-    if position is None:
-        raise ValueError(f"caption {text!r} names no position")
-    return words[i - 1], words[i], position, words[k - 1]
 
 
 def scene_at(colour: str, shape: str, position: str, background: str, rng: np.random.Generator) -> Scene:

@@ -6,10 +6,13 @@ Stage 1 trains the KL autoencoder (`training.autoencoder`) and measures its scal
 latent pool (posteriors of `pool_size` rendered training images) is encoded once; stage 2 trains
 the UNet and the CLIP text encoder together (`training.diffusion`). The folder gets every weight
 in float16 safetensors (the loader casts to its load dtype), the real CLIP BPE tokenizer,
-SD's DDIM scheduler config, `defaults.json` (the sampling defaults the model is measured at) and
-`training_summary.json` (recipe, losses, wall times). A run is a function of `--seed` and the
-thread count (`--threads`, default 1: on a 2-core machine shared with other work, two OpenMP
-threads spin-wait on each other and run several times slower than one).
+SD's DDIM scheduler config, `defaults.json` (the sampling defaults the model is measured at),
+`vocabulary.json` (every word the training captions use, sorted: `training.captions.vocabulary`,
+words as `schemas.vocabulary.words_of` splits text, so a worker can name the words
+of a prompt the model never saw) and `training_summary.json` (recipe, losses, wall and CPU
+times). A run is a function of `--seed` and the thread count (`--threads`, default 1: on a
+2-core machine shared with other work, two OpenMP threads spin-wait on each other and run several
+times slower than one).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from models.loading import TOKENIZER_ASSETS, load_tokenizer
 from models.random_model import write_diffusers_folder
+from schemas.vocabulary import VOCABULARY_FILE
 from training.architecture import ARCHITECTURES, PAD_TOKEN, architecture
 from training.autoencoder import (
     AutoencoderRecipe,
@@ -34,6 +38,7 @@ from training.autoencoder import (
     latent_scaling_factor,
     train_autoencoder,
 )
+from training.captions import vocabulary
 from training.diffusion import DiffusionRecipe, LatentPool, train_diffusion
 from training.schedule import seed_everything
 from training.shapes import make_dataset
@@ -66,7 +71,8 @@ def save_model(
     text_encoder: nn.Module,
     vae: nn.Module,
 ) -> None:
-    """Write a diffusers-format model folder (float16 safetensors) with its defaults.json."""
+    """Write a diffusers-format model folder (float16 safetensors) with its defaults.json and
+    vocabulary.json."""
     weights = {
         "unet": float16_weights(unet),
         "vae": float16_weights(vae),
@@ -75,6 +81,7 @@ def save_model(
     write_diffusers_folder(out_dir, configs, weights, PAD_TOKEN)
     defaults = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE, "width": 64, "height": 64}
     (out_dir / "defaults.json").write_text(json.dumps(defaults, indent=2) + "\n", encoding="utf-8")
+    (out_dir / VOCABULARY_FILE).write_text(json.dumps(vocabulary(), indent=0) + "\n", encoding="utf-8")
 
 
 def train(
@@ -93,7 +100,7 @@ def train(
     """
     seed_everything(seed)
     configs = architecture(arch)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     logger.info("stage 1: autoencoder, %d steps of %d images", vae_recipe.steps, vae_recipe.batch_size)
     stage1 = train_autoencoder(configs["vae"], vae_recipe, seed)
@@ -136,6 +143,8 @@ def train(
             "latent_pool": round(pool_seconds),
             "diffusion": round(stage2.seconds),
             "total": round(time.perf_counter() - started),
+            # CPU time of this process: what the run costs, whatever else shares the machine
+            "cpu_total": round(time.process_time() - cpu_started),
         },
         "parameters": {
             "unet": sum(p.numel() for p in stage2.unet.parameters()),
@@ -171,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         default=diffusion_defaults.text_aux_weight,
         help="weight of the text encoder's attribute-classification loss (0: off)",
     )
+    parser.add_argument(
+        "--text-pretrain-steps",
+        type=int,
+        default=diffusion_defaults.text_pretrain_steps,
+        help="steps of the text encoder alone on the auxiliary loss before the UNet joins (0: none)",
+    )
     parser.add_argument("--pool-size", type=int, default=12000, help="encoded training images for stage 2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.unet_batch,
         shape_weight=args.shape_weight,
         text_aux_weight=args.text_aux_weight,
+        text_pretrain_steps=args.text_pretrain_steps,
         warmup_steps=min(diffusion_defaults.warmup_steps, max(args.unet_steps // 10, 1)),
     )
     train(

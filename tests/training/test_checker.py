@@ -26,7 +26,7 @@ def test_checker_reads_held_out_renders() -> None:
     images = [render(scene_at(c.colour, c.shape, c.position, c.background, rng)) for c in cases]
     accuracy = score(cases, [detect(image) for image in images])
     assert accuracy == dict.fromkeys(
-        ("colour", "position", "shape", "all_three", "background", "detected"), 1.0
+        ("colour", "position", "shape", "all_three", "all_four", "background", "detected"), 1.0
     )
 
 

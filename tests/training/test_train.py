@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from models.loading import load_model
 from models.pipeline import generate
 from schemas.generation import Generation
 from training import train
+from training.captions import vocabulary
 from training.diffusion import timestep_weights
 from training.schedule import warmup_cosine
 
@@ -22,16 +24,19 @@ def test_training_runs_end_to_end_on_a_tiny_config(tmp_path: Path) -> None:
         [
             "--out", str(out), "--architecture", "tiny", "--seed", "3",
             "--vae-steps", "2", "--vae-batch", "2",
-            "--unet-steps", "2", "--unet-batch", "4", "--pool-size", "8",
+            "--unet-steps", "2", "--unet-batch", "4", "--pool-size", "8", "--text-pretrain-steps", "2",
         ]
     )  # fmt: skip
     assert code == 0
     for name in ("model_index.json", "defaults.json", "training_summary.json", "tokenizer/vocab.json"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "vocabulary.json").read_text()) == vocabulary()
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] > 0 and vae_config["scaling_factor"] != 1.0
     summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["diffusion"]["text_pretrain_steps"] == 2
     assert summary["diffusion"]["steps"] == 2 and np.isfinite(summary["diffusion"]["final_loss"])
+    assert summary["seconds"]["total"] >= 0 and summary["seconds"]["cpu_total"] >= 0
 
     model = load_model(out)
     assert model.native_size == (64, 64)
@@ -50,7 +55,7 @@ def test_weights_are_stored_in_float16(tmp_path: Path) -> None:
 
     out = tmp_path / "model"
     train.main(["--out", str(out), "--architecture", "tiny", "--vae-steps", "1", "--vae-batch", "2",
-                "--unet-steps", "1", "--unet-batch", "2", "--pool-size", "4"])  # fmt: skip
+                "--unet-steps", "1", "--unet-batch", "2", "--pool-size", "4", "--text-pretrain-steps", "0"])  # fmt: skip
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
 
@@ -96,3 +101,61 @@ def test_attribute_heads_read_every_attribute_of_kept_captions() -> None:
     # a dropped caption's row does not count: garbage features there change nothing
     mixed = torch.cat([features[:4], torch.randn(1, features.shape[1]) * 100])
     assert heads.loss(mixed, [*scenes[:4], None]).item() == heads.loss(features[:4], scenes[:4]).item()
+    # a caption that leaves the background out: its row does not count for the background head
+    wrong = [replace(scenes[0], background=scenes[1].background), *scenes[1:4]]
+    named = [False, True, True, True]
+    assert heads.loss(features[:4], wrong, named).item() == heads.loss(features[:4], scenes[:4], named).item()
+    assert heads.loss(features[:4], wrong).item() > heads.loss(features[:4], scenes[:4]).item()
+
+
+def test_text_pretraining_teaches_the_text_encoder_the_attributes_of_free_phrasings() -> None:
+    """Before the UNet joins, the text encoder alone learns to tell a caption's colour, shape,
+    position and background apart, whatever order the words come in."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.loading import TOKENIZER_ASSETS, load_tokenizer
+    from training.architecture import architecture
+    from training.diffusion import AttributeHeads, CaptionTokens, DiffusionRecipe, pretrain_text_encoder
+    from training.shapes import random_scene
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(architecture("tiny")["text_encoder"]))
+    heads = AttributeHeads(text_encoder.config.hidden_size)
+    tokens = CaptionTokens(load_tokenizer(TOKENIZER_ASSETS), text_encoder)
+    scenes = [random_scene(rng) for _ in range(256)]
+    # a higher learning rate than the real recipe's, to learn in 300 steps (10 s)
+    recipe = DiffusionRecipe(
+        text_pretrain_steps=300, text_pretrain_batch=32, log_every=10, warmup_steps=10, text_lr_scale=10
+    )
+    final = pretrain_text_encoder(text_encoder, heads, tokens, scenes, recipe, rng)
+    # chance is ~1.9 (ln 8 for the colours, ln 9 for the position, ln 3 for the shape, averaged)
+    assert final < 0.6, final
+
+    # held-out captions of the same scenes: every attribute read right from the pooled state
+    from training.captions import describe
+
+    with torch.no_grad():
+        described = [describe(scene, rng, names_background=True) for scene in scenes[:64]]
+        pooled = text_encoder(input_ids=tokens([d.text for d in described])).pooler_output
+        for head, (attribute, names) in zip(heads.heads, AttributeHeads.ATTRIBUTES, strict=True):
+            predicted = head(pooled).argmax(dim=1).tolist()
+            right = sum(names[p] == getattr(s, attribute) for p, s in zip(predicted, scenes, strict=False))
+            assert right / 64 > 0.6, (attribute, right)  # chance: 12.5% (colours), 11%, 33%
+
+
+def test_ema_follows_the_ramped_decay() -> None:
+    from training.schedule import EMA
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, decay=0.9)
+    start = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)  # decay min(0.9, 2 / 11): moves 9/11 of the way
+    assert torch.allclose(ema.module.weight, start + 9 / 11, atol=1e-6)
+    for _ in range(50):
+        ema.update(module)
+    assert torch.allclose(ema.module.weight, module.weight, atol=1e-3)
+    assert not ema.module.weight.requires_grad
