@@ -354,8 +354,7 @@ def sgm_to_diffusers(stem: str, layers_per_block: int) -> str:
 
 def _layers_per_block(names: Iterable[str]) -> int:
     """The UNet's layers_per_block, from its module names (the resnets of its first down block)."""
-    found = [int(m.group(1)) for n in names if (m := re.fullmatch(r"down_blocks\.0\.resnets\.(\d+)", n))]
-    found += [int(m.group(1)) for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))]
+    found = [int(m.group(1)) for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)(\.|$)", n))]
     return max(found) + 1 if found else 1
 
 
@@ -363,6 +362,15 @@ def _text_variants(name: str) -> tuple[str, ...]:
     # transformers 5's CLIPTextModel has no `text_model.` level; files written with older ones do
     bare = name.removeprefix("text_model.")
     return (bare, "text_model." + bare)
+
+
+def _stems(names: Iterable[str], part: str, fmt: str) -> dict[str, str]:
+    """How a file of format `fmt` may spell each of a part's module names: stem -> module name."""
+    stems: dict[str, str] = {}
+    for name in names:
+        for variant in _text_variants(name) if part.startswith("text_encoder") else (name,):
+            stems[variant if fmt == "peft" else kohya_stem(variant)] = name
+    return stems
 
 
 def resolve(
@@ -382,20 +390,13 @@ def resolve(
                 f"{where} adapts {part}, which this model does not have (a LoRA for another base model)"
             )
         names = list(module_names[part])
-        lookup: dict[str, str] = {}
-        for name in names:
-            variants = _text_variants(name) if part.startswith("text_encoder") else (name,)
-            for variant in variants:
-                lookup[variant if weights.format == "peft" else kohya_stem(variant)] = name
+        all_names = list((present or {}).get(part, ())) or names
+        lookup = _stems(names, part, weights.format)
         if part == "unet" and weights.format == "kohya":
-            per_block = _layers_per_block([*names, *(present or {}).get(part, ())])
+            per_block = _layers_per_block(all_names)
             adapters = {sgm_to_diffusers(stem, per_block): adapter for stem, adapter in adapters.items()}
         unknown = [stem for stem in adapters if stem not in lookup]
-        existing = {
-            variant if weights.format == "peft" else kohya_stem(variant)
-            for name in (present or {}).get(part, ())
-            for variant in (_text_variants(name) if part.startswith("text_encoder") else (name,))
-        }
+        existing = _stems(all_names, part, weights.format) if unknown else {}
         unsupported = [stem for stem in unknown if stem in existing]
         if unsupported:
             raise LoraFileError(
